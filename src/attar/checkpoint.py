@@ -1,0 +1,187 @@
+"""Atomic safetensors checkpoints with a manifest of hashes.
+
+Why: a run killed at any instant must leave either the previous good checkpoint
+or the new one, never a torn file; and loading must never unpickle anything.
+Every file is written to a temp name, fsynced, then renamed; a checkpoint folder
+counts only once its ``manifest.json`` (written last) exists and its hashes match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from attar.errors import AttarError
+
+MANIFEST = "manifest.json"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> str:
+    """Save tensors atomically as safetensors; returns the file's sha256."""
+    clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    data = save(clean, metadata=metadata)
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _looks_pickled(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive ("PK\x03\x04"); legacy pickles start with protocol byte 0x80.
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
+def load_safetensors(path: str | Path, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Load a safetensors file, refusing pickles and reporting truncation or hash mismatch clearly."""
+    path = Path(path)
+    if not path.exists():
+        raise AttarError(f"Checkpoint file {path} does not exist.")
+    if _looks_pickled(path):
+        raise AttarError(
+            f"{path} is a pickled PyTorch file, not safetensors. attar never unpickles files by default because "
+            "unpickling can run arbitrary code. Convert it once, from a source you trust, with "
+            "`attar convert-checkpoint FILE OUT.safetensors` (it uses torch.load(weights_only=True))."
+        )
+    if expected_sha256 is not None:
+        actual = sha256_file(path)
+        if actual != expected_sha256:
+            raise AttarError(
+                f"{path} does not match its manifest (sha256 {actual[:12]}… expected {expected_sha256[:12]}…): "
+                "the file was modified or only partly written. Resume from an earlier checkpoint or retrain."
+            )
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AttarError(
+            f"{path} is not a readable safetensors file ({e}); it is probably truncated. "
+            "Use an earlier checkpoint or retrain."
+        ) from None
+
+
+# ---------------------------------------------------------------- checkpoint folders
+
+
+def write_checkpoint(folder: str | Path, tensor_files: dict[str, dict[str, torch.Tensor]], state: dict[str, Any]) -> Path:
+    """Write ``{name}.safetensors`` files plus ``state.json``, then the manifest (last, atomically).
+
+    The folder is first assembled under a temporary name and renamed into place,
+    so a crash mid-write leaves only a ``.tmp`` folder that readers ignore.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        files: dict[str, str] = {}
+        for name, tensors in tensor_files.items():
+            files[f"{name}.safetensors"] = atomic_save_safetensors(tensors, tmp / f"{name}.safetensors")
+        state_bytes = json.dumps(state, indent=2, sort_keys=True, default=str).encode()
+        atomic_write_bytes(tmp / "state.json", state_bytes)
+        files["state.json"] = hashlib.sha256(state_bytes).hexdigest()
+        atomic_write_json(tmp / MANIFEST, {"format": "attar-checkpoint/1", "files": files})
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+        _fsync_dir(folder.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def read_checkpoint(folder: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """Read and verify a folder written by :func:`write_checkpoint`."""
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.exists():
+        raise AttarError(f"{folder} has no {MANIFEST}: it is not a complete attar checkpoint.")
+    manifest = json.loads(manifest_path.read_text())
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    state: dict[str, Any] = {}
+    for fname, digest in manifest["files"].items():
+        path = folder / fname
+        if fname.endswith(".safetensors"):
+            tensors[fname[: -len(".safetensors")]] = load_safetensors(path, digest)
+        else:
+            if not path.exists() or sha256_file(path) != digest:
+                raise AttarError(f"{path} is missing or does not match its manifest hash; the checkpoint is damaged.")
+            state = json.loads(path.read_text())
+    return tensors, state
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete ``step-*`` folder under ``root`` (incomplete ``.tmp`` folders are ignored)."""
+    root = Path(root)
+    if not root.exists():
+        return None
+    done = sorted(p for p in root.glob("step-*") if p.is_dir() and (p / MANIFEST).exists())
+    return done[-1] if done else None
+
+
+# ---------------------------------------------------------------- model artifacts
+
+
+def save_model_artifact(folder: str | Path, model: torch.nn.Module, info: dict[str, Any]) -> Path:
+    """A model artifact: ``model.safetensors`` + ``model.json`` (how to rebuild it) + manifest.
+
+    ``info`` must hold ``spec`` (a ModelSpec dict), ``input_shape`` and ``num_classes``.
+    """
+    state = {k: v for k, v in model.state_dict().items()}
+    # safetensors refuses shared storage; clone to break aliasing (e.g. tied weights).
+    state = {k: v.detach().clone() for k, v in state.items()}
+    return write_checkpoint(folder, {"model": state}, {"kind": "model", **info})
+
+
+def load_model_artifact(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, info = read_checkpoint(folder)
+    if info.get("kind") != "model" or "model" not in tensors:
+        raise AttarError(f"{folder} is a checkpoint but not a model artifact (kind={info.get('kind')!r}).")
+    return tensors["model"], info

@@ -1,0 +1,92 @@
+"""Specs: plain-data descriptions of how to build a data set or a model.
+
+They live here (not in recipe.py) so that data/, models/ and the recipe schema
+can all import them without import cycles.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSpec(_Strict):
+    """Exactly one source: a built-in ``name``, ``imagefolder``, ``csv``, ``parquet``, ``hf_disk`` or ``artifact``.
+
+    Splits are fixed by ``seed``: validation is carved from the training split
+    (``val_fraction``), never from test. ``labeled_per_class`` keeps only that
+    many labels per class in train and marks the rest unlabeled (label -1), which
+    is how the semi-supervised / label-free distillation settings are expressed.
+    """
+
+    name: str | None = None
+    imagefolder: str | None = None
+    csv: str | None = None
+    parquet: str | None = None
+    hf_disk: str | None = None
+    artifact: str | None = None
+    label_column: str = "label"
+    image_column: str | None = None
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    seed: int = 0
+    train_limit: int | None = Field(None, gt=0, description="keep at most this many training rows (seeded)")
+    labeled_per_class: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataSpec":
+        sources = [k for k in ("name", "imagefolder", "csv", "parquet", "hf_disk", "artifact") if getattr(self, k)]
+        if len(sources) != 1:
+            raise ValueError(
+                "a data spec needs exactly one source among name, imagefolder, csv, parquet, hf_disk, artifact; "
+                f"got {sources or 'none'} (e.g. {{name: fashion-mnist}})"
+            )
+        return self
+
+    @property
+    def source(self) -> str:
+        for k in ("name", "imagefolder", "csv", "parquet", "hf_disk", "artifact"):
+            if getattr(self, k):
+                return k
+        raise AssertionError
+
+
+class ModelSpec(_Strict):
+    """``{arch: convnet, width: 64, depth: 3}``, ``{pretrained: mnist-cnn}``, ``{hf: path}`` or ``{artifact: path}``.
+
+    Extra architecture parameters go in ``args`` or as known fields (width, depth, hidden).
+    """
+
+    arch: str | None = None
+    pretrained: str | None = None
+    hf: str | None = None
+    artifact: str | None = None
+    width: int | None = Field(None, gt=0)
+    depth: int | None = Field(None, gt=0)
+    hidden: list[int] | None = None
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSpec":
+        sources = [k for k in ("arch", "pretrained", "hf", "artifact") if getattr(self, k)]
+        if len(sources) != 1:
+            raise ValueError(
+                "a model spec needs exactly one of arch, pretrained, hf, artifact; "
+                f"got {sources or 'none'} (e.g. {{arch: convnet, width: 32}})"
+            )
+        return self
+
+    def arch_kwargs(self) -> dict[str, Any]:
+        kw = dict(self.args)
+        for k in ("width", "depth", "hidden"):
+            v = getattr(self, k)
+            if v is not None:
+                kw[k] = v
+        return kw
+
+
+Split = Literal["train", "val", "test"]
