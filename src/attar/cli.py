@@ -1,0 +1,166 @@
+"""Thin Typer app: parse arguments, load things, call the library. No logic lives here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from attar.errors import AttarError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="attar: distill, condense, merge and adapt models.")
+data_app = typer.Typer(no_args_is_help=True, help="Built-in and file data sets.")
+runs_app = typer.Typer(no_args_is_help=True, help="The SQLite run store.")
+app.add_typer(data_app, name="data")
+app.add_typer(runs_app, name="runs")
+out = Console()
+err = Console(stderr=True)
+
+
+def _fail(e: Exception) -> None:
+    err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def run(
+    recipe: Optional[Path] = typer.Argument(None, help="recipe YAML; omit for the built-in quickstart"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this folder (runs/<id>)"),
+    home: Optional[Path] = typer.Option(None, "--home", help="where runs and runs.db live (default $ATTAR_HOME or ./runs)"),
+):
+    """Run a recipe's stages in order and write report.md / report.html."""
+    from attar.pipeline import run_recipe
+    from attar.recipe import builtin_recipe_path
+
+    try:
+        path = recipe or builtin_recipe_path("quickstart")
+        if recipe is None and resume is None:
+            out.print(f"No recipe given: running the built-in quickstart ({path}).")
+        run_dir = run_recipe(path, resume_dir=resume, home=home)
+    except AttarError as e:
+        _fail(e)
+    out.print(f"done: {run_dir}")
+
+
+@app.command()
+def methods():
+    """List every registered method, by family."""
+    from attar.distill.divergences import DIVERGENCES
+    from attar.distill.objectives import OBJECTIVES
+    from attar.models import ARCHS, PRETRAINED
+    from attar.recipe import STAGE_KINDS
+
+    families = {"stage kinds": list(STAGE_KINDS), "objectives": OBJECTIVES.names(), "divergences": DIVERGENCES.names(),
+                "architectures": ARCHS.names(), "pretrained teachers": PRETRAINED.names()}
+    try:
+        from attar.merge.methods import MERGE_METHODS
+
+        families["merge methods"] = MERGE_METHODS.names()
+    except ImportError:
+        pass
+    for fam, names in families.items():
+        out.print(f"[bold]{fam}[/]: {', '.join(names)}")
+
+
+@app.command("recipe-schema")
+def recipe_schema():
+    """Print the recipe JSON schema (every accepted field, with defaults)."""
+    from attar.recipe import Recipe
+
+    out.print_json(json.dumps(Recipe.model_json_schema()))
+
+
+@app.command("convert-checkpoint")
+def convert_checkpoint(src: Path, dst: Path):
+    """Convert a trusted PyTorch .pth/.pt state dict to safetensors (loads with weights_only=True)."""
+    import torch
+
+    from attar.checkpoint import atomic_save_safetensors
+
+    try:
+        obj = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - report any loader failure plainly
+        _fail(AttarError(f"could not load {src} with weights_only=True: {e}"))
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        _fail(AttarError(f"{src} is not a flat state dict of tensors; only those convert."))
+    atomic_save_safetensors(obj, dst)
+    out.print(f"wrote {dst} ({len(obj)} tensors)")
+
+
+@data_app.command("list")
+def data_list():
+    """Show the built-in data sets and whether each is installed."""
+    from attar.data import list_datasets
+
+    t = Table("name", "available", "description", "install")
+    for d in list_datasets():
+        t.add_row(d["name"], "yes" if d["available"] else "[red]no[/]", d["description"], "" if d["available"] else d["install"])
+    out.print(t)
+
+
+def _store(home: Optional[Path]):
+    from attar.pipeline import attar_home
+    from attar.store import RunStore
+
+    path = (home or attar_home()) / "runs.db"
+    if not path.exists():
+        _fail(AttarError(f"No run store at {path}: run `attar run` first, or pass --home."))
+    return RunStore(path)
+
+
+@runs_app.command("list")
+def runs_list(limit: int = 20, home: Optional[Path] = typer.Option(None, "--home")):
+    """The most recent runs."""
+    store = _store(home)
+    t = Table("id", "name", "status", "started", "run dir")
+    for r in store.list_runs(limit):
+        t.add_row(str(r["id"]), str(r["name"]), str(r["status"]), str(r["started"]), str(r.get("run_dir") or ""))
+    out.print(t)
+
+
+@runs_app.command("show")
+def runs_show(run_id: str, home: Optional[Path] = typer.Option(None, "--home")):
+    """One run: stages, final metrics, artifacts."""
+    store = _store(home)
+    try:
+        r = store.get_run(run_id)
+    except AttarError as e:
+        _fail(e)
+    out.print(f"[bold]{r['id']}[/] {r['name']}  status={r['status']}  seed={r.get('seed')}  commit={r.get('git_commit')}")
+    t = Table("stage", "metric", "value")
+    for stage, ms in store.final_metrics(r["id"]).items():
+        for k, v in sorted(ms.items()):
+            t.add_row(str(stage), k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    out.print(t)
+    for a in r.get("artifacts", []):
+        out.print(f"  artifact {a['stage']}/{a['name']} ({a['kind']}): {a['path']}  sha256 {str(a['sha256'])[:12]}")
+
+
+@runs_app.command("compare")
+def runs_compare(run_a: str, run_b: str, home: Optional[Path] = typer.Option(None, "--home")):
+    """Final metrics of two runs side by side, with the difference."""
+    store = _store(home)
+    try:
+        rows = store.compare(run_a, run_b)
+    except AttarError as e:
+        _fail(e)
+    t = Table("stage", "metric", "A", "B", "B − A")
+    fmt = lambda v: "—" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
+    for row in rows:
+        t.add_row(*[fmt(v) if i >= 2 else str(v) for i, v in enumerate(row)])
+    out.print(t)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""Runs a recipe's stages in order, wires artifacts between them, and records the run.
+
+Everything that can be checked before work starts (recipe fields, objective
+parameters, data availability, teacher/student class counts) is checked first,
+so a bad recipe fails in seconds and leaves no run folder behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from attar.checkpoint import atomic_write_json
+from attar.errors import AttarError
+from attar.recipe import Recipe, StageSpec, TrainConfig, load_recipe
+from attar.specs import DataSpec, ModelSpec
+from attar.train import distributed as dist
+
+
+def attar_home() -> Path:
+    return Path(os.environ.get("ATTAR_HOME", "runs"))
+
+
+@dataclass
+class StageOutput:
+    name: str
+    model: nn.Module
+    spec: dict
+    row: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+
+
+class Pipeline:
+    def __init__(self, recipe: Recipe, recipe_text: str, home: Path | None = None, log=print):
+        self.recipe = recipe
+        self.text = recipe_text
+        self.home = Path(home) if home else attar_home()
+        self.log = log if dist.is_main() else (lambda *a, **k: None)
+        self._bundles: dict[str, object] = {}
+        self.outputs: dict[str, StageOutput] = {}
+
+    # ------------------------------------------------------------------ resolution helpers
+    def bundle(self, spec: DataSpec):
+        from attar.data import load_data
+
+        key = spec.model_dump_json()
+        if key not in self._bundles:
+            self._bundles[key] = load_data(spec)
+        return self._bundles[key]
+
+    def _model_from_spec(self, spec: ModelSpec, bundle) -> nn.Module:
+        from attar.models import build_model, load_model
+
+        if spec.artifact:
+            model, _ = load_model(spec.artifact)
+            return model
+        return build_model(spec, bundle.input_shape, len(bundle.classes), mean=bundle.mean, std=bundle.std)
+
+    def student_for(self, stage: StageSpec, bundle) -> tuple[nn.Module, dict]:
+        if stage.init:
+            src = self.outputs[stage.init]
+            return copy.deepcopy(src.model), src.spec
+        assert stage.model is not None
+        return self._model_from_spec(stage.model, bundle), stage.model.model_dump(exclude_none=True)
+
+    def teachers_for(self, stage: StageSpec, bundle) -> list[nn.Module]:
+        out = []
+        for ref in stage.teachers():
+            if isinstance(ref, str):
+                out.append(self.outputs[ref].model)
+            else:
+                out.append(self._model_from_spec(ref, bundle))
+        return out
+
+    def objective_for(self, stage: StageSpec, index: int):
+        from attar.distill.objectives import build_objective
+
+        spec = stage.objective or {"name": "kd" if stage.kind == "distill" else "ce"}
+        try:
+            obj = build_objective(spec)
+        except AttarError as e:
+            raise AttarError(f"stage {stage.name!r} (stages[{index}].objective): {e}") from None
+        if obj.needs_teacher and not stage.teachers():
+            raise AttarError(
+                f"stage {stage.name!r}: objective {spec['name']!r} needs a teacher; add `teacher:` "
+                "(an earlier stage name or a model spec) or use kind: train with objective ce."
+            )
+        return obj
+
+    @staticmethod
+    def check_classes(stage: StageSpec, student: nn.Module, teachers: list[nn.Module], bundle) -> None:
+        x = bundle.train.x[:2]
+        n = len(bundle.classes)
+        with torch.no_grad():
+            s_dim = student.eval()(x).shape[-1]
+            student.train()
+            for i, t in enumerate(teachers):
+                t_dim = t.eval()(x).shape[-1]
+                if t_dim != s_dim or t_dim != n:
+                    raise AttarError(
+                        f"stage {stage.name!r}: teacher #{i + 1} predicts {t_dim} classes but the student predicts "
+                        f"{s_dim} and the data has {n}. Distillation compares class distributions one to one, so they "
+                        "must agree: use a teacher trained on the same classes, or give the student the same number of outputs."
+                    )
+        if s_dim != n:
+            raise AttarError(f"stage {stage.name!r}: the model predicts {s_dim} classes but the data has {n}.")
+
+    # ------------------------------------------------------------------ preflight
+    def preflight(self) -> None:
+        """Validate everything cheap to validate before any training starts."""
+        for i, st in enumerate(self.recipe.stages):
+            self.bundle(self.recipe.stage_data(st))
+            if st.kind in ("train", "distill"):
+                self.objective_for(st, i)
+                TrainConfig.model_validate(st.train.model_dump())
+
+    # ------------------------------------------------------------------ teacher cache
+    def teacher_cache_for(self, stage: StageSpec, objective, teachers: list[nn.Module], x: torch.Tensor, cfg: TrainConfig):
+        if not objective.needs_teacher or objective.needs_live_teacher or cfg.teacher_cache == "off":
+            return None
+        if cfg.teacher_cache == "auto" and cfg.augment:
+            return None  # the teacher must see the student's augmented view: run it live
+        from attar.distill.teacher_cache import TeacherCache
+
+        h = hashlib.sha256()
+        for t in teachers:
+            for k, v in sorted(t.state_dict().items()):
+                h.update(k.encode())
+                h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        h.update(x.numpy().tobytes()[:: max(1, x.numel() // 100_000)])
+        h.update(f"{x.shape}{cfg.cache_topk}".encode())
+        path = self.home / "cache" / f"teacher-{h.hexdigest()[:20]}.safetensors"
+        if path.exists():
+            self.log(f"  teacher outputs: reusing cache {path}")
+            return TeacherCache.load(path)
+        self.log(f"  teacher outputs: computing once for {len(x)} rows (cached at {path})")
+        cache = TeacherCache.build(teachers, x, k=cfg.cache_topk)
+        if dist.is_main():
+            cache.save(path)
+        return cache
+
+    # ------------------------------------------------------------------ run
+    def run(self, resume_dir: Path | None = None) -> Path:
+        from attar.metrics import classification_metrics
+        from attar.models import model_size, save_model
+        from attar.report import write_report
+        from attar.store import RunStore
+        from attar.train.trainer import Trainer, predict
+
+        self.preflight()
+        store = None
+        if resume_dir is not None:
+            run_dir = Path(resume_dir)
+            meta = json.loads((run_dir / "run.json").read_text())
+            run_id = meta["run_id"]
+        else:
+            run_id = None
+        if dist.is_main():
+            store = RunStore(self.home / "runs.db")
+            if run_id is None:
+                run_id = store.start_run(self.recipe.name, self.text, None, self.recipe.seed)
+                run_dir = self.home / run_id
+                run_dir.mkdir(parents=True, exist_ok=True)
+                store.set_run_dir(run_id, str(run_dir)) if hasattr(store, "set_run_dir") else None
+                atomic_write_json(run_dir / "run.json", {"run_id": run_id, "recipe": self.recipe.name})
+                (run_dir / "recipe.yaml").write_text(self.text)
+            else:
+                store.resume_run(run_id) if hasattr(store, "resume_run") else None
+        run_id = dist.broadcast_object(run_id)
+        run_dir = self.home / run_id if resume_dir is None else Path(resume_dir)
+        self.log(f"run {run_id}  ->  {run_dir}")
+        rows, curves = [], {}
+        try:
+            for i, st in enumerate(self.recipe.stages):
+                self.log(f"[{i + 1}/{len(self.recipe.stages)}] stage {st.name} ({st.kind})")
+                bundle = self.bundle(self.recipe.stage_data(st))
+                stage_dir = run_dir / st.name
+                if store:
+                    store.start_stage(run_id, st.name, st.kind, i, st.model_dump(mode="json"))
+                model, spec = self.student_for(st, bundle)
+                history: list = []
+                extra: dict = {}
+                done = stage_dir / "model" / "manifest.json"
+                if resume_dir is not None and done.exists():
+                    from attar.models import load_model
+
+                    model, _ = load_model(stage_dir / "model")
+                    self.log(f"  finished earlier: loaded {stage_dir / 'model'}")
+                    history = json.loads((stage_dir / "history.json").read_text()) if (stage_dir / "history.json").exists() else []
+                elif st.kind in ("train", "distill"):
+                    teachers = self.teachers_for(st, bundle)
+                    self.check_classes(st, model, teachers, bundle)
+                    objective = self.objective_for(st, i)
+                    cfg = st.train
+                    augment = None
+                    if cfg.augment:
+                        from attar.data import make_augment
+
+                        augment = make_augment(cfg.augment)
+                    cache = self.teacher_cache_for(st, objective, teachers, bundle.train.x, cfg)
+                    on_metrics = (lambda step, m, _s=st.name: store.log_metrics(run_id, _s, step, m)) if store else None
+                    trainer = Trainer(
+                        model, objective, bundle.train.x, bundle.train.y, cfg,
+                        seed=self.recipe.stage_seed(st), teachers=teachers, val=(bundle.val.x, bundle.val.y),
+                        ckpt_dir=stage_dir / "checkpoints", on_metrics=on_metrics, augment=augment,
+                        teacher_cache=cache, name=st.name, num_classes=len(bundle.classes),
+                    )
+                    result = trainer.fit(resume=resume_dir is not None)
+                    model, history = result.model, result.history
+                    extra = {"teacher": result.teacher_mode, "train_s": round(result.seconds, 1), "steps": result.steps}
+                    if dist.is_main():
+                        save_model(stage_dir / "model", model, spec, bundle.input_shape, len(bundle.classes),
+                                   bundle.mean, bundle.std, extra={"stage": st.name, "classes": bundle.classes})
+                        atomic_write_json(stage_dir / "history.json", history)
+                        shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
+                    dist.barrier()
+                self.outputs[st.name] = StageOutput(st.name, model, spec, history=history)
+                if not dist.is_main():
+                    continue
+                logits = predict(model, bundle.test.x)
+                m = classification_metrics(logits, bundle.test.y)
+                size = model_size(model, bundle.input_shape)
+                row = {"stage": st.name, "kind": st.kind, "accuracy": m["accuracy"], "nll": m["nll"], "ece": m["ece"],
+                       **{k: size[k] for k in ("params", "bytes", "latency_ms_b1", "latency_ms_b256")}, **extra}
+                rows.append(row)
+                self.outputs[st.name].row = row
+                curves[st.name] = {
+                    "train_loss": [(h["step"], h["train_loss"]) for h in history if "train_loss" in h],
+                    "val_accuracy": [(h["step"], h["val_accuracy"]) for h in history if "val_accuracy" in h],
+                }
+                store.log_metrics(run_id, st.name, history[-1]["step"] if history else 0,
+                                  {f"test_{k}": float(v) for k, v in m.items()})
+                if (stage_dir / "model").exists():
+                    store.add_artifact(run_id, st.name, "model", "model", str(stage_dir / "model"))
+                store.finish_stage(run_id, st.name, "done")
+                self.log(f"  test accuracy {m['accuracy']:.4f}  nll {m['nll']:.3f}  ece {m['ece']:.3f}  "
+                         f"params {size['params']:,}")
+            if dist.is_main():
+                notes = [f"Recipe: {self.recipe.name}; seed {self.recipe.seed}.",
+                         "Accuracy, NLL and ECE are on the held-out test split; validation was carved from train."]
+                paths = write_report(run_dir, f"attar run {run_id}: {self.recipe.name}", rows, curves, notes)
+                for name, p in paths.items():
+                    store.add_artifact(run_id, None, name, "report", str(p))
+                store.finish_run(run_id, "done")
+                self.log(f"report: {run_dir / 'report.md'}  (and report.html)")
+        except BaseException as e:
+            if store:
+                store.finish_run(run_id, "failed", error=str(e))
+            raise
+        finally:
+            if store:
+                store.close() if hasattr(store, "close") else None
+        self.rows = rows
+        return run_dir
+
+
+def run_recipe(path: str | Path, resume_dir: str | Path | None = None, home: Path | None = None) -> Path:
+    recipe, text = load_recipe(path)
+    dist.maybe_init()
+    return Pipeline(recipe, text, home=home).run(Path(resume_dir) if resume_dir else None)

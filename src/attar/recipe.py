@@ -1,0 +1,202 @@
+"""Recipe schema and YAML loading with errors that name the file, line and field.
+
+A recipe is a list of stages run in order; a stage may use an earlier stage's
+model as its teacher or as its starting point (``init``) by naming that stage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from attar.errors import AttarError
+from attar.specs import DataSpec, ModelSpec
+
+STAGE_KINDS = ("train", "distill", "evaluate")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainConfig(_Strict):
+    """Optimisation settings shared by every training stage."""
+
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(256, ge=1)
+    labeled_batch_size: int | None = Field(
+        None, ge=1, description="with an unlabeled pool: also draw this many labeled rows every step (cycled)"
+    )
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    step_every: int = Field(1, ge=1, description="epochs between decays, for schedule=step")
+    step_gamma: float = Field(0.1, gt=0, le=1)
+    grad_clip: float | None = Field(None, gt=0)
+    accumulate: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    augment: list[str] = Field(default_factory=list, description="e.g. [crop, flip]")
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0 = end of each epoch only)")
+    teacher_cache: Literal["auto", "on", "off"] = "auto"
+    cache_topk: int | None = Field(None, ge=1)
+    eval_every: int = Field(1, ge=1, description="epochs between validation passes")
+
+
+TeacherRef = Union[str, ModelSpec]
+
+
+class StageSpec(_Strict):
+    name: str
+    kind: str
+    model: ModelSpec | None = None
+    init: str | None = Field(None, description="start from this earlier stage's model")
+    teacher: TeacherRef | list[TeacherRef] | None = None
+    data: DataSpec | None = None
+    objective: dict[str, Any] | None = None
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    seed: int | None = None
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, v: str) -> str:
+        if v not in STAGE_KINDS:
+            raise ValueError(f"unknown stage kind {v!r}; known kinds: {', '.join(STAGE_KINDS)}")
+        return v
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _objective_shape(cls, v: Any) -> Any:
+        if v is not None and (not isinstance(v, dict) or "name" not in v):
+            raise ValueError("objective must be a mapping with a 'name', e.g. {name: kd, temperature: 4}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "StageSpec":
+        if self.kind in ("train", "distill") and self.model is None and self.init is None:
+            raise ValueError(f"stage {self.name!r} needs a 'model' spec or an 'init' stage to start from")
+        if self.kind == "distill" and self.teacher is None:
+            raise ValueError(f"distill stage {self.name!r} needs a 'teacher' (an earlier stage name or a model spec)")
+        if self.kind == "evaluate" and self.model is None and self.init is None:
+            raise ValueError(f"evaluate stage {self.name!r} needs a 'model' spec or an 'init' stage")
+        return self
+
+    def teachers(self) -> list[TeacherRef]:
+        if self.teacher is None:
+            return []
+        return list(self.teacher) if isinstance(self.teacher, list) else [self.teacher]
+
+
+class Recipe(_Strict):
+    name: str = "recipe"
+    seed: int = 0
+    data: DataSpec | None = Field(None, description="default data for stages that name none")
+    stages: list[StageSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _references(self) -> "Recipe":
+        seen: list[str] = []
+        for st in self.stages:
+            if st.name in seen:
+                raise ValueError(f"two stages are named {st.name!r}; stage names must be unique")
+            refs = [r for r in st.teachers() if isinstance(r, str)] + ([st.init] if st.init else [])
+            for ref in refs:
+                if ref not in seen:
+                    where = "a later stage" if any(s.name == ref for s in self.stages) else "no stage"
+                    raise ValueError(
+                        f"stage {st.name!r} refers to {ref!r}, which is {where}; "
+                        f"a stage can only use earlier stages ({', '.join(seen) or 'none yet'})"
+                    )
+            if st.data is None and self.data is None:
+                raise ValueError(f"stage {st.name!r} has no 'data' and the recipe has no default 'data'")
+            seen.append(st.name)
+        return self
+
+    def stage_data(self, stage: StageSpec) -> DataSpec:
+        return stage.data or self.data  # type: ignore[return-value]
+
+    def stage_seed(self, stage: StageSpec) -> int:
+        return self.seed if stage.seed is None else stage.seed
+
+
+# ---------------------------------------------------------------- loading with line numbers
+
+
+def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
+    """Walk a composed YAML node along a pydantic error location; return the 1-based line."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            nxt = None
+            for k, v in node.value:
+                if k.value == key:
+                    nxt = v
+                    line = k.start_mark.line + 1
+                    break
+            if nxt is None:
+                return line
+            node = nxt
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _fmt_loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def recipe_error(source: str, node: yaml.Node | None, loc: tuple, msg: str) -> AttarError:
+    line = _line_of(node, loc)
+    where = f"{source}, line {line}" if line else source
+    return AttarError(f"{where}: field '{_fmt_loc(loc)}': {msg}")
+
+
+def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise AttarError(f"{source}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise AttarError(f"{source}: a recipe is a mapping with 'stages:' (and optional name, seed, data).")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-after")))
+            # Drop pydantic's union-branch labels (e.g. 'str', 'ModelSpec') from the location.
+            loc = tuple(p for p in loc if p not in ("str", "ModelSpec", "list[union[str,ModelSpec]]"))
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field (check the spelling; see `attar recipe-schema` for the accepted fields)"
+            elif err["type"] == "missing":
+                msg = "required field is missing"
+            lines.append(str(recipe_error(source, node, loc, msg)))
+        raise AttarError("Invalid recipe:\n  " + "\n  ".join(dict.fromkeys(lines))) from None
+
+
+def load_recipe(path: str | Path) -> tuple[Recipe, str]:
+    path = Path(path)
+    if not path.exists():
+        raise AttarError(f"Recipe {path} does not exist.")
+    text = path.read_text()
+    return parse_recipe(text, str(path)), text
+
+
+def builtin_recipe_path(name: str = "quickstart") -> Path:
+    p = Path(__file__).parent / "recipes" / f"{name}.yaml"
+    if not p.exists():
+        known = sorted(x.stem for x in p.parent.glob("*.yaml"))
+        raise AttarError(f"No built-in recipe {name!r}; built-in recipes: {', '.join(known)}")
+    return p
