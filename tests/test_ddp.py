@@ -1,0 +1,57 @@
+"""Two-process DDP on CPU (gloo): ranks agree exactly, and resume after SIGKILL works under DDP."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+ENV = {**os.environ, "CI": "true", "OMP_NUM_THREADS": "1"}
+
+
+def _torchrun(out: Path, *extra: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+            str(WORKER), str(out), *extra]
+
+
+def _weights(out: Path, rank: int) -> dict:
+    return load_file(out / f"rank{rank}.safetensors")
+
+
+@pytest.mark.slow
+def test_ddp_ranks_identical_and_resume_exact(tmp_path):
+    full = tmp_path / "full"
+    res = subprocess.run(_torchrun(full, port=29531), env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = _weights(full, 0), _weights(full, 1)
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), f"ranks disagree on {k}"
+    assert "world 2" in res.stdout
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_torchrun(killed, port=29532), env=ENV, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    hit = False
+    deadline = time.time() + 200
+    while time.time() < deadline and proc.poll() is None:
+        steps = [int(p.parent.name.split("-")[1]) for p in (killed / "ckpt").glob("step-*/manifest.json")]
+        if steps and max(steps) >= 30:
+            os.killpg(proc.pid, signal.SIGKILL)
+            hit = True
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert hit, "the DDP run ended before it could be killed"
+    assert not (killed / "rank0.safetensors").exists()
+    res = subprocess.run(_torchrun(killed, "resume", port=29533), env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for rank in (0, 1):
+        got = _weights(killed, rank)
+        for k in r0:
+            assert torch.equal(got[k], r0[k]), f"rank {rank}: {k} differs after resume"
