@@ -151,11 +151,9 @@ def runs_compare(run_a: str, run_b: str, home: Optional[Path] = typer.Option(Non
         rows = store.compare(run_a, run_b)
     except AttarError as e:
         _fail(e)
-    t = Table("stage", "metric", "A", "B", "B − A")
-    fmt = lambda v: "—" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
-    for row in rows:
-        t.add_row(*[fmt(v) if i >= 2 else str(v) for i, v in enumerate(row)])
-    out.print(t)
+    from attar.report import render_compare_table
+
+    out.print(render_compare_table(rows, run_a, run_b))
 
 
 def main() -> None:  # pragma: no cover

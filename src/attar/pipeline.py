@@ -170,11 +170,11 @@ class Pipeline:
                 run_id = store.start_run(self.recipe.name, self.text, None, self.recipe.seed)
                 run_dir = self.home / run_id
                 run_dir.mkdir(parents=True, exist_ok=True)
-                store.set_run_dir(run_id, str(run_dir)) if hasattr(store, "set_run_dir") else None
+                store.set_run_dir(run_id, str(run_dir))
                 atomic_write_json(run_dir / "run.json", {"run_id": run_id, "recipe": self.recipe.name})
                 (run_dir / "recipe.yaml").write_text(self.text)
             else:
-                store.resume_run(run_id) if hasattr(store, "resume_run") else None
+                store.resume_run(run_id)
         run_id = dist.broadcast_object(run_id)
         run_dir = self.home / run_id if resume_dir is None else Path(resume_dir)
         self.log(f"run {run_id}  ->  {run_dir}")
@@ -253,12 +253,12 @@ class Pipeline:
                 store.finish_run(run_id, "done")
                 self.log(f"report: {run_dir / 'report.md'}  (and report.html)")
         except BaseException as e:
-            if store:
-                store.finish_run(run_id, "failed", error=str(e))
+            if store and run_id:
+                store.finish_run(run_id, "failed", error=str(e) or type(e).__name__)
             raise
         finally:
             if store:
-                store.close() if hasattr(store, "close") else None
+                store.close()
         self.rows = rows
         return run_dir
 
