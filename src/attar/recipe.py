@@ -41,7 +41,9 @@ class TrainConfig(_Strict):
     grad_clip: float | None = Field(None, gt=0)
     accumulate: int = Field(1, ge=1, description="micro-batches per optimizer step")
     augment: list[str] = Field(default_factory=list, description="e.g. [crop, flip]")
-    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0 = end of each epoch only)")
+    checkpoint_every: int = Field(
+        0, ge=0, description="steps between checkpoints; 0 = at epoch ends, at most every 30 s, and at the end"
+    )
     teacher_cache: Literal["auto", "on", "off"] = "auto"
     cache_topk: int | None = Field(None, ge=1)
     eval_every: int = Field(1, ge=1, description="epochs between validation passes")

@@ -222,7 +222,7 @@ class Trainer:
     def _make_optimizer(self, params) -> torch.optim.Optimizer:
         c = self.cfg
         if c.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, nesterov=True)
+            return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, nesterov=c.momentum > 0)
         return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
 
     # ------------------------------------------------------------------ evaluation
@@ -257,6 +257,7 @@ class Trainer:
                 step, epoch0, micro0 = state["step"], state["epoch"], state["micro"]
                 history, elapsed, seen = state["history"], state["elapsed"], state["seen"]
         last_good = None
+        last_save = time.perf_counter()
         self.model.train()
         t_start = time.perf_counter() - elapsed
         micro_per_epoch = self.steps_per_epoch * cfg.accumulate
@@ -297,10 +298,11 @@ class Trainer:
                     rate = seen / max(1e-9, time.perf_counter() - t_start)
                     bar.update(1, loss=lval, lr=lr, **{"samples/s": f"{rate:.0f}"})
                     if self.on_metrics and dist.is_main() and (step % 10 == 0 or step == 1):
-                        self.on_metrics(step, {f"train_{k}": float(v) for k, v in losses.items()} | {"lr": lr})
+                        self.on_metrics(step, {f"train_{k}": float(v.detach()) for k, v in losses.items()} | {"lr": lr})
                     end_of_epoch = micro + 1 == micro_per_epoch
                     if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not end_of_epoch:
                         self._save(opt, step, epoch, micro + 1, history, time.perf_counter() - t_start, seen)
+                        last_save = time.perf_counter()
                         last_good = str(self.ckpt_dir / f"step-{step:08d}") if self.ckpt_dir else None
                 self.objective.on_epoch_end(epoch, cfg.epochs)
                 rec = {"step": step, "epoch": epoch + 1, "train_loss": epoch_loss / max(1, epoch_n),
@@ -310,8 +312,13 @@ class Trainer:
                 history.append(rec)
                 if self.on_metrics and dist.is_main():
                     self.on_metrics(step, {k: float(v) for k, v in rec.items() if k != "step"})
-                self._save(opt, step, epoch + 1, 0, history, time.perf_counter() - t_start, seen)
-                last_good = str(self.ckpt_dir / f"step-{step:08d}") if self.ckpt_dir else None
+                # End-of-epoch checkpoints: the last epoch always; otherwise when checkpoint_every is unset and
+                # at least 30 s have passed (many tiny epochs would otherwise spend their time in fsync).
+                now = time.perf_counter()
+                if epoch + 1 == cfg.epochs or (not cfg.checkpoint_every and now - last_save >= 30.0):
+                    self._save(opt, step, epoch + 1, 0, history, now - t_start, seen)
+                    last_good = str(self.ckpt_dir / f"step-{step:08d}") if self.ckpt_dir else None
+                    last_save = now
         final = self.objective.finalize(self.model)
         return TrainResult(model=final, history=history, steps=step, seconds=time.perf_counter() - t_start,
                            teacher_mode=teacher_mode, samples_seen=seen)
