@@ -46,6 +46,7 @@ class Pipeline:
         self.home = Path(home) if home else attar_home()
         self.log = log if dist.is_main() else (lambda *a, **k: None)
         self._bundles: dict[str, object] = {}
+        self._teacher_models: dict[str, nn.Module] = {}
         self.outputs: dict[str, StageOutput] = {}
 
     # ------------------------------------------------------------------ resolution helpers
@@ -61,7 +62,13 @@ class Pipeline:
         from attar.models import build_model, load_model
 
         if spec.artifact:
-            model, _ = load_model(spec.artifact)
+            model, info = load_model(spec.artifact)
+            shape = tuple(info.get("input_shape") or ())
+            if shape and shape != tuple(bundle.input_shape):
+                raise AttarError(
+                    f"model artifact {spec.artifact} takes inputs of shape {shape}, but this stage's data "
+                    f"({bundle.name}) has shape {tuple(bundle.input_shape)}. Use data of the shape it was trained on."
+                )
             return model
         return build_model(spec, bundle.input_shape, len(bundle.classes), mean=bundle.mean, std=bundle.std)
 
@@ -70,6 +77,7 @@ class Pipeline:
             src = self.outputs[stage.init]
             return copy.deepcopy(src.model), src.spec
         assert stage.model is not None
+        torch.manual_seed(self.recipe.stage_seed(stage))  # the student's initial weights depend on the seed only
         return self._model_from_spec(stage.model, bundle), stage.model.model_dump(exclude_none=True)
 
     def teachers_for(self, stage: StageSpec, bundle) -> list[nn.Module]:
@@ -78,7 +86,10 @@ class Pipeline:
             if isinstance(ref, str):
                 out.append(self.outputs[ref].model)
             else:
-                out.append(self._model_from_spec(ref, bundle))
+                key = ref.model_dump_json()
+                if key not in self._teacher_models:
+                    self._teacher_models[key] = self._model_from_spec(ref, bundle)
+                out.append(self._teacher_models[key])
         return out
 
     def objective_for(self, stage: StageSpec, index: int):
@@ -97,31 +108,49 @@ class Pipeline:
         return obj
 
     @staticmethod
-    def check_classes(stage: StageSpec, student: nn.Module, teachers: list[nn.Module], bundle) -> None:
-        x = bundle.train.x[:2]
-        n = len(bundle.classes)
-        with torch.no_grad():
-            s_dim = student.eval()(x).shape[-1]
-            student.train()
-            for i, t in enumerate(teachers):
-                t_dim = t.eval()(x).shape[-1]
-                if t_dim != s_dim or t_dim != n:
-                    raise AttarError(
-                        f"stage {stage.name!r}: teacher #{i + 1} predicts {t_dim} classes but the student predicts "
-                        f"{s_dim} and the data has {n}. Distillation compares class distributions one to one, so they "
-                        "must agree: use a teacher trained on the same classes, or give the student the same number of outputs."
-                    )
-        if s_dim != n:
-            raise AttarError(f"stage {stage.name!r}: the model predicts {s_dim} classes but the data has {n}.")
+    def _check_classes(stage: StageSpec, what: str, got: int, want: int) -> None:
+        if got != want:
+            raise AttarError(
+                f"stage {stage.name!r}: {what} predicts {got} classes but the stage's data has {want}. "
+                "Distillation compares class distributions one to one, so they must agree: use a teacher trained "
+                "on the same classes, or data with the classes the teacher knows."
+            )
 
     # ------------------------------------------------------------------ preflight
     def preflight(self) -> None:
-        """Validate everything cheap to validate before any training starts."""
+        """Validate everything cheap to validate before any run folder exists: data, models, class counts,
+        objectives. A bad recipe fails here in seconds and leaves nothing behind."""
+        classes: dict[str, int] = {}
         for i, st in enumerate(self.recipe.stages):
-            self.bundle(self.recipe.stage_data(st))
+            bundle = self.bundle(self.recipe.stage_data(st))
+            n = len(bundle.classes)
+            classes[st.name] = n
+            probe = bundle.train.x[:2]
+            if st.init:
+                self._check_classes(st, f"the init stage {st.init!r}", classes[st.init], n)
+            elif st.model is not None and (st.model.artifact or st.model.pretrained):
+                with torch.no_grad():
+                    self._check_classes(st, "the model", self._model_from_spec(st.model, bundle).eval()(probe).shape[-1], n)
+            for j, dim in enumerate(self.teachers_for_preflight(st, bundle)):
+                self._check_classes(st, f"teacher spec #{j + 1}", dim, n)
+            for ref in st.teachers():
+                if isinstance(ref, str):
+                    self._check_classes(st, f"teacher {ref!r}", classes[ref], n)
             if st.kind in ("train", "distill"):
                 self.objective_for(st, i)
-                TrainConfig.model_validate(st.train.model_dump())
+
+    def teachers_for_preflight(self, stage: StageSpec, bundle) -> list[int]:
+        """Output width of each teacher given as a spec (built once and kept for the run)."""
+        dims = []
+        for ref in stage.teachers():
+            if isinstance(ref, str):
+                continue
+            key = ref.model_dump_json()
+            if key not in self._teacher_models:
+                self._teacher_models[key] = self._model_from_spec(ref, bundle)
+            with torch.no_grad():
+                dims.append(self._teacher_models[key].eval()(bundle.train.x[:2]).shape[-1])
+        return dims
 
     # ------------------------------------------------------------------ teacher cache
     def teacher_cache_for(self, stage: StageSpec, objective, teachers: list[nn.Module], x: torch.Tensor, cfg: TrainConfig):
@@ -198,7 +227,6 @@ class Pipeline:
                     history = json.loads((stage_dir / "history.json").read_text()) if (stage_dir / "history.json").exists() else []
                 elif st.kind in ("train", "distill"):
                     teachers = self.teachers_for(st, bundle)
-                    self.check_classes(st, model, teachers, bundle)
                     objective = self.objective_for(st, i)
                     cfg = st.train
                     augment = None
