@@ -54,3 +54,12 @@ def test_missing_field_and_bad_yaml():
         parse_recipe("stages: [\n")
     with pytest.raises(AttarError, match="needs a 'teacher'"):
         parse_recipe(GOOD.replace("    teacher: teacher\n", ""))
+
+
+def test_every_shipped_recipe_parses():
+    from pathlib import Path
+
+    shipped = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
+    assert shipped
+    for p in shipped:
+        load_recipe(p)

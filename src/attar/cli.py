@@ -48,10 +48,22 @@ def run(
 
 
 @app.command()
-def methods():
-    """List every registered method, by family."""
+def methods(objective: Optional[str] = typer.Argument(None, help="show the fields of this objective")):
+    """List every registered method, by family (or one objective's fields)."""
     from attar.distill.divergences import DIVERGENCES
-    from attar.distill.objectives import OBJECTIVES
+    from attar.distill.objectives import OBJECTIVES, objective_fields
+
+    if objective:
+        try:
+            fields = objective_fields(objective)
+        except AttarError as e:
+            _fail(e)
+        t = Table("field", "type", "default", "description", title=f"objective {objective}")
+        for name, f in fields.items():
+            t.add_row(name, str(f.get("type")), "required" if f.get("required") else str(f.get("default")),
+                      str(f.get("description") or ""))
+        out.print(t)
+        return
     from attar.models import ARCHS, PRETRAINED
     from attar.recipe import STAGE_KINDS
 
