@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -73,10 +74,17 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _looks_pickled(path: Path) -> bool:
+def looks_pickled(path: Path) -> bool:
+    """True for torch.save zips and raw pickles, never for a safetensors file.
+
+    A safetensors file starts with its header length (u64, little endian) and then ``{``;
+    that length's low byte can be 0x80, the pickle protocol marker, so the header is checked first.
+    """
+    path = Path(path)
     with open(path, "rb") as f:
-        head = f.read(4)
-    # torch.save writes a zip archive ("PK\x03\x04"); legacy pickles start with protocol byte 0x80.
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= path.stat().st_size - 8:
+        return False
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
@@ -85,7 +93,7 @@ def load_safetensors(path: str | Path, expected_sha256: str | None = None) -> di
     path = Path(path)
     if not path.exists():
         raise AttarError(f"Checkpoint file {path} does not exist.")
-    if _looks_pickled(path):
+    if looks_pickled(path):
         raise AttarError(
             f"{path} is a pickled PyTorch file, not safetensors. attar never unpickles files by default because "
             "unpickling can run arbitrary code. Convert it once, from a source you trust, with "

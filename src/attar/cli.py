@@ -18,6 +18,22 @@ data_app = typer.Typer(no_args_is_help=True, help="Built-in and file data sets."
 runs_app = typer.Typer(no_args_is_help=True, help="The SQLite run store.")
 app.add_typer(data_app, name="data")
 app.add_typer(runs_app, name="runs")
+
+
+def _mount_merge() -> None:
+    import functools
+
+    from attar.merge.cli import merge_cli
+
+    @functools.wraps(merge_cli)
+    def merge(*args, **kwargs):
+        try:
+            merge_cli(*args, **kwargs)
+        except AttarError as e:
+            _fail(e)
+
+    app.command("merge", help="Merge models named in a mergekit-style YAML config (see docs/merge.md).")(merge)
+
 out = Console()
 err = Console(stderr=True)
 
@@ -166,6 +182,9 @@ def runs_compare(run_a: str, run_b: str, home: Optional[Path] = typer.Option(Non
     from attar.report import render_compare_table
 
     out.print(render_compare_table(rows, run_a, run_b))
+
+
+_mount_merge()
 
 
 def main() -> None:  # pragma: no cover

@@ -1,0 +1,66 @@
+"""``attar merge CONFIG --out DIR``: the command-line face of the merge engine.
+
+``merge_command`` is a plain function (for the pipeline and tests);
+``merge_cli`` is the same with Typer annotations, to mount on the main app as
+``app.command("merge")(merge_cli)``; ``app`` is a standalone Typer app with
+``merge`` and ``methods`` commands. Errors are ``AttarError``s; the main CLI
+prints them as a paragraph.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from attar.merge.engine import DEFAULT_SHARD_SIZE, MergeResult, run_merge
+from attar.merge.methods import MERGE_METHODS
+
+
+def merge_command(
+    config: Path,
+    out: Path,
+    dtype: str | None = None,
+    shard_size: str | int | None = DEFAULT_SHARD_SIZE,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> MergeResult:
+    """Run the merge described by ``config`` into ``out`` and print a one-line summary (plus notes)."""
+    console = Console(stderr=True, quiet=quiet, highlight=False)
+    result = run_merge(config, out, dtype=dtype, shard_size=shard_size, overwrite=overwrite, progress=False if quiet else None)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    console.print(
+        f"merged {len(result.inputs)} model(s) with {result.method}: {result.tensors} tensors, "
+        f"{result.bytes / 1e6:.1f} MB in {result.shards} shard(s), {result.seconds:.1f}s -> {result.out}"
+    )
+    return result
+
+
+app = typer.Typer(help="Merge models (mergekit-style YAML config).", add_completion=False, no_args_is_help=True)
+
+
+def merge_cli(
+    config: Path = typer.Argument(..., exists=True, dir_okay=False, help="merge config YAML (mergekit format)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder (written atomically)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="output dtype: float32, float16, bfloat16"),
+    shard_size: str = typer.Option(DEFAULT_SHARD_SIZE, "--max-shard-size", help="largest output shard, e.g. 5GB"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace OUT if it exists"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar or summary"),
+) -> None:
+    """Merge the models named in CONFIG and write the result to --out."""
+    merge_command(config, out, dtype=dtype, shard_size=shard_size, overwrite=overwrite, quiet=quiet)
+
+
+def methods_cli() -> None:
+    """List the merge methods (name, level, summary)."""
+    console = Console()
+    for name in MERGE_METHODS:
+        m = MERGE_METHODS.get(name)
+        console.print(f"{name:18s} {m.level:6s} {m.summary}")
+
+
+app.command("merge")(merge_cli)
+app.command("methods")(methods_cli)

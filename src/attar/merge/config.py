@@ -1,0 +1,331 @@
+"""The merge config: mergekit's YAML format as users already write it, plus attar's extra methods.
+
+Why mergekit's shape: thousands of published merge configs use it; a config
+that names a method attar has should run unchanged. Keys attar does not act on
+(``tokenizer_source``, ``int8_mask``, ``chat_template``) are accepted with a note
+instead of an error; shapes attar cannot do yet (``modules``, partial
+``slices``) fail before any tensor is read, with a message saying what to use.
+
+Parameter values follow mergekit's rules (:func:`evaluate_setting`): a scalar;
+a list of numbers interpolated along the layers (a "gradient"); or a list of
+``{filter, value}`` conditions where ``filter`` is a substring of the tensor
+name and the first match wins.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+from attar.errors import AttarError
+from attar.merge.methods import MERGE_METHODS, REQUIRED, MergeMethod
+
+Scalar = Union[bool, int, float, str]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Condition(_Strict):
+    """``{filter: self_attn, value: 0.3}``: applies to tensors whose name contains ``filter``."""
+
+    value: Union[Scalar, list[Scalar]]
+    filter: str | None = None
+
+
+Setting = Union[Scalar, list[Scalar], Condition, list[Condition], None]
+
+
+class ModelEntry(_Strict):
+    model: str
+    parameters: dict[str, Setting] | None = None
+
+
+class SliceSource(_Strict):
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, Setting] | None = None
+
+
+class Slice(_Strict):
+    sources: list[SliceSource]
+    base_model: str | None = None
+    residual_weight: float | None = None
+    parameters: dict[str, Setting] | None = None
+
+
+IGNORED_PARAMS = {"int8_mask": "int8_mask is a memory trick of mergekit's; attar's masks are already bool, so it is ignored"}
+
+DTYPES = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float64": "float64", "fp64": "float64",
+}
+
+
+def parse_dtype(value: str | None, field: str = "dtype") -> str | None:
+    if value is None:
+        return None
+    try:
+        return DTYPES[str(value).lower()]
+    except KeyError:
+        raise AttarError(f"{field}: unknown dtype {value!r}; use one of float32, float16, bfloat16.") from None
+
+
+class MergeConfig(_Strict):
+    """One merge. ``models`` (or one full-range ``slice``) + ``merge_method`` + optional ``base_model``."""
+
+    merge_method: str
+    base_model: str | None = None
+    models: list[ModelEntry] | None = None
+    slices: list[Slice] | None = None
+    modules: dict[str, Any] | None = None
+    parameters: dict[str, Setting] | None = None
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: Any = None
+    tokenizer: Any = None
+    chat_template: str | None = None
+    seed: int = Field(0, description="attar extra: seeds random methods (DARE) per tensor name")
+
+    # Filled by validation: what the config says that attar will not act on, and
+    # the layer range of a converted full-range slice (checked against the model).
+    _notes: list[str] = PrivateAttr(default_factory=list)
+    _layer_range: tuple[int, int] | None = PrivateAttr(None)
+
+    @property
+    def notes(self) -> list[str]:
+        return self._notes
+
+    @property
+    def layer_range(self) -> tuple[int, int] | None:
+        return self._layer_range
+
+    @model_validator(mode="after")
+    def _shape(self) -> "MergeConfig":
+        if self.modules:
+            raise ValueError("`modules` (per-module merges of multimodal models) is not supported yet; use `models`.")
+        if self.slices and self.models:
+            raise ValueError("give either `models` or `slices`, not both.")
+        if self.slices:
+            self._from_slices()
+        if not self.models:
+            raise ValueError("`models` is empty: list the models to merge, e.g. models: [{model: ./ft-a}, {model: ./ft-b}].")
+        if self.tokenizer_source is not None or self.tokenizer is not None:
+            self.notes.append(
+                "tokenizer_source/tokenizer is ignored: attar copies the base model's tokenizer files and "
+                "requires all inputs to have the same vocabulary."
+            )
+        if self.chat_template is not None:
+            self.notes.append("chat_template is ignored: the base model's tokenizer files are copied as they are.")
+        self.dtype = parse_dtype(self.dtype, "dtype")
+        self.out_dtype = parse_dtype(self.out_dtype, "out_dtype")
+        return self
+
+    def _from_slices(self) -> None:
+        """Accept the one slice shape that means "whole models" (common in SLERP configs); refuse the rest."""
+        not_yet = (
+            "slices that rearrange or stack layers (frankenmerges) are not supported yet; "
+            "attar supports a single slice whose sources all cover the same full layer range, "
+            "or the equivalent `models:` list."
+        )
+        if len(self.slices) != 1:
+            raise ValueError(f"{len(self.slices)} slices given: {not_yet}")
+        sl = self.slices[0]
+        ranges = {tuple(s.layer_range) for s in sl.sources}
+        if len(ranges) != 1 or sl.residual_weight is not None:
+            raise ValueError(f"slice sources have different layer ranges {sorted(ranges)}: {not_yet}")
+        self._layer_range = next(iter(ranges))
+        if self._layer_range[0] != 0:
+            raise ValueError(f"slice layer_range {list(self._layer_range)} does not start at 0: {not_yet}")
+        if sl.base_model:
+            if self.base_model and self.base_model != sl.base_model:
+                raise ValueError("the slice's base_model differs from the top-level base_model.")
+            self.base_model = sl.base_model
+        if sl.parameters:
+            merged = dict(self.parameters or {})
+            merged.update(sl.parameters)  # slice parameters take precedence over global ones, as in mergekit
+            self.parameters = merged
+        self.models = [ModelEntry(model=s.model, parameters=s.parameters) for s in sl.sources]
+        self.slices = None
+
+    def method(self) -> MergeMethod:
+        return MERGE_METHODS.get(self.merge_method)
+
+    def check_parameters(self) -> None:
+        """Unknown parameter names are errors (a typo like ``densty`` must not silently do nothing)."""
+        method = self.method()
+        known = method.known_params()
+        scopes = [("parameters", self.parameters)] + [
+            (f"models[{i}].parameters ({m.model})", m.parameters) for i, m in enumerate(self.models or [])
+        ]
+        for where, params in scopes:
+            for key in params or {}:
+                if key in IGNORED_PARAMS:
+                    note = IGNORED_PARAMS[key] + "."
+                    if note not in self.notes:
+                        self.notes.append(note)
+                    continue
+                if key not in known:
+                    raise AttarError(
+                        f"{where}: {method.name} has no parameter {key!r}. "
+                        f"Known: {', '.join(sorted(known)) or '(none)'}."
+                    )
+                if key in method.options and where != "parameters":
+                    raise AttarError(
+                        f"{where}: {key!r} is a shared parameter of {method.name}; put it under the top-level `parameters`."
+                    )
+        for ref in method.model_refs:
+            value = (self.parameters or {}).get(ref)
+            if not isinstance(value, str):
+                raise AttarError(f"parameters.{ref}: {method.name} needs a model path here (e.g. {ref}: ./old-base).")
+
+
+def load_merge_config(source: str | Path | dict) -> MergeConfig:
+    """Parse a YAML file (or a dict, e.g. a recipe stage) into a validated :class:`MergeConfig`."""
+    where = "merge config"
+    if isinstance(source, dict):
+        data = source
+    else:
+        path = Path(source)
+        where = str(path)
+        if not path.exists():
+            raise AttarError(f"merge config {path} does not exist.")
+        try:
+            docs = list(yaml.safe_load_all(path.read_text()))
+        except yaml.YAMLError as e:
+            raise AttarError(f"{path} is not valid YAML: {e}") from None
+        docs = [d for d in docs if d is not None]
+        if len(docs) != 1:
+            raise AttarError(f"{path} holds {len(docs)} YAML documents; multi-stage merges are not supported yet.")
+        data = docs[0]
+    if not isinstance(data, dict):
+        raise AttarError(f"{where}: expected a mapping with merge_method and models, got {type(data).__name__}.")
+    try:
+        cfg = MergeConfig.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (check the spelling; see docs/merge.md for the accepted keys)"
+            lines.append(f"  {loc}: {msg}")
+        # Unions produce one error per alternative; keep them short but complete.
+        raise AttarError(f"{where} is not a valid merge config:\n" + "\n".join(dict.fromkeys(lines))) from None
+    cfg.check_parameters()
+    return cfg
+
+
+# ---------------------------------------------------------------- per-tensor parameter values
+
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|decoder_layers|encoder_layers)\.(\d+)(?:\.|$)")
+_ANY_INDEX_RE = re.compile(r"\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    """The transformer-block index in a tensor name (``model.layers.7.mlp...`` -> 7), or None."""
+    m = _LAYER_RE.search(name) or _ANY_INDEX_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def layer_position(name: str, num_layers: int) -> float:
+    """Where a tensor sits along the depth, 0..1, as mergekit computes it for gradients.
+
+    Block ``i`` of ``n`` is at ``i / (n − 1)`` (1 when n == 1); tensors outside
+    the blocks (embeddings, final norm, head) are at 0, as in mergekit.
+    """
+    i = layer_index(name)
+    if i is None or num_layers <= 0:
+        return 0.0
+    return i / (num_layers - 1) if num_layers > 1 else 1.0
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def evaluate_setting(setting: Setting, tensor_name: str, t: float) -> Any:
+    """A setting's value for one tensor, or None when no filter matches (mergekit's rules)."""
+    if isinstance(setting, Condition):
+        setting = [setting]
+    if setting is None or isinstance(setting, (bool, int, float, str)):
+        return setting
+    if isinstance(setting, list):
+        if not setting:
+            return None
+        if all(isinstance(e, (bool, int, float, str)) for e in setting):
+            if not all(_is_number(e) for e in setting):
+                return setting[int(t * (len(setting) - 1))]
+            scaled = t * (len(setting) - 1)
+            i0 = int(math.floor(scaled))
+            i1 = min(len(setting) - 1, i0 + 1)
+            frac = scaled - i0
+            return (1 - frac) * setting[i0] + frac * setting[i1]
+        for cond in setting:
+            if not isinstance(cond, Condition):
+                raise AttarError(f"cannot mix plain values and {{filter, value}} entries in one list: {setting!r}")
+            if cond.filter is None or cond.filter == "*" or cond.filter in tensor_name:
+                return evaluate_setting(cond.value, tensor_name, t)
+        return None
+    raise AttarError(f"unexpected parameter value {setting!r}")
+
+
+def _coerce(name: str, value: Any, default: Any, method: str) -> Any:
+    if default is REQUIRED or default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, str) and name == "rescale":
+            if value.lower() in ("l1", "l2", "linf", "density", "none"):
+                return value.lower()
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if name == "rescale":
+            raise AttarError(f"{method}: rescale must be true, false, l1, l2, linf or density; got {value!r}.")
+        raise AttarError(f"{method}: parameter {name} must be true or false; got {value!r}.")
+    if isinstance(default, (int, float)):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise AttarError(f"{method}: parameter {name} must be a number; got {value!r}.") from None
+    return value
+
+
+def resolve_parameters(
+    method: MergeMethod,
+    tensor_name: str,
+    t: float,
+    model_settings: list[dict[str, Setting] | None],
+    global_settings: dict[str, Setting] | None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Shared options and per-model parameters for one tensor.
+
+    Precedence as in mergekit: a model's own setting, then the global one, then
+    the method's default. A setting whose filters do not match falls through.
+    """
+    glob = global_settings or {}
+
+    def pick(name: str, scopes: list[dict[str, Setting]], default: Any) -> Any:
+        for scope in scopes:
+            if name in scope:
+                v = evaluate_setting(scope[name], tensor_name, t)
+                if v is not None:
+                    return _coerce(name, v, default, method.name)
+        if default is REQUIRED:
+            raise AttarError(f"{method.name}: parameter {name!r} is required (missing for tensor {tensor_name!r}).")
+        return default
+
+    options = {k: pick(k, [glob], d) for k, d in method.options.items()}
+    per_model = [
+        {k: pick(k, [ms or {}, glob], d) for k, d in method.model_params.items()} for ms in model_settings
+    ]
+    return options, per_model

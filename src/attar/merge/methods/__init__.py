@@ -1,0 +1,53 @@
+"""Merge methods, one file each, all registered in ``MERGE_METHODS``.
+
+Importing this package registers every built-in method.
+"""
+
+from attar.merge.methods.base import (
+    MERGE_METHODS,
+    REQUIRED,
+    Evaluator,
+    FisherEstimator,
+    MergeMethod,
+    StateDict,
+    TensorInputs,
+    register,
+    stable_seed,
+)
+from attar.merge.methods import (  # noqa: F401  (registration side effects)
+    breadcrumbs,
+    dare,
+    fisher,
+    ft_transfer,
+    lcsc,
+    linear,
+    slerp,
+    soup,
+    task_arithmetic,
+    ties,
+    wise_ft,
+)
+from attar.merge.methods.fisher import diagonal_fisher, fisher_merge
+from attar.merge.methods.lcsc import lcsc_search
+from attar.merge.methods.slerp import slerp_tensors
+from attar.merge.methods.soup import ModelMergeResult, greedy_soup
+from attar.merge.methods.wise_ft import wise_ft as wise_ft_sweep
+
+__all__ = [
+    "MERGE_METHODS",
+    "REQUIRED",
+    "Evaluator",
+    "FisherEstimator",
+    "MergeMethod",
+    "ModelMergeResult",
+    "StateDict",
+    "TensorInputs",
+    "diagonal_fisher",
+    "fisher_merge",
+    "greedy_soup",
+    "lcsc_search",
+    "register",
+    "slerp_tensors",
+    "stable_seed",
+    "wise_ft_sweep",
+]

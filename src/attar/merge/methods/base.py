@@ -1,0 +1,225 @@
+"""The contract every merge method follows, and the registry that lists them.
+
+Two levels, because they need different things:
+
+* **tensor** methods are pure functions of one tensor name at a time
+  (``fn(TensorInputs) -> Tensor``). They never see a whole model, which is what
+  lets the engine stream a 70B merge through a few tensors' worth of memory.
+* **model** methods (greedy soup, Fisher, WiSE-FT sweep, LCSC) need data: they
+  take in-memory state dicts plus callbacks (``Evaluator``, ``FisherEstimator``)
+  and are wired to real data by a recipe stage, not by ``attar merge``.
+
+All arithmetic is float32 (the engine casts before calling ``fn``); storage
+dtype is restored by the caller.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Mapping, Protocol
+
+import torch
+
+from attar.registry import Registry
+
+StateDict = Mapping[str, torch.Tensor]
+
+REQUIRED: Any = object()  # sentinel: a parameter the user must give
+
+
+class Evaluator(Protocol):
+    """Held-out score of a state dict; higher is better (e.g. validation accuracy)."""
+
+    def __call__(self, state_dict: StateDict) -> float: ...
+
+
+class FisherEstimator(Protocol):
+    """Diagonal Fisher information of a model: parameter name -> tensor of the same shape."""
+
+    def __call__(self, model: torch.nn.Module) -> dict[str, torch.Tensor]: ...
+
+
+@dataclass
+class TensorInputs:
+    """Everything a tensor-level method may look at for one tensor name.
+
+    ``models`` excludes the base for methods with ``base="required"``; for
+    methods whose base is just another input (linear) the base is ``models[0]``.
+    ``params[i]`` holds the resolved per-model parameters of ``models[i]``;
+    ``options`` the shared ones; ``extras`` tensors of extra model references
+    (e.g. ``old_base`` for fine-tuning transfer); ``seed`` is derived from the
+    run seed and the tensor name, so random methods are reproducible and do not
+    depend on tensor order or on streaming vs in-memory execution.
+    """
+
+    name: str
+    base: torch.Tensor | None
+    models: list[torch.Tensor]
+    params: list[dict[str, Any]]
+    options: dict[str, Any]
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    seed: int = 0
+
+    def generator(self, index: int) -> torch.Generator:
+        """A CPU generator seeded by (run seed, tensor name, model index)."""
+        g = torch.Generator()
+        g.manual_seed(stable_seed(self.seed, self.name, index))
+        return g
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered method and the parameters it accepts (with defaults).
+
+    ``model_params`` are per-model (``models[i].parameters`` in the config, or
+    given globally as a default for every model); ``options`` are shared
+    (global ``parameters``). ``model_refs`` name options whose values are model
+    paths that the engine opens as extra inputs.
+    """
+
+    name: str
+    summary: str
+    level: Literal["tensor", "model"] = "tensor"
+    fn: Callable[[TensorInputs], torch.Tensor] | None = None
+    run: Callable[..., Any] | None = None
+    base: Literal["required", "optional", "none"] = "required"
+    base_is_input: bool = False
+    min_models: int = 1
+    max_models: int | None = None
+    model_params: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    model_refs: tuple[str, ...] = ()
+    reference: str = ""
+
+    def known_params(self) -> set[str]:
+        return set(self.model_params) | set(self.options) | set(self.model_refs)
+
+
+MERGE_METHODS: Registry[MergeMethod] = Registry("merge method")
+
+
+def register(method: MergeMethod) -> MergeMethod:
+    MERGE_METHODS.register(method.name)(method)
+    return method
+
+
+def stable_seed(seed: int, name: str, index: int) -> int:
+    """A 63-bit seed from strings, stable across processes (unlike ``hash()``)."""
+    digest = hashlib.blake2b(f"{seed}\0{name}\0{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+# ---------------------------------------------------------------- shared building blocks
+
+
+def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ``density`` fraction of entries with the largest |delta| (at least one when density > 0).
+
+    Same count rule as mergekit (``k = max(1, int(density * numel))``) so TIES
+    results agree with it bit for bit on tensors without ties in magnitude.
+    """
+    if density >= 1:
+        return torch.ones_like(delta, dtype=torch.bool)
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta, dtype=torch.bool)
+    k = max(1, int(density * delta.numel()))
+    mag = delta.abs().reshape(-1)
+    # The k-th largest magnitude by selection (O(n)) instead of a full sort; only
+    # when several entries tie at that threshold is a sort needed to keep exactly k.
+    threshold = torch.kthvalue(mag, mag.numel() - k + 1).values
+    mask = mag >= threshold
+    if int(mask.sum()) != k:
+        mask = torch.zeros(mag.numel(), dtype=torch.bool)
+        mask[torch.argsort(mag, descending=True)[:k]] = True
+    return mask.reshape(delta.shape)
+
+
+def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs: drop the ``gamma`` largest and then the smallest entries, keeping ``density``."""
+    if density >= 1:
+        return torch.ones_like(delta, dtype=torch.bool)
+    n = delta.numel()
+    target = int(density * n)
+    n_top = int(gamma * n)
+    n_bot = max(0, n - target - n_top)
+    order = torch.sort(delta.abs().reshape(-1), descending=False).indices
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[order[n_bot : n_bot + target]] = True
+    return mask.reshape(delta.shape)
+
+
+def random_mask(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE: keep each entry independently with probability ``density`` (= 1 - drop rate p)."""
+    if density >= 1:
+        return torch.ones_like(delta, dtype=torch.bool)
+    return torch.rand(delta.shape, generator=generator) < density
+
+
+def rescale_kept(delta: torch.Tensor, mask: torch.Tensor, density: float, rescale: Any, random: bool) -> torch.Tensor:
+    """Zero the dropped entries and optionally rescale what is left.
+
+    ``rescale: true`` means the paper's rule for each family: 1/density for random
+    drops (DARE, keeps the expectation), L1-norm matching for magnitude pruning
+    (mergekit's rule; 1/density has no meaning there). ``"l1"``, ``"l2"``,
+    ``"linf"`` and ``"density"`` pick a rule explicitly (``rescale: l1`` on DARE
+    reproduces mergekit 0.1.5, which matches L1 norms).
+    """
+    kept = delta * mask
+    if rescale is False or rescale is None or rescale == "none":
+        return kept
+    rule = rescale
+    if rescale is True:
+        rule = "density" if random else "l1"
+    if rule == "density":
+        return kept / density if 0 < density < 1 else kept
+    if rule == "l1":
+        before, after = delta.abs().sum(), kept.abs().sum()
+    elif rule == "l2":
+        before, after = delta.norm(), kept.norm()
+    elif rule == "linf":
+        before, after = delta.abs().max(), kept.abs().max()
+    else:  # validated earlier; kept for safety
+        raise ValueError(f"unknown rescale rule {rescale!r}")
+    eps = 1e-7
+    if before < eps or after < eps:
+        return kept
+    return kept * (before / after)
+
+
+def combine_deltas(
+    deltas: list[torch.Tensor],
+    weights: list[float],
+    *,
+    consensus: bool,
+    normalize: bool,
+    lam: float,
+) -> torch.Tensor:
+    """Weighted sum of task vectors, optionally with TIES sign election and disjoint mean.
+
+    With ``consensus``, the sign of each entry is the sign of the sum of the
+    weighted (trimmed) deltas (ties -> positive), only deltas agreeing with it
+    are summed, and ``normalize`` divides by the summed weights of those that
+    agreed (the disjoint mean). Without it, ``normalize`` divides by Σ weights.
+    ``deltas`` is emptied: its tensors are stacked, and freeing the originals
+    early lowers peak memory on large tensors.
+    """
+    weighted = torch.stack(deltas)
+    deltas.clear()  # the stack holds the data now; drop the copies early (peak memory)
+    w = torch.tensor(weights, dtype=weighted.dtype).reshape(-1, *([1] * (weighted.dim() - 1)))
+    weighted.mul_(w)
+    if consensus:
+        elected = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
+        agree = weighted.sign() == elected
+        mixed = weighted.mul_(agree).sum(0)
+        divisor = (w * agree).sum(0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = weighted.sum(0)
+        divisor = w.sum(0).expand_as(mixed).clone()
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed = mixed / divisor
+    if lam != 1:
+        mixed = mixed * lam
+    return mixed

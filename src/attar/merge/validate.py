@@ -1,0 +1,100 @@
+"""Checks that merge inputs agree, run before any arithmetic so a bad merge fails in seconds, not hours.
+
+Each message names the tensor and the model that differs, because with ten
+inputs "shape mismatch" alone is useless.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+from attar.errors import AttarError
+from attar.merge.io import TensorSource
+
+# Tensors whose first dimension is the vocabulary (input embeddings, output heads).
+_VOCAB_RE = re.compile(
+    r"(embed_tokens|word_embeddings|wte|embed_in|embed_out|tok_embeddings|lm_head|shared|output|decoder)\.weight$"
+)
+
+
+def _vocab_size(src: TensorSource) -> int | None:
+    cfg = src.config or {}
+    for key in ("vocab_size", "n_vocab", "padded_vocab_size"):
+        if isinstance(cfg.get(key), int):
+            return cfg[key]
+    text = cfg.get("text_config")
+    if isinstance(text, dict) and isinstance(text.get("vocab_size"), int):
+        return text["vocab_size"]
+    return None
+
+
+def _is_vocab_tensor(name: str, shape_a: tuple[int, ...], shape_b: tuple[int, ...], a: TensorSource, b: TensorSource) -> bool:
+    if len(shape_a) != len(shape_b) or not shape_a or shape_a[1:] != shape_b[1:]:
+        return False
+    if _VOCAB_RE.search(name):
+        return True
+    va, vb = _vocab_size(a), _vocab_size(b)
+    return va is not None and vb is not None and va != vb and shape_a[0] == va and shape_b[0] == vb
+
+
+def check_configs(ref: TensorSource, others: Sequence[TensorSource]) -> None:
+    """Same ``architectures`` and ``model_type`` wherever a config.json says so (same ``spec.arch`` for artifacts)."""
+    for src in others:
+        for key in ("architectures", "model_type"):
+            a = (ref.config or {}).get(key)
+            b = (src.config or {}).get(key)
+            if a is not None and b is not None and a != b:
+                raise AttarError(
+                    f"{src.label} has {key} {b!r} but {ref.label} has {a!r}: merging different architectures "
+                    "gives garbage. Merge only fine-tunes of the same base architecture."
+                )
+        a = ((ref.state or {}).get("spec") or {}).get("arch")
+        b = ((src.state or {}).get("spec") or {}).get("arch")
+        if a is not None and b is not None and a != b:
+            raise AttarError(f"{src.label} is a {b!r} model artifact but {ref.label} is {a!r}; they cannot be merged.")
+
+
+def check_tensors(ref: TensorSource, others: Sequence[TensorSource]) -> None:
+    """Same tensor names and shapes everywhere; float vs non-float tensors must agree too."""
+    ref_names = ref.names()
+    ref_set = set(ref_names)
+    for src in others:
+        names = set(src.names())
+        missing = [n for n in ref_names if n not in names]
+        extra = sorted(names - ref_set)
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"lacks {len(missing)} tensor(s) that {ref.label} has, e.g. {missing[:3]}")
+            if extra:
+                parts.append(f"has {len(extra)} tensor(s) that {ref.label} lacks, e.g. {extra[:3]}")
+            raise AttarError(
+                f"{src.label} {' and '.join(parts)}. Inputs must be the same architecture with the same tensor names "
+                "(e.g. all saved with save_pretrained from the same model class)."
+            )
+        for n in ref_names:
+            sa, sb = ref.shape(n), src.shape(n)
+            if sa != sb:
+                if _is_vocab_tensor(n, sa, sb, ref, src):
+                    raise AttarError(
+                        f"vocabulary size differs: tensor {n!r} has {sa[0]} rows in {ref.label} but {sb[0]} in "
+                        f"{src.label} (embedding / output head). The models use different tokenizers or added tokens; "
+                        "attar does not align vocabularies yet. Merge models with the same vocabulary, or resize "
+                        "the embeddings to match first (model.resize_token_embeddings)."
+                    )
+                raise AttarError(
+                    f"tensor {n!r} has shape {tuple(sb)} in {src.label} but {tuple(sa)} in {ref.label}; "
+                    "the models are not the same architecture/size."
+                )
+            fa, fb = ref.dtype(n).is_floating_point, src.dtype(n).is_floating_point
+            if fa != fb:
+                raise AttarError(
+                    f"tensor {n!r} is {ref.dtype(n)} in {ref.label} but {src.dtype(n)} in {src.label}; "
+                    "a floating-point tensor cannot be merged with an integer one."
+                )
+
+
+def check_inputs(ref: TensorSource, others: Sequence[TensorSource]) -> None:
+    check_configs(ref, others)
+    check_tensors(ref, others)
