@@ -69,7 +69,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     run_dir = _run_dir(home)
     assert not (run_dir / "teacher" / "model").exists()
 
-    res = subprocess.run(_attar("run", str(recipe), "--resume", str(run_dir), home=home), env=ENV,
+    res = subprocess.run(_attar("run", "--resume", str(run_dir), home=home), env=ENV,
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     got = _final_weights(run_dir)

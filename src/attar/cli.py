@@ -54,8 +54,14 @@ def run(
     from attar.recipe import builtin_recipe_path
 
     try:
-        path = recipe or builtin_recipe_path("quickstart")
-        if recipe is None and resume is None:
+        if recipe is not None:
+            path = recipe
+        elif resume is not None:
+            path = resume / "recipe.yaml"  # the recipe the run was started with
+            if not path.exists():
+                raise AttarError(f"{resume} is not an attar run folder (no recipe.yaml); pass the run folder runs/<id>.")
+        else:
+            path = builtin_recipe_path("quickstart")
             out.print(f"No recipe given: running the built-in quickstart ({path}).")
         run_dir = run_recipe(path, resume_dir=resume, home=home)
     except AttarError as e:
