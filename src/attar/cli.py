@@ -66,7 +66,10 @@ def run(
         run_dir = run_recipe(path, resume_dir=resume, home=home)
     except AttarError as e:
         _fail(e)
-    out.print(f"done: {run_dir}")
+    from attar.train import distributed as dist
+
+    if dist.is_main():
+        out.print(f"done: {run_dir}")
 
 
 @app.command()
