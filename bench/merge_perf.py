@@ -1,6 +1,12 @@
 """Wall time and peak RSS of attar merge vs mergekit on the same Hugging Face checkpoints.
 
-    python bench/merge_perf.py --mergekit-python /tmp/mkvenv/bin/python [--size 124M] [--models 3]
+    .venv/bin/python bench/merge_perf.py --make-venv /tmp/mkvenv --size 124M [--models 3] [--repeats 3] [--write]
+
+``--make-venv DIR`` creates mergekit's virtual environment if DIR does not
+exist yet: CPU ``torch==2.13.0`` is installed *first* (so pip never pulls a
+CUDA build), then ``mergekit==0.1.5``; ``--mergekit-python`` points at an
+existing one instead. ``--write`` puts the table in docs/benchmarks.md
+(section ``merge-perf``).
 
 Builds a GPT-2-shaped base (``--size``: 124M = GPT-2 small) and ``--models``
 fine-tunes (base + seeded noise) in float32 under ``--work`` (default a temp
@@ -17,7 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,6 +68,18 @@ def build(work: Path, size: str, n_models: int) -> None:
         base.load_state_dict(sd)
 
 
+def _count_params(folder: Path) -> int:
+    import math
+
+    from safetensors import safe_open
+
+    n = 0
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            n += sum(math.prod(h.get_slice(k).get_shape()) for k in h.keys())
+    return n
+
+
 def timed(cmd: list[str], cwd: Path) -> tuple[float, float]:
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -70,14 +90,33 @@ def timed(cmd: list[str], cwd: Path) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 1024  # KiB -> MiB on Linux
 
 
+def make_venv(path: Path) -> Path:
+    """mergekit's own venv: CPU torch first, then mergekit (its pins never touch attar's venv)."""
+    py = path / "bin" / "python"
+    if py.exists():
+        return py
+    subprocess.run(["python3", "-m", "venv", str(path)], check=True)
+    pip = [str(py), "-m", "pip", "install", "--quiet"]
+    subprocess.run(pip + ["torch==2.13.0"], check=True)  # first: the CPU wheel
+    subprocess.run(pip + ["mergekit==0.1.5"], check=True)
+    return py
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mergekit-python", required=True)
+    ap.add_argument("--mergekit-python", default=None)
+    ap.add_argument("--make-venv", type=Path, default=None, help="create (if missing) and use this venv for mergekit")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--write", action="store_true", help="write the table to docs/benchmarks.md (section merge-perf)")
     ap.add_argument("--size", choices=sorted(SIZES), default="124M")
     ap.add_argument("--models", type=int, default=3)
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--methods", default=",".join(METHODS))
     args = ap.parse_args()
+    if args.make_venv is not None:
+        args.mergekit_python = str(make_venv(args.make_venv))
+    if not args.mergekit_python:
+        ap.error("give --mergekit-python PY or --make-venv DIR")
     work = args.work or Path(tempfile.mkdtemp(prefix="attar-merge-bench-"))
     if not (work / "base").exists():
         build(work, args.size, args.models)
@@ -88,18 +127,41 @@ def main() -> None:
         if base:
             cfg["base_model"] = base
         (work / f"{name}.yaml").write_text(json.dumps(cfg))
-        results = {}
-        for tool, cmd in (("attar", [sys.executable, "-c", ATTAR]), ("mergekit", [args.mergekit_python, "-c", MERGEKIT])):
-            out = work / f"out-{tool}-{name}"
-            shutil.rmtree(out, ignore_errors=True)
-            results[tool] = timed(cmd + [f"{name}.yaml", str(out)], work)
-            shutil.rmtree(out, ignore_errors=True)
-        (aw, am), (mw, mm) = results["attar"], results["mergekit"]
+        results: dict[str, list[tuple[float, float]]] = {"attar": [], "mergekit": []}
+        for _ in range(args.repeats):  # interleaved, so background load hits both tools alike
+            for tool, cmd in (("attar", [sys.executable, "-c", ATTAR]), ("mergekit", [args.mergekit_python, "-c", MERGEKIT])):
+                out = work / f"out-{tool}-{name}"
+                shutil.rmtree(out, ignore_errors=True)
+                results[tool].append(timed(cmd + [f"{name}.yaml", str(out)], work))
+                shutil.rmtree(out, ignore_errors=True)
+                print(f"  {name} {tool}: {results[tool][-1][0]:.1f} s, {results[tool][-1][1]:.0f} MiB", flush=True)
+        aw, mw = (statistics.median(w for w, _ in results[t]) for t in ("attar", "mergekit"))
+        am, mm = (max(r for _, r in results[t]) for t in ("attar", "mergekit"))
         rows.append(f"| {name} | {aw:.1f} | {mw:.1f} | {aw / mw:.2f} | {am:.0f} | {mm:.0f} | {am / mm:.2f} |")
-    print(f"GPT-2-shaped {args.size}, {args.models} fine-tunes + base, float32, {os.cpu_count()} CPU cores\n")
-    print("| method | attar s | mergekit s | time ratio | attar MiB | mergekit MiB | RSS ratio |")
-    print("|---|---|---|---|---|---|---|")
-    print("\n".join(rows))
+    import torch
+
+    n_params = _count_params(work / "base")
+    head = (f"GPT-2-shaped model with {n_params / 1e6:.0f}M parameters (`--size {args.size}`), base + {args.models} fine-tunes "
+            f"(base + seeded noise), float32 safetensors, output float32. Each tool runs in a fresh process; wall time is the "
+            f"median of {args.repeats} run(s), peak RSS the largest (`ru_maxrss`, memory-mapped pages touched count for both). "
+            f"{platform.machine()}, {os.cpu_count()} CPU cores (shared with other work), torch {torch.__version__}, mergekit 0.1.5 in its own venv.")
+    table = "\n".join([
+        "| method | attar (s) | mergekit (s) | time ratio attar / mergekit | attar peak RSS (MiB) | mergekit peak RSS (MiB) | RSS ratio |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+    ])
+    print(head + "\n\n" + table)
+    if args.write:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from _doc import replace_section
+
+        body = "\n".join([
+            "## Merging: attar merge vs mergekit on a ≥100M-parameter model", "", head, "", table, "",
+            "Methods: `linear` (3 models, equal weights), `ties` and `dare_ties` (base + 3 models, weight 1, density 0.5).", "",
+            f"Reproduce: `.venv/bin/python bench/merge_perf.py --make-venv /tmp/mkvenv --size {args.size} --models {args.models} "
+            f"--repeats {args.repeats} --write`",
+        ])
+        replace_section(Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md", "merge-perf", body, "Benchmarks")
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
 

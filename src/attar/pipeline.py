@@ -295,4 +295,3 @@ def run_recipe(path: str | Path, resume_dir: str | Path | None = None, home: Pat
     recipe, text = load_recipe(path)
     dist.maybe_init()
     return Pipeline(recipe, text, home=home).run(Path(resume_dir) if resume_dir else None)
-    # The process group (if any) is torn down by torchrun when the processes exit.

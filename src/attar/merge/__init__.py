@@ -12,6 +12,7 @@ merging (:class:`TestTimeMerge`) and logit fusion (:class:`EmulatedFineTune`,
 from attar.merge.config import MergeConfig, load_merge_config
 from attar.merge.evaluators import accuracy_evaluator, evaluator_for, finetune, fisher_estimator, state_dicts
 from attar.merge.logit_fusion import EmulatedFineTune, LogitArithmetic, eft_log_probs, fuse_log_probs
+from attar.merge.stage import merge_models
 from attar.merge.test_time import TestTimeMerge, js_divergence, static_interpolation, t3_coefficients
 from attar.merge.engine import MergeResult, merge_state_dicts, merge_tensor, run_merge
 from attar.merge.io import ShardWriter, TensorSource, open_source
@@ -56,6 +57,7 @@ __all__ = [
     "greedy_soup",
     "lcsc_search",
     "load_merge_config",
+    "merge_models",
     "merge_state_dicts",
     "merge_tensor",
     "open_source",
