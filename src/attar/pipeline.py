@@ -108,6 +108,15 @@ class Pipeline:
         return obj
 
     @staticmethod
+    def selector_for(stage: StageSpec, index: int):
+        from attar.select import build_selector
+
+        try:
+            return build_selector(stage.selector)
+        except AttarError as e:
+            raise AttarError(f"stage {stage.name!r} (stages[{index}].selector): {e}") from None
+
+    @staticmethod
     def _check_classes(stage: StageSpec, what: str, got: int, want: int) -> None:
         if got != want:
             raise AttarError(
@@ -138,6 +147,7 @@ class Pipeline:
                     self._check_classes(st, f"teacher {ref!r}", classes[ref], n)
             if st.kind in ("train", "distill"):
                 self.objective_for(st, i)
+                self.selector_for(st, i)
 
     def teachers_for_preflight(self, stage: StageSpec, bundle) -> list[int]:
         """Output width of each teacher given as a spec (built once and kept for the run)."""
@@ -241,10 +251,14 @@ class Pipeline:
                         seed=self.recipe.stage_seed(st), teachers=teachers, val=(bundle.val.x, bundle.val.y),
                         ckpt_dir=stage_dir / "checkpoints", on_metrics=on_metrics, augment=augment,
                         teacher_cache=cache, name=st.name, num_classes=len(bundle.classes),
+                        selector=self.selector_for(st, i),
                     )
                     result = trainer.fit(resume=resume_dir is not None)
                     model, history = result.model, result.history
-                    extra = {"teacher": result.teacher_mode, "train_s": round(result.seconds, 1), "steps": result.steps}
+                    extra = {"teacher": result.teacher_mode, "train_s": round(result.seconds, 1), "steps": result.steps,
+                             "samples": result.samples_seen}
+                    if result.selection:
+                        extra["selection"] = ", ".join(f"{k} {v:.4g}" for k, v in result.selection.items())
                     if dist.is_main():
                         save_model(stage_dir / "model", model, spec, bundle.input_shape, len(bundle.classes),
                                    bundle.mean, bundle.std, extra={"stage": st.name, "classes": bundle.classes})

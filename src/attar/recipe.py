@@ -60,6 +60,7 @@ class StageSpec(_Strict):
     teacher: TeacherRef | list[TeacherRef] | None = None
     data: DataSpec | None = None
     objective: dict[str, Any] | None = None
+    selector: dict[str, Any] | None = Field(None, description="data selection, e.g. {name: uniform, keep: 0.5}")
     train: TrainConfig = Field(default_factory=TrainConfig)
     seed: int | None = None
 
@@ -70,11 +71,11 @@ class StageSpec(_Strict):
             raise ValueError(f"unknown stage kind {v!r}; known kinds: {', '.join(STAGE_KINDS)}")
         return v
 
-    @field_validator("objective", mode="before")
+    @field_validator("objective", "selector", mode="before")
     @classmethod
     def _objective_shape(cls, v: Any) -> Any:
         if v is not None and (not isinstance(v, dict) or "name" not in v):
-            raise ValueError("objective must be a mapping with a 'name', e.g. {name: kd, temperature: 4}")
+            raise ValueError("must be a mapping with a 'name', e.g. {name: kd, temperature: 4} or {name: uniform, keep: 0.5}")
         return v
 
     @model_validator(mode="after")

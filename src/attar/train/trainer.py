@@ -44,6 +44,7 @@ class TrainResult:
     seconds: float = 0.0
     teacher_mode: str = "none"
     samples_seen: int = 0
+    selection: dict = field(default_factory=dict)
 
 
 def _gen(*parts: int) -> torch.Generator:
@@ -115,6 +116,7 @@ class Trainer:
         teacher_cache=None,
         name: str = "train",
         num_classes: int | None = None,
+        selector=None,
     ):
         self.model = model
         self.objective = objective
@@ -129,6 +131,7 @@ class Trainer:
         self.name = name
         self.x, self.y = train_x, train_y
         self.num_classes = num_classes
+        self.selector = selector
         if objective.needs_teacher and not self.teachers and teacher_cache is None:
             raise AttarError(f"stage {name!r}: objective {type(objective).__name__} needs a teacher, but none was given.")
         if not objective.needs_teacher:
@@ -144,13 +147,20 @@ class Trainer:
             self.labeled_idx = labeled if len(labeled) else None
         self.world = dist.world_size()
         self.rank = dist.rank()
-        micro = max(1, len(self.x) // config.batch_size)
+        # With a selector, each micro-batch draws `candidates` rows and trains on `batch_size` of them,
+        # and an epoch covers the rows the selector keeps for it.
+        self.candidates = selector.candidates(config.batch_size) if selector else config.batch_size
+        n_rows = selector.rows_per_epoch(len(self.x)) if selector else len(self.x)
+        micro = max(1, n_rows // self.candidates)
         self.steps_per_epoch = max(1, micro // config.accumulate)
         self.total_steps = self.steps_per_epoch * config.epochs
 
     # ------------------------------------------------------------------ data order
     def _epoch_order(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(len(self.x), generator=_gen(self.seed, 1, epoch))
+        order = torch.randperm(len(self.x), generator=_gen(self.seed, 1, epoch))
+        if self.selector is not None:
+            order = self.selector.epoch_rows(order, epoch, _gen(self.seed, 5, epoch))
+        return order
 
     def _labeled_rows(self, micro_index: int) -> torch.Tensor:
         """Rows of the cycled labeled stream for global micro-batch ``micro_index``."""
@@ -166,7 +176,7 @@ class Trainer:
         return torch.tensor(out, dtype=torch.long)
 
     def _micro_batch(self, order: torch.Tensor, epoch: int, micro: int) -> Batch:
-        bs = self.cfg.batch_size
+        bs = self.candidates
         rows = order[micro * bs : (micro + 1) * bs]
         if self.labeled_idx is not None:
             rows = torch.cat([self._labeled_rows(epoch * self.steps_per_epoch * self.cfg.accumulate + micro), rows])
@@ -181,7 +191,11 @@ class Trainer:
             with torch.no_grad():
                 outs = [t(x) for t in self.teachers]
             teacher_logits = outs[0] if len(outs) == 1 else torch.stack(outs)
-        return Batch(x=x, y=self.y[rows], idx=rows, teacher_logits=teacher_logits)
+        batch = Batch(x=x, y=self.y[rows], idx=rows, teacher_logits=teacher_logits)
+        if self.selector is not None:
+            keep_n = max(1, self.cfg.batch_size // self.world)
+            batch = self.selector.timed_select(batch, self.model, keep_n)
+        return batch
 
     # ------------------------------------------------------------------ state
     def _config_hash(self) -> str:
@@ -195,9 +209,11 @@ class Trainer:
             opt_t, opt_meta = optimizer_to_tensors(opt)
             write_checkpoint(
                 self.ckpt_dir / f"step-{step:08d}",
-                {"model": self.model.state_dict(), "objective": self.objective.state_dict(), "optimizer": opt_t},
+                {"model": self.model.state_dict(), "objective": self.objective.state_dict(), "optimizer": opt_t,
+                 "selector": self.selector.state_tensors() if self.selector else {}},
                 {"kind": "train-state", "step": step, "epoch": epoch, "micro": micro, "history": history,
-                 "optimizer": opt_meta, "config_hash": self._config_hash(), "elapsed": elapsed, "seen": seen},
+                 "optimizer": opt_meta, "config_hash": self._config_hash(), "elapsed": elapsed, "seen": seen,
+                 "selector_stats": self.selector.stats if self.selector else {}},
             )
             for old in sorted(self.ckpt_dir.glob("step-*"))[:-2]:  # keep the two newest
                 shutil.rmtree(old, ignore_errors=True)
@@ -216,6 +232,9 @@ class Trainer:
         self.model.load_state_dict(tensors["model"])
         self.objective.load_state_dict(tensors["objective"])
         opt.load_state_dict(optimizer_from_tensors(tensors.get("optimizer", {}), state["optimizer"]))
+        if self.selector is not None:
+            self.selector.load_state_tensors(tensors.get("selector", {}))
+            self.selector.stats.update(state.get("selector_stats", {}))
         state["path"] = str(ckpt)
         return state
 
@@ -321,4 +340,5 @@ class Trainer:
                     last_save = now
         final = self.objective.finalize(self.model)
         return TrainResult(model=final, history=history, steps=step, seconds=time.perf_counter() - t_start,
-                           teacher_mode=teacher_mode, samples_seen=seen)
+                           teacher_mode=teacher_mode, samples_seen=seen,
+                           selection=dict(self.selector.stats) if self.selector else {})
