@@ -323,3 +323,35 @@ def test_ft_transfer_streaming_with_old_base_path(tmp_path):
     )
     run_merge(tmp_path / "t.yaml", tmp_path / "out", progress=False)
     assert load_file(str(tmp_path / "out" / "model.safetensors"))["w"].tolist() == [10.5, 10.5, 10.5]
+
+
+def test_sigterm_during_cli_merge_leaves_no_folder(gpt2s, tmp_path):
+    import signal
+
+    import yaml
+
+    from attar.merge.cli import merge_command
+    from attar.merge.methods import MERGE_METHODS
+
+    method = MERGE_METHODS.get("linear")
+    real = method.fn
+    calls = {"n": 0}
+
+    def killed(x):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` or a scheduler's timeout would
+        return real(x)
+
+    cfg = tmp_path / "cfg" / "m.yaml"
+    cfg.parent.mkdir()
+    cfg.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": str(gpt2s / "ft_a")}, {"model": str(gpt2s / "ft_b")}]}))
+    object.__setattr__(method, "fn", killed)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            merge_command(cfg, tmp_path / "out" / "m", shard_size="2KB", quiet=True)
+    finally:
+        object.__setattr__(method, "fn", real)
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []

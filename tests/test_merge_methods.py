@@ -369,3 +369,15 @@ def test_fisher_method_through_registry_with_an_estimator():
         torch.testing.assert_close(res.state_dict[k], direct.state_dict[k])
     with pytest.raises(AttarError, match="Fisher estimates"):
         MERGE_METHODS.get("fisher").run(sds)
+
+
+def test_magnitude_mask_keeps_exactly_k_with_ties_in_index_order():
+    from attar.merge.methods.base import magnitude_mask
+
+    x = torch.tensor([3.0, 1.0, 2.0, 2.0, 2.0, -2.0, 0.5])
+    assert magnitude_mask(x, 3 / 7).tolist() == [True, False, True, True, False, False, False]
+    assert magnitude_mask(torch.ones(2, 3), 0.5).reshape(-1).tolist() == [True, True, True, False, False, False]
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(1000, generator=g)
+    top = set(torch.argsort(y.abs(), descending=True)[:300].tolist())  # no ties: the same set as a full sort
+    assert set(torch.nonzero(magnitude_mask(y, 0.3)).flatten().tolist()) == top

@@ -9,14 +9,34 @@ prints them as a paragraph.
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
 
 from attar.merge.engine import DEFAULT_SHARD_SIZE, MergeResult, run_merge
 from attar.merge.methods import MERGE_METHODS
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``kill``, a scheduler's timeout) raises KeyboardInterrupt, so the temp output folder is removed as on Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt("terminated (SIGTERM)")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def merge_command(
@@ -29,7 +49,8 @@ def merge_command(
 ) -> MergeResult:
     """Run the merge described by ``config`` into ``out`` and print a one-line summary (plus notes)."""
     console = Console(stderr=True, quiet=quiet, highlight=False)
-    result = run_merge(config, out, dtype=dtype, shard_size=shard_size, overwrite=overwrite, progress=False if quiet else None)
+    with _sigterm_as_interrupt():
+        result = run_merge(config, out, dtype=dtype, shard_size=shard_size, overwrite=overwrite, progress=False if quiet else None)
     for note in result.notes:
         console.print(f"[yellow]note:[/yellow] {note}")
     console.print(

@@ -9,18 +9,27 @@ spent, so comparisons can be made at matched compute.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from typing import Any, Callable
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import nn
 
 from attar.errors import AttarError
 from attar.objective import Batch
 from attar.registry import Registry
 
 SELECTORS: Registry[type["Selector"]] = Registry("selector")
+
+
+def generator_for(*parts: Any) -> torch.Generator:
+    """A CPU generator seeded from ``parts`` (e.g. ``(seed, "rs2", round)``): same parts, same draws."""
+    g = torch.Generator()
+    g.manual_seed(int(hashlib.sha256(repr(parts).encode()).hexdigest()[:15], 16))
+    return g
 
 
 class SelectorParams(BaseModel):
@@ -34,12 +43,40 @@ class Selector:
     Params = SelectorParams
     #: True when ``select`` needs the model's outputs on the candidates (one extra forward, no backward).
     scores_with_model = False
+    #: On CPU the scoring forward runs in chunks of this many rows (eval mode: same outputs, faster).
+    score_chunk = 256
 
     def __init__(self, params: SelectorParams):
         self.p = params
-        self.stats: dict[str, float] = {"scoring_forward_rows": 0, "select_seconds": 0.0, "candidate_rows": 0}
+        #: What selection cost. ``select_seconds`` is the whole wall time spent in selection (scoring forward
+        #: included); ``score_seconds`` the scoring forward alone; ``candidate_rows`` rows drawn; ``trained_rows``
+        #: rows handed to the training step; ``scoring_forward_rows`` rows run through a no-grad scoring forward.
+        self.stats: dict[str, float] = {"scoring_forward_rows": 0, "select_seconds": 0.0, "score_seconds": 0.0,
+                                        "candidate_rows": 0, "trained_rows": 0}
+        # Filled by setup(): where training stands, for selectors that change over training.
+        self.seed = 0
+        self.epochs = 1
+        self.micro_per_epoch = 1
+        self.epoch = 0
+        self.micro = 0
 
     # -- hooks -----------------------------------------------------------------------------
+    def setup(self, trainer: Any) -> None:
+        """Called once by the trainer at construction (before any resume loads state). Gives the selector
+        the training rows (``trainer.x``, ``trainer.y``), the model, the seed and the schedule length.
+        Subclasses that override it call ``super().setup(trainer)``."""
+        self.seed = int(trainer.seed)
+        self.epochs = int(trainer.cfg.epochs)
+        self.micro_per_epoch = int(trainer.steps_per_epoch * trainer.cfg.accumulate)
+
+    def begin_micro(self, epoch: int, micro: int) -> None:
+        """Called before each micro-batch is drawn: the position in training (resume-exact, no state)."""
+        self.epoch, self.micro = epoch, micro
+
+    def progress(self) -> float:
+        """Fraction of training done at the current micro-batch, in [0, 1)."""
+        return (self.epoch * self.micro_per_epoch + self.micro) / max(1, self.epochs * self.micro_per_epoch)
+
     def epoch_rows(self, order: torch.Tensor, epoch: int, generator: torch.Generator) -> torch.Tensor:
         """The rows (in order) this epoch iterates over."""
         return order
@@ -52,6 +89,10 @@ class Selector:
         """Positions (within the batch) of the rows to train on."""
         return torch.arange(len(batch.y))
 
+    def transform(self, batch: Batch) -> Batch:
+        """Change the kept rows' inputs before training (curricula); the identity by default."""
+        return batch
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Tensors to checkpoint (e.g. a memory buffer), so resume stays exact."""
         return {}
@@ -63,20 +104,38 @@ class Selector:
     def rows_per_epoch(self, n: int) -> int:
         return n
 
+    def score(self, batch: Batch, model: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The model's logits on the candidates: one no-grad forward in eval mode (no dropout, no
+        batch-norm statistics updated), counted in ``scoring_forward_rows`` and ``score_seconds``."""
+        t0 = time.perf_counter()
+        was = model.training if isinstance(model, nn.Module) else None
+        if was:
+            model.eval()
+        try:
+            with torch.no_grad():
+                x, c = batch.x, self.score_chunk
+                # On CPU, large batches fall out of cache: chunks of a few hundred rows run ~2x faster.
+                logits = model(x) if x.device.type != "cpu" or len(x) <= c else \
+                    torch.cat([model(x[i : i + c]) for i in range(0, len(x), c)])
+        finally:
+            if was:
+                model.train()
+        self.stats["scoring_forward_rows"] += len(batch.y)
+        self.stats["score_seconds"] += time.perf_counter() - t0
+        return logits
+
     def timed_select(self, batch: Batch, score: Callable[[torch.Tensor], torch.Tensor], keep_n: int) -> Batch:
         t0 = time.perf_counter()
-        logits = None
-        if self.scores_with_model:
-            with torch.no_grad():
-                logits = score(batch.x)
-            self.stats["scoring_forward_rows"] += len(batch.y)
+        logits = self.score(batch, score) if self.scores_with_model else None
         self.stats["candidate_rows"] += len(batch.y)
         pos = self.select(batch, logits, keep_n)
+        if len(pos) != len(batch.y):
+            batch = Batch(x=batch.x[pos], y=batch.y[pos], idx=batch.idx[pos],
+                          teacher_logits=None if batch.teacher_logits is None else batch.teacher_logits[..., pos, :])
+        batch = self.transform(batch)
+        self.stats["trained_rows"] += len(batch.y)
         self.stats["select_seconds"] += time.perf_counter() - t0
-        if len(pos) == len(batch.y):
-            return batch
-        return Batch(x=batch.x[pos], y=batch.y[pos], idx=batch.idx[pos],
-                     teacher_logits=None if batch.teacher_logits is None else batch.teacher_logits[..., pos, :])
+        return batch
 
 
 @SELECTORS.register("uniform")

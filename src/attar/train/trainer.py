@@ -154,6 +154,8 @@ class Trainer:
         micro = max(1, n_rows // self.candidates)
         self.steps_per_epoch = max(1, micro // config.accumulate)
         self.total_steps = self.steps_per_epoch * config.epochs
+        if selector is not None:
+            selector.setup(self)  # rows, model, seed and schedule length (static pruning, curricula)
 
     # ------------------------------------------------------------------ data order
     def _epoch_order(self, epoch: int) -> torch.Tensor:
@@ -193,6 +195,7 @@ class Trainer:
             teacher_logits = outs[0] if len(outs) == 1 else torch.stack(outs)
         batch = Batch(x=x, y=self.y[rows], idx=rows, teacher_logits=teacher_logits)
         if self.selector is not None:
+            self.selector.begin_micro(epoch, micro)
             keep_n = max(1, self.cfg.batch_size // self.world)
             batch = self.selector.timed_select(batch, self.model, keep_n)
         return batch

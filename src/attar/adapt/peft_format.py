@@ -1,0 +1,203 @@
+"""LoRA adapters in the PEFT format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+:func:`export_peft` writes what ``peft.PeftModel.from_pretrained(base, folder)`` loads onto the
+untouched base model (the Hugging Face model inside an :class:`~attar.text.hf.HFClassifier`):
+
+* each LoRA layer as ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight``;
+* initialisers that moved the base weight (PiSSA, LoRA-GA) export ``W0 + s·(B@A − B0@A0)`` exactly,
+  as a rank-2r LoRA (``A' = [A; A0]``, ``B' = [B, −B0]``), through ``rank_pattern``;
+* per-layer ranks (EVA) through ``rank_pattern`` and ``alpha_pattern`` (so ``alpha/r`` is each layer's scale);
+* the trained classification head as ``modules_to_save``.
+
+``target_modules`` is one anchored regular expression naming exactly the adapted modules. The same
+folder feeds ``attar merge`` as ``BASE+ADAPTER``. :func:`import_peft` reads such a folder (written
+here or by PEFT) back onto a plain model as attar LoRA layers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from attar.adapt.base import AdapterModule, _set_module, head_names
+from attar.adapt.lora import LoRALinear, lora_modules
+from attar.errors import AttarError
+
+PREFIX = "base_model.model."
+
+
+def _root(model: nn.Module) -> tuple[nn.Module, str]:
+    """The Hugging Face model inside an HFClassifier (its names are PEFT's), or the model itself."""
+    hf = getattr(model, "hf", None)
+    return (hf, "hf.") if isinstance(hf, nn.Module) else (model, "")
+
+
+@torch.no_grad()
+def export_peft(model: nn.Module, folder: str | Path, base_model_name_or_path: str | None = None,
+                dropout: float = 0.0) -> Path:
+    """Write the model's LoRA layers (and trained head) as a PEFT LoRA adapter folder."""
+    root, pre = _root(model)
+    loras = lora_modules(model)
+    if not loras:
+        raise AttarError("export_peft: the model has no LoRA layers; only LoRA adapters export in the PEFT format "
+                         "(save other fine-tunes as a whole model with save_hf_classifier).")
+    others = sorted({type(m).__name__ for m in model.modules() if isinstance(m, AdapterModule) and not isinstance(m, LoRALinear)})
+    if others:
+        raise AttarError(f"export_peft: the model also holds {', '.join(others)} adapters, which PEFT LoRA cannot express; "
+                         "merge the model and save it whole instead.")
+    heads = [h for h in head_names(model) if any(p.requires_grad for p in model.get_submodule(h).parameters())]
+    lora_param_ids = {id(p) for m in loras.values() for p in (m.lora_A, m.lora_B)}
+    head_param_ids = {id(p) for h in heads for p in model.get_submodule(h).parameters()}
+    stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in lora_param_ids | head_param_ids]
+    if stray:
+        raise AttarError(f"export_peft: parameters outside the LoRA layers and the head were trained ({stray[:5]}); "
+                         "PEFT LoRA cannot carry them. Merge and save the whole model instead.")
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    scales: dict[str, float] = {}
+    for name, m in loras.items():
+        if not name.startswith(pre):
+            raise AttarError(f"export_peft: LoRA layer {name!r} is outside the Hugging Face model.")
+        rel = name[len(pre):]
+        A, B = m.lora_A.detach(), m.lora_B.detach()
+        if m.lora_A0 is not None:
+            A, B = torch.cat([A, m.lora_A0]), torch.cat([B, -m.lora_B0], dim=1)
+        tensors[f"{PREFIX}{rel}.lora_A.weight"] = A.contiguous().clone()
+        tensors[f"{PREFIX}{rel}.lora_B.weight"] = B.contiguous().clone()
+        ranks[rel] = int(A.shape[0])
+        scales[rel] = m.scaling
+    for h in heads:
+        for pname, p in model.get_submodule(h).named_parameters():
+            tensors[f"{PREFIX}{h[len(pre):]}.{pname}"] = p.detach().contiguous().clone()
+    r0 = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common rank
+    s0 = max(set(scales.values()), key=list(scales.values()).count)
+    rank_pattern = {n: r for n, r in ranks.items() if r != r0}
+    alpha_pattern = {n: scales[n] * ranks[n] for n in ranks if abs(scales[n] * ranks[n] - s0 * r0) > 1e-9 * max(1.0, s0 * r0)}
+    target = "^(?:" + "|".join(re.escape(n) for n in ranks) + ")$"
+    from peft import LoraConfig
+
+    cfg = LoraConfig(
+        r=r0, lora_alpha=s0 * r0, lora_dropout=dropout, target_modules=target, rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern, modules_to_save=[h[len(pre):] for h in heads] or None,
+        task_type="SEQ_CLS" if pre else None, bias="none", init_lora_weights=True,
+        base_model_name_or_path=base_model_name_or_path or getattr(model, "source", None) or None,
+    )
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        cfg.save_pretrained(str(tmp))
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        if getattr(model, "classes", None):  # PEFT ignores this file; attar reads the class names back from it
+            (tmp / "attar_text.json").write_text(json.dumps({"classes": list(model.classes)}, indent=2))
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def adapter_classes(folder: str | Path) -> list[str] | None:
+    """Class names stored with an adapter (written by :func:`export_peft`), else ``["0", ..]`` from a saved head."""
+    folder = Path(folder)
+    meta = folder / "attar_text.json"
+    if meta.is_file():
+        classes = json.loads(meta.read_text()).get("classes")
+        if classes:
+            return [str(c) for c in classes]
+    w = folder / "adapter_model.safetensors"
+    if w.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(w), framework="pt") as f:
+            for k in f.keys():
+                if re.search(r"(^|\.)(classifier|score)(\.modules_to_save\.[^.]+)?\.weight$", k) and ".lora_" not in k:
+                    return [str(i) for i in range(f.get_slice(k).get_shape()[0])]
+    return None
+
+
+def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
+    """PEFT's rule: a key applies to module ``name`` when ``(.*\\.)?(key)$`` matches it."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+@torch.no_grad()
+def import_peft(model: nn.Module, folder: str | Path, trainable: bool = True) -> nn.Module:
+    """Put the LoRA layers (and ``modules_to_save``) of a PEFT adapter folder onto ``model``, in place."""
+    folder = Path(folder)
+    cfg_path, w_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not cfg_path.is_file():
+        raise AttarError(f"{folder} has no adapter_config.json; it is not a PEFT adapter folder.")
+    if not w_path.is_file():
+        extra = " (adapter_model.bin is pickled; attar reads safetensors only)" if (folder / "adapter_model.bin").exists() else ""
+        raise AttarError(f"{folder} has no adapter_model.safetensors{extra}.")
+    cfg = json.loads(cfg_path.read_text())
+    if str(cfg.get("peft_type", "LORA")).upper() != "LORA" or cfg.get("use_dora"):
+        raise AttarError(f"{folder}: only plain LoRA adapters can be imported (peft_type={cfg.get('peft_type')!r}, "
+                         f"use_dora={cfg.get('use_dora')}).")
+    if cfg.get("fan_in_fan_out"):
+        raise AttarError(f"{folder}: fan_in_fan_out (Conv1D) adapters are not supported by import_peft.")
+    root, pre = _root(model)
+    tensors = load_file(str(w_path))
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    replace: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        k = key.removeprefix(PREFIX)
+        m = re.fullmatch(r"(.+)\.lora_(A|B)(?:\.[^.]+)?\.weight", k)
+        if m:
+            pairs.setdefault(m.group(1), {})[m.group(2)] = t
+        elif re.search(r"\.lora_", k):
+            raise AttarError(f"{folder}: tensor {key!r} is of a LoRA variant attar cannot import.")
+        else:
+            replace[re.sub(r"\.modules_to_save\.[^.]+\.", ".", k)] = t
+    own = dict(root.named_modules())
+    missing = sorted(n for n in pairs if n not in own)
+    if missing:
+        raise AttarError(f"{folder}: the adapter targets modules the model does not have: {missing[:5]}; "
+                         "is it an adapter for this base model?")
+    alpha = float(cfg.get("lora_alpha", 8))
+    rslora = bool(cfg.get("use_rslora", False))
+    if trainable:
+        root.requires_grad_(False)
+    for rel, p in pairs.items():
+        if "A" not in p or "B" not in p:
+            raise AttarError(f"{folder}: module {rel!r} has only one of lora_A / lora_B.")
+        base = own[rel]
+        if not isinstance(base, nn.Linear):
+            raise AttarError(f"{folder}: module {rel!r} is a {type(base).__name__}; import_peft handles Linear layers.")
+        A, B = p["A"], p["B"]
+        r = int(A.shape[0])
+        if tuple(A.shape) != (r, base.in_features) or tuple(B.shape) != (base.out_features, r):
+            raise AttarError(f"{folder}: LoRA shapes for {rel!r} are A {tuple(A.shape)}, B {tuple(B.shape)}; the layer is "
+                             f"{base.out_features}x{base.in_features}.")
+        a = float(_pattern_value(cfg.get("alpha_pattern") or {}, rel, alpha))
+        mod = LoRALinear(base, r, a, float(cfg.get("lora_dropout", 0.0) or 0.0),
+                         scaling=a / (r ** 0.5 if rslora else r))
+        mod.set_init(A.to(base.weight.dtype), B.to(base.weight.dtype), subtract_from_base=False)
+        mod.lora_A.requires_grad_(trainable)
+        mod.lora_B.requires_grad_(trainable)
+        _set_module(model, pre + rel, mod)
+    state = root.state_dict()
+    for rel, t in replace.items():
+        if rel not in state:
+            raise AttarError(f"{folder}: adapter tensor {rel!r} has no place in the model.")
+        if tuple(state[rel].shape) != tuple(t.shape):
+            raise AttarError(f"{folder}: adapter tensor {rel!r} has shape {tuple(t.shape)}, the model {tuple(state[rel].shape)}.")
+        mod_name, _, pname = rel.rpartition(".")
+        param = getattr(root.get_submodule(mod_name), pname)
+        param.data.copy_(t.to(param.dtype))
+        param.requires_grad_(trainable)
+    return model

@@ -1,0 +1,186 @@
+"""What every condensation method shares: parameters, the real data grouped by class, fresh networks,
+synthetic-set initialisation and the checks made before any work starts.
+
+A method is a :class:`Condenser` subclass registered in :data:`CONDENSERS` (one file per method).
+It declares a strict pydantic ``Params`` model (unknown or mistyped fields fail listing the accepted
+ones) and implements :meth:`Condenser.run`, which returns the synthetic images, labels and any
+extras. Per-class work is batched over classes: real rows are kept in a padded ``[C, n_max]`` index
+table, so drawing ``B`` rows of every class is one ``topk`` over random keys, and synthetic images
+are held as ``[C, ipc, ...]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import nn
+
+from attar.errors import AttarError
+from attar.registry import Registry
+from attar.specs import ModelSpec
+
+CONDENSERS: Registry[type["Condenser"]] = Registry("condensation method")
+
+DEFAULT_MODEL = ModelSpec(arch="convnet", width=128, depth=3)
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def seed_of(*parts: Any) -> int:
+    """A 60-bit seed derived from ``parts`` (stable across runs and platforms)."""
+    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:15], 16)
+
+
+def gen(*parts: Any) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(seed_of(*parts))
+    return g
+
+
+class ClassIndex:
+    """Labeled rows grouped by class in a padded ``[C, n_max]`` table (``-1`` pads), for batched draws."""
+
+    def __init__(self, y: torch.Tensor, num_classes: int):
+        self.num_classes = num_classes
+        self.counts = torch.bincount(y[y >= 0], minlength=num_classes)
+        n_max = int(self.counts.max()) if len(self.counts) else 0
+        order = torch.argsort(torch.where(y >= 0, y, num_classes), stable=True)
+        order = order[: int(self.counts.sum())]
+        starts = torch.cumsum(self.counts, 0) - self.counts
+        pos = torch.arange(len(order)) - starts.repeat_interleave(self.counts)
+        table = torch.full((num_classes, max(1, n_max)), -1, dtype=torch.long)
+        table[y[order], pos] = order
+        self.table = table
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.table >= 0
+
+    def draw(self, k: int, generator: torch.Generator) -> torch.Tensor:
+        """``[C, k]`` row indices: ``k`` distinct rows of every class (all of a class when it has fewer: cycled)."""
+        keys = torch.rand(self.table.shape, generator=generator)
+        keys = keys.masked_fill(~self.valid, -1.0)
+        kk = min(k, self.table.shape[1])
+        pick = keys.topk(kk, dim=1).indices
+        rows = self.table.gather(1, pick)
+        if (rows < 0).any() or kk < k:
+            # A class with fewer than k rows: cycle its own rows (rare; only tiny data sets).
+            pos = torch.arange(k)[None, :] % self.counts.clamp_min(1)[:, None]
+            perm = keys.argsort(dim=1, descending=True)
+            rows = self.table.gather(1, perm.gather(1, pos))
+        return rows
+
+
+@dataclass
+class CondenseContext:
+    """Everything a method needs, prepared and validated by :func:`attar.condense.condense`."""
+
+    x: torch.Tensor  # real training images [N, C, H, W], [0, 1] scale
+    y: torch.Tensor  # int64 [N], -1 = unlabeled (ignored)
+    num_classes: int
+    ipc: int
+    iterations: int
+    seed: int
+    model: ModelSpec
+    mean: torch.Tensor
+    std: torch.Tensor
+    init: str = "real"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    on_step: Callable[[int, dict[str, float]], None] | None = None
+    index: ClassIndex = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.index = ClassIndex(self.y, self.num_classes)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    def labels(self) -> torch.Tensor:
+        """Synthetic labels in class-major order: ``[0]*ipc + [1]*ipc + ...``."""
+        return torch.arange(self.num_classes).repeat_interleave(self.ipc)
+
+    def fresh_model(self, *parts: Any) -> nn.Module:
+        """A freshly initialised network of the context's architecture, seeded by ``(seed, *parts)``."""
+        from attar.models import build_model
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed_of(self.seed, "net", *parts))
+            m = build_model(self.model, self.input_shape, self.num_classes, self.mean, self.std)
+        return m.to(self.device)
+
+    def real_batch(self, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``k`` real images of every class as ``[C*k, ...]`` (class-major) and their row indices ``[C, k]``."""
+        rows = self.index.draw(k, generator)
+        return self.x[rows.flatten()].to(self.device), rows
+
+    def init_images(self, generator: torch.Generator) -> torch.Tensor:
+        """Initial synthetic images ``[C*ipc, ...]``: real samples of each class, or noise with the data's statistics."""
+        if self.init == "real":
+            return self.real_batch(self.ipc, generator)[0].clone()
+        shape = (self.num_classes * self.ipc, *self.input_shape)
+        noise = torch.randn(shape, generator=generator)
+        return (noise * self.std + self.mean).to(self.device)
+
+    def step(self, i: int, **metrics: float) -> None:
+        if self.on_step is not None:
+            self.on_step(i, metrics)
+
+
+@dataclass
+class CondenseOutput:
+    x: torch.Tensor
+    y: torch.Tensor
+    soft: torch.Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Condenser:
+    """Base class; subclasses set ``name`` (by registration), ``Params`` and ``run``."""
+
+    name: ClassVar[str] = ""
+    #: True when the method optimises pixels (it then needs ``iterations``); False for subset selection.
+    learns_images: ClassVar[bool] = False
+    #: default number of outer iterations when the caller gives none
+    default_iterations: ClassVar[int] = 0
+    summary: ClassVar[str] = ""
+
+    class Params(Params):
+        pass
+
+    def __init__(self, params: dict[str, Any] | None = None):
+        try:
+            self.p = self.Params(**(params or {}))
+        except ValidationError as e:
+            fields = ", ".join(f"{k} (default {v.default!r})" for k, v in self.Params.model_fields.items()) or "(none)"
+            probs = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'params'}: {err['msg']}" for err in e.errors())
+            raise AttarError(f"condensation method {self.name!r}: {probs}. Accepted fields: {fields}.") from None
+
+    def run(self, ctx: CondenseContext) -> CondenseOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def register(name: str):
+    def deco(cls: type[Condenser]) -> type[Condenser]:
+        cls.name = name
+        return CONDENSERS.register(name)(cls)
+
+    return deco
+
+
+def standardise(ctx: CondenseContext) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+    """``to_z``/``from_z``: synthetic images are optimised in standardised pixel units (as the reference code),
+    so learning rates mean the same on every data set; they are stored back in [0, 1] scale."""
+    m, s = ctx.mean.to(ctx.device), ctx.std.to(ctx.device)
+    return (lambda x: (x - m) / s), (lambda z: z * s + m)
+
+
+def embed_fn(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The penultimate vector of an attar model (``model.embed``), else the output."""
+    return getattr(model, "embed", model)

@@ -1,0 +1,135 @@
+"""``attar condense``: the command-line face of :mod:`attar.condense`.
+
+``app`` is a Typer group meant to be mounted as ``app.add_typer(condense_app, name="condense")``:
+
+* ``attar condense --data fashion-mnist --method dm --ipc 10 --out DIR [--iterations N]`` condenses
+  (the group's own callback, run when no sub-command is given);
+* ``attar condense evaluate ARTIFACT`` runs the evaluation protocol and records it;
+* ``attar condense show ARTIFACT --png grid.png`` renders the images;
+* ``attar condense methods`` lists the methods and their fields.
+
+The progress bar is rich's, silent under ``CI=true`` or when stderr is not a terminal. Errors are
+``AttarError``s, printed as one paragraph with exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from attar.errors import AttarError
+
+app = typer.Typer(help="Condense a data set into a few synthetic images per class (dataset distillation).",
+                  add_completion=False, invoke_without_command=True)
+err = Console(stderr=True, highlight=False)
+
+
+def _fail(e: Exception) -> None:
+    err.print(f"[bold red]error:[/] {e}")
+    raise typer.Exit(2)
+
+
+def _params(text: Optional[str]) -> dict:
+    if not text:
+        return {}
+    try:
+        v = json.loads(text)
+    except ValueError as e:
+        raise AttarError(f"--params must be a JSON object, e.g. '{{\"batch_real\": 64}}': {e}") from None
+    if not isinstance(v, dict):
+        raise AttarError("--params must be a JSON object, e.g. '{\"batch_real\": 64}'.")
+    return v
+
+
+@app.callback()
+def condense_cli(
+    ctx: typer.Context,
+    data: Optional[str] = typer.Option(None, "--data", help="built-in data set name (fashion-mnist, ...) or an image folder"),
+    method: Optional[str] = typer.Option(None, "--method", help="random, herding, kcenter, dm, datadam, dc, dsa"),
+    ipc: Optional[int] = typer.Option(None, "--ipc", help="images per class"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="artifact folder to write (atomically)"),
+    iterations: Optional[int] = typer.Option(None, "--iterations", help="outer iterations (default: the method's)"),
+    seed: int = typer.Option(0, "--seed"),
+    init: str = typer.Option("real", "--init", help="real | noise (learned methods)"),
+    width: Optional[int] = typer.Option(None, "--width", help="ConvNet width (default 128)"),
+    depth: Optional[int] = typer.Option(None, "--depth", help="ConvNet depth (default 3)"),
+    params: Optional[str] = typer.Option(None, "--params", help="method fields as JSON, e.g. '{\"batch_real\": 64}'"),
+    soft_labels: Optional[Path] = typer.Option(None, "--soft-labels", help="teacher model artifact for soft labels"),
+    train_limit: Optional[int] = typer.Option(None, "--train-limit", help="condense from at most this many rows"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    png: Optional[Path] = typer.Option(None, "--png", help="also render the images to this PNG"),
+):
+    """Condense --data into --ipc images per class with --method; writes a safetensors artifact to --out."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from attar.condense import condense, render_grid
+    from attar.specs import DataSpec, ModelSpec
+
+    missing = [f"--{k}" for k, v in (("data", data), ("method", method), ("ipc", ipc), ("out", out)) if v is None]
+    if missing:
+        _fail(AttarError(f"attar condense needs {', '.join(missing)} (or a sub-command: evaluate, show, methods)."))
+    try:
+        spec = DataSpec(imagefolder=data) if Path(data).is_dir() else DataSpec(name=data)
+        if train_limit:
+            spec = spec.model_copy(update={"train_limit": train_limit})
+        model = ModelSpec(arch="convnet", width=width or 128, depth=depth or 3)
+        path = condense(spec, method, ipc, out, iterations, seed, model=model, init=init, params=_params(params),
+                        soft_labels=soft_labels, overwrite=overwrite)
+        if png:
+            render_grid(path, png)
+    except AttarError as e:
+        _fail(e)
+    Console().print(f"condensed set: {path}")
+
+
+@app.command("evaluate")
+def evaluate_cli(
+    artifact: Path = typer.Argument(..., help="folder written by attar condense"),
+    nets: int = typer.Option(5, "--nets", help="freshly initialised networks per row"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="training epochs (default 1000 for sets of <= 256 rows)"),
+    augment: str = typer.Option("dsa", "--augment", help="dsa | crop,flip | none"),
+    full_epochs: int = typer.Option(5, "--full-epochs", help="epochs of the full-data reference (cached)"),
+    no_random: bool = typer.Option(False, "--no-random", help="skip the random-subset row"),
+    no_full: bool = typer.Option(False, "--no-full", help="skip the full-data row"),
+    test_limit: Optional[int] = typer.Option(None, "--test-limit", help="score on a stratified subset of the test split"),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """Train fresh networks on ARTIFACT, beside a random real subset of equal size and the full data."""
+    from attar.condense import evaluate_condensed, format_evaluation
+
+    try:
+        r = evaluate_condensed(artifact, nets=nets, epochs=epochs, augment=augment, seed=seed,
+                               compare_random=not no_random, full_data=not no_full, full_epochs=full_epochs,
+                               test_limit=test_limit, log=err.print)
+    except AttarError as e:
+        _fail(e)
+    Console().print(format_evaluation(r))
+    Console().print(f"recorded: {artifact / 'evaluation.json'}")
+
+
+@app.command("show")
+def show_cli(artifact: Path = typer.Argument(...), png: Path = typer.Option(..., "--png"),
+             max_per_class: int = typer.Option(10, "--max-per-class")):
+    """Render ARTIFACT's images as a PNG grid (one row per class)."""
+    from attar.condense import render_grid
+
+    try:
+        Console().print(f"wrote {render_grid(artifact, png, max_per_class)}")
+    except AttarError as e:
+        _fail(e)
+
+
+@app.command("methods")
+def methods_cli():
+    """List the condensation methods and their fields."""
+    from attar.condense import CONDENSERS
+
+    c = Console()
+    for name in CONDENSERS:
+        m = CONDENSERS.get(name)
+        fields = ", ".join(f"{k}={v.default!r}" for k, v in m.Params.model_fields.items())
+        c.print(f"[bold]{name}[/]: {m.summary}" + (f"  [dim]({fields})[/]" if fields else ""))

@@ -1,0 +1,84 @@
+"""Merge in-memory models by method name: what a recipe ``merge`` stage calls.
+
+Tensor-level methods (linear, task_arithmetic, ties, dare_*, slerp, ...) run the
+engine's per-tensor code on the models' state dicts; model-level methods get
+their callbacks from the stage's data: ``greedy_soup``, ``wise_ft`` and ``lcsc``
+score candidates on the validation split, ``fisher`` estimates each model's
+diagonal Fisher on training rows. The result is a model with the architecture
+of the reference input (the base when the method takes one, else the first model).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping, Sequence
+
+from torch import nn
+
+from attar.errors import AttarError
+from attar.merge.engine import merge_state_dicts
+from attar.merge.evaluators import evaluator_for, fisher_estimator, state_dicts
+from attar.merge.methods import MERGE_METHODS, fisher_merge, greedy_soup, lcsc_search, wise_ft_sweep
+
+FISHER_OPTIONS = {"examples": 256, "labels": "expected", "batch_size": 16}
+
+
+def merge_models(
+    method: str,
+    models: Sequence[nn.Module],
+    *,
+    base: nn.Module | None = None,
+    bundle: Any = None,
+    parameters: Mapping[str, Any] | None = None,
+    model_parameters: Sequence[Mapping[str, Any] | None] | None = None,
+    seed: int = 0,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """``(merged model, info)``. ``bundle`` (a DataBundle) is needed by the model-level methods.
+
+    ``parameters`` are the method's shared parameters (as in a mergekit config's
+    global ``parameters``); for ``fisher`` also ``examples``, ``labels`` and
+    ``batch_size`` of the Fisher estimate. ``model_parameters[i]`` are per-model
+    (``weight``, ``density``, ...).
+    """
+    m = MERGE_METHODS.get(method)
+    params = dict(parameters or {})
+    if not models:
+        raise AttarError(f"merge method {method!r} needs at least one model.")
+    if m.base == "required" and base is None:
+        raise AttarError(f"merge method {method!r} needs a base model.")
+    if m.base == "none" and base is not None and m.name != "wise_ft":
+        raise AttarError(f"merge method {method!r} takes no base model; list every model under models.")
+    ref = base if (base is not None and not m.base_is_input) else models[0]
+    out = copy.deepcopy(ref)
+    sds = state_dicts(models)
+    base_sd = None if base is None else state_dicts([base])[0]
+    if m.level == "tensor":
+        merged = merge_state_dicts(m, sds, base_sd, parameters=params, model_parameters=model_parameters, seed=seed)
+        out.load_state_dict(merged)
+        return out, {"method": m.name}
+    known = m.known_params() | (set(FISHER_OPTIONS) if m.name == "fisher" else set())
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise AttarError(f"merge method {m.name!r} got unknown parameter(s) {unknown}; it accepts {sorted(known) or 'none'}.")
+    if bundle is None:
+        raise AttarError(f"merge method {m.name!r} needs data (held-out scores or Fisher estimates); give the stage data.")
+    if m.name == "fisher":
+        opts = {k: params.pop(k, d) for k, d in FISHER_OPTIONS.items()}
+        est = fisher_estimator(bundle.train.x, bundle.train.y, labels=opts["labels"], max_examples=int(opts["examples"]),
+                               batch_size=int(opts["batch_size"]), seed=seed)
+        weights = [float((mp or {}).get("weight", 1.0)) for mp in (model_parameters or [None] * len(models))]
+        result = fisher_merge(sds, [est(x) for x in models], weights=weights, **params)
+    else:
+        evaluate = evaluator_for(ref, bundle, "val")
+        if m.name == "greedy_soup":
+            result = greedy_soup(sds, evaluate)
+        elif m.name == "wise_ft":
+            if base is None or len(models) != 1:
+                raise AttarError("wise_ft takes the zero-shot model as base and exactly one fine-tuned model.")
+            result = wise_ft_sweep(base_sd, sds[0], evaluate=evaluate, **params)
+        elif m.name == "lcsc":
+            result = lcsc_search(sds, evaluate, **({"seed": seed} | params))
+        else:  # a model-level method registered later
+            result = m.run(sds, base=base_sd, evaluate=evaluate, **params)
+    out.load_state_dict(result.state_dict)
+    return out, {"method": m.name, **result.info}

@@ -1,0 +1,179 @@
+"""Static data pruning: score every training row once before training, keep a ``keep`` fraction, train
+on that subset for the whole stage.
+
+Scores (``score``):
+
+* ``random``: a uniformly random subset (seeded from the stage seed). With KD from a teacher trained on
+  the full data this is the strong baseline of KD-Pruning (Ben-Baruch et al., "Distilling the Knowledge
+  in Data Pruning", 2024).
+* ``el2n``: ``||softmax(f(x)) - onehot(y)||_2`` of a *probe* model trained for ``probe_epochs`` epochs
+  (Paul et al. 2021, "Deep Learning on a Data Diet"; they average over several probe seeds, here one).
+* ``loss``: the probe model's cross-entropy on the row.
+* ``forgetting``: forgetting events during the probe run (Toneva et al. 2019): the number of times a
+  row goes from correctly to wrongly classified between presentations, read from the probe's own
+  training forward passes (no extra forward); rows never classified correctly count as most forgettable.
+
+``keep_hardest`` (default true) keeps the highest-scoring rows; false keeps the easiest, which the
+pruning literature finds better at small kept fractions. Ties are broken by a seeded random jitter.
+``balanced`` (default true) ranks rows within their class and keeps the same fraction of every class
+(quotas by largest remainder, adding up to exactly ``ceil(keep * n)``): scores are not comparable across
+classes, and an unbalanced cut can drop whole classes at small fractions. Unlabeled rows form a class
+of their own.
+
+The probe is a copy of the stage's *initial* model trained with AdamW at the stage's learning rate and
+batch size, on labeled rows, without touching the real model or the global RNG. Its cost is accounted:
+``probe_train_rows`` (forward+backward rows), ``scoring_forward_rows`` (the final scoring pass),
+``probe_seconds`` (also included in ``select_seconds``). The kept rows are checkpointed, so a resumed
+run neither repeats the probe nor changes the subset.
+
+KD-Pruning: combine with a distillation objective, e.g. ``objective: {name: kd, alpha: 0.3}``; the KD
+weight is ``1 - alpha``. KD-Pruning finds that the best KD weight grows as the kept fraction shrinks.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from attar.errors import AttarError
+from attar.select.base import SELECTORS, Selector, SelectorParams, generator_for
+
+
+class PruneParams(SelectorParams):
+    keep: float = Field(0.5, gt=0, le=1, description="fraction of the training rows kept for the whole stage")
+    score: Literal["random", "el2n", "loss", "forgetting"] = Field("random", description="how rows are ranked")
+    keep_hardest: bool = Field(True, description="keep the highest-scoring rows (false: the lowest)")
+    probe_epochs: int = Field(2, ge=1, description="epochs of the probe run (el2n, loss, forgetting)")
+    balanced: bool = Field(True, description="keep the same fraction of every class (false: rank all rows together)")
+
+
+def quotas(counts: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-class quotas proportional to ``counts`` that add up to exactly ``k`` (largest remainder)."""
+    exact = counts.double() * k / counts.sum()
+    q = exact.floor().long()
+    short = k - int(q.sum())
+    if short > 0:
+        q[torch.argsort(exact - q, descending=True, stable=True)[:short]] += 1
+    return q
+
+
+def balanced_top(key: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` rows with the largest ``key``, taking each class's quota from its own best rows."""
+    classes, cls = torch.unique(y, return_inverse=True)
+    q = quotas(torch.bincount(cls, minlength=len(classes)), k)
+    order = torch.argsort(key, descending=True, stable=True)
+    order = order[torch.argsort(cls[order], stable=True)]  # grouped by class, best first within each class
+    starts = torch.cumsum(torch.bincount(cls, minlength=len(classes)), 0) - torch.bincount(cls, minlength=len(classes))
+    rank = torch.arange(len(key)) - starts[cls[order]]
+    return order[rank < q[cls[order]]]
+
+
+@SELECTORS.register("prune")
+class Prune(Selector):
+    """Keep a fixed, scored ``keep`` fraction of the rows for the whole stage."""
+
+    Params = PruneParams
+
+    def __init__(self, params: PruneParams):
+        super().__init__(params)
+        self.kept: torch.Tensor | None = None  # bool mask over training rows
+        self.row_scores: torch.Tensor | None = None
+        self.stats.update({"probe_train_rows": 0, "probe_seconds": 0.0})
+        self._trainer = None
+        self._probe_model = None
+
+    def setup(self, trainer) -> None:
+        super().setup(trainer)
+        self._trainer = trainer
+        if self.p.score != "random":
+            if bool((trainer.y < 0).any()):
+                raise AttarError(
+                    f"stage {trainer.name!r}: selector 'prune' with score {self.p.score!r} needs a label on every "
+                    "training row (the probe run trains on labels); use score: random for unlabeled pools."
+                )
+            self._probe_model = copy.deepcopy(trainer.model)  # the initial weights, before any step
+
+    def rows_per_epoch(self, n: int) -> int:
+        return max(1, math.ceil(self.p.keep * n))
+
+    # -- scoring -------------------------------------------------------------------------------
+    def _probe_scores(self) -> torch.Tensor:
+        tr = self._trainer
+        model, x, y, bs = self._probe_model, tr.x, tr.y, tr.cfg.batch_size
+        n = len(y)
+        forgets = torch.zeros(n)
+        prev = torch.zeros(n, dtype=torch.bool)
+        ever = torch.zeros(n, dtype=torch.bool)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(generator_for(self.seed, "prune-probe").initial_seed()) % (2**62))
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tr.cfg.lr,
+                                    weight_decay=tr.cfg.weight_decay)
+            model.train()
+            for e in range(self.p.probe_epochs):
+                order = torch.randperm(n, generator=generator_for(self.seed, "prune-probe", e))
+                for i in range(0, n, bs):
+                    rows = order[i : i + bs]
+                    xb = x[rows]
+                    if tr.augment is not None:
+                        xb = tr.augment(xb, generator_for(self.seed, "prune-probe-aug", e, i))
+                    logits = model(xb)
+                    loss = F.cross_entropy(logits, y[rows])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    correct = (logits.detach().argmax(1) == y[rows]).cpu()
+                    forgets[rows] += (prev[rows] & ~correct).float()
+                    prev[rows] = correct
+                    ever[rows] |= correct
+                    self.stats["probe_train_rows"] += len(rows)
+        if self.p.score == "forgetting":
+            return torch.where(ever, forgets, forgets.max() + 1)
+        from attar.train.trainer import predict
+
+        logits = predict(model, x).float().cpu()
+        self.stats["scoring_forward_rows"] += n
+        if self.p.score == "loss":
+            return F.cross_entropy(logits, y, reduction="none")
+        err = torch.softmax(logits, 1) - F.one_hot(y, logits.shape[1]).float()
+        return err.norm(dim=1)
+
+    def compute_kept(self, n: int) -> torch.Tensor:
+        t0 = time.perf_counter()
+        k = self.rows_per_epoch(n)
+        jitter = torch.rand(n, generator=generator_for(self.seed, "prune-ties"), dtype=torch.float64)
+        if self.p.score == "random":
+            rank_key = jitter
+        else:
+            s = self._probe_scores().double()
+            self.row_scores = s.float()
+            self.stats["probe_seconds"] += time.perf_counter() - t0
+            scale = (s.max() - s.min()).clamp(min=1e-12)
+            rank_key = (s if self.p.keep_hardest else -s) + 1e-9 * scale * jitter
+        kept = torch.zeros(n, dtype=torch.bool)
+        if self.p.balanced:
+            kept[balanced_top(rank_key, self._trainer.y.cpu(), k)] = True
+        else:
+            kept[torch.topk(rank_key, k).indices] = True
+        self._probe_model = None
+        self.stats["select_seconds"] += time.perf_counter() - t0
+        return kept
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def epoch_rows(self, order: torch.Tensor, epoch: int, generator: torch.Generator) -> torch.Tensor:
+        if self.kept is None or len(self.kept) != len(order):
+            self.kept = self.compute_kept(len(order))
+        return order[self.kept[order]]
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {} if self.kept is None else {"kept": self.kept.to(torch.uint8)}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if "kept" in tensors:
+            self.kept = tensors["kept"].bool()
+            self._probe_model = None
