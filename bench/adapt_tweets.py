@@ -296,6 +296,13 @@ def _ms(v: list[float], fmt: str = "{:.3f}") -> str:
     return f"{fmt.format(statistics.mean(v))} ± {fmt.format(statistics.stdev(v))}"
 
 
+def _trainable(rs: list[dict[str, Any]]) -> str:
+    lo, hi, tot = min(r["trainable"] for r in rs), max(r["trainable"] for r in rs), rs[0]["total"]
+    if lo == hi:
+        return f"{lo:,} ({100 * lo / tot:.2f}%)"
+    return f"{lo:,}–{hi:,} ({100 * lo / tot:.1f}–{100 * hi / tot:.1f}%, differs by seed)"
+
+
 def evidence_section(rows: list[dict[str, Any]], seeds: list[int]) -> str:
     by: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
@@ -330,7 +337,7 @@ def evidence_section(rows: list[dict[str, Any]], seeds: list[int]) -> str:
         acc = [r["test_accuracy"] for r in rs]
         lines.append(
             f"| {LABELS[method]} | {METHODS[method]['lr']:g} | {_ms(acc)} (n={len(rs)}) | {statistics.mean(acc) - head:+.3f} | "
-            f"{rs[0]['trainable']:,} ({100 * rs[0]['trainable'] / rs[0]['total']:.2f}%) | "
+            f"{_trainable(rs)} | "
             f"{statistics.median(r['peak_above_loaded_mb'] for r in rs):.0f} | "
             f"{statistics.mean(r['train_seconds'] for r in rs):.0f} | {statistics.mean(r['examples_per_s'] for r in rs):.1f} |"
         )

@@ -62,7 +62,7 @@ FULL = {
     "fm_teacher_epochs": 2, "fm_ens_epochs": 1, "fm_teacher_limit": None,
     "fm_scarce_limit": 10000, "fm_lpc": 100, "fm_kd_epochs": 5, "fm_scratch_epochs": 100,
     "fm_live_limit": 4000, "fm_live_epochs": 4,
-    "fm_full_limit": None, "fm_full_epochs": 1,
+    "fm_full_limit": None, "fm_full_epochs": 2,  # >= 2: PS-KD is exactly CE in its first epoch
     # MNIST-5k
     "mn_ens_epochs": 10, "mn_lpc": 10, "mn_kd_epochs": 6, "mn_scratch_epochs": 300,
     "mn_full_epochs": 10,
@@ -377,9 +377,14 @@ def markdown(results: dict, A: dict, R: list[dict], only_ds: list[str]) -> str:
         out.append("")
         if t:
             names = {"teacher": "T", "ens_a": "E1", "ens_b": "E2"}
+            stages = {st["name"]: st for st in yaml.safe_load(t["recipe"])["stages"]}
             parts = []
             for r in t["rows"]:
-                parts.append(f"{names.get(r['stage'], r['stage'])} ({r['params']:,} params) {100 * r['accuracy']:.2f}%")
+                st = stages.get(r["stage"], {})
+                what = _model_text(st.get("model", {}))
+                if st.get("kind") == "train":
+                    what += f", trained {st['train']['epochs']} epoch(s), seed {st.get('seed', 0)}"
+                parts.append(f"{names.get(r['stage'], r['stage'])} = {what} ({r['params']:,} params): {100 * r['accuracy']:.2f}%")
             ea = t.get("ensemble_accuracy", {})
             out.append("Teachers (test accuracy): " + "; ".join(parts)
                        + (f"; ensemble T+E1+E2 (averaged probabilities) {100 * ea['ensemble']:.2f}%." if ea else "."))
@@ -418,6 +423,8 @@ def _model_text(m: dict) -> str:
         return f"ConvNet width {m['width']} depth {m['depth']}"
     if m.get("arch") == "mlp":
         return "MLP 784-" + "-".join(map(str, m["hidden"])) + "-10"
+    if m.get("pretrained"):
+        return f"pretrained {m['pretrained']}"
     return json.dumps(m)
 
 
