@@ -73,7 +73,7 @@ def test_end_to_end_run_store_and_report(tmp_path):
 @pytest.mark.parametrize(
     "mutate,words",
     [
-        (lambda r: r.replace("kind: distill", "kind: distil"), ["unknown stage kind 'distil'", "train, distill"]),
+        (lambda r: r.replace("kind: distill", "kind: distil"), ["unknown stage kind 'distil'", "distill, evaluate"]),
         (lambda r: r.replace("name: kd,", "name: kdd,"), ["Unknown objective 'kdd'", "label_free"]),
         (lambda r: r.replace("divergence: js", "divergence: jsd"), ["jsd", "reverse_kl"]),
         (lambda r: r.replace("epochs: 4, batch_size: 64, lr: 0.003}\n  - name", "epochs: four}\n  - name"),

@@ -90,9 +90,9 @@ def methods(objective: Optional[str] = typer.Argument(None, help="show the field
         out.print(t)
         return
     from attar.models import ARCHS, PRETRAINED
-    from attar.recipe import STAGE_KINDS
+    from attar.recipe import stage_kinds
 
-    families = {"stage kinds": list(STAGE_KINDS), "objectives": OBJECTIVES.names(), "divergences": DIVERGENCES.names(),
+    families = {"stage kinds": stage_kinds(), "objectives": OBJECTIVES.names(), "divergences": DIVERGENCES.names(),
                 "architectures": ARCHS.names(), "pretrained teachers": PRETRAINED.names()}
     try:
         from attar.merge.methods import MERGE_METHODS
@@ -140,6 +140,44 @@ def data_list():
     for d in list_datasets():
         t.add_row(d["name"], "yes" if d["available"] else "[red]no[/]", d["description"], "" if d["available"] else d["install"])
     out.print(t)
+
+
+@data_app.command("show")
+def data_show(
+    source: str = typer.Argument(..., help="a built-in name, an image folder, or a condensed-set folder"),
+    png: Path = typer.Option(..., "--png", help="where to write the grid"),
+    per_class: int = typer.Option(10, "--per-class", help="images per class (columns)"),
+):
+    """Render a data set's training images (or a condensed set) as a PNG grid, one row per class."""
+    from attar.condense.api import render_grid
+    from attar.condense.artifact import SyntheticSet, is_condensed_artifact
+
+    try:
+        if Path(source).is_dir() and is_condensed_artifact(source):
+            path = render_grid(source, png, per_class)
+        else:
+            from attar.data import load_data
+            from attar.specs import DataSpec
+
+            b = load_data(DataSpec(imagefolder=source) if Path(source).is_dir() else DataSpec(name=source))
+            if not b.is_image:
+                raise AttarError(f"{source!r} is a table (inputs of shape {tuple(b.input_shape)}), not images; nothing to draw.")
+            keep = _first_per_class(b.train.y, len(b.classes), per_class)
+            x = b.train.x[keep]
+            lo, hi = x.amin(), x.amax()
+            s = SyntheticSet(x=(x - lo) / (hi - lo + 1e-12), y=b.train.y[keep],
+                             meta={"classes": b.classes, "method": "real", "ipc": per_class, "data_name": b.name})
+            path = render_grid(s, png, per_class)
+    except AttarError as e:
+        _fail(e)
+    out.print(f"wrote {path}")
+
+
+def _first_per_class(y, classes: int, k: int):
+    """Indices of the first ``k`` rows of each class (unlabeled rows, -1, skipped)."""
+    import torch
+
+    return torch.cat([torch.nonzero(y == c).flatten()[:k] for c in range(classes)])
 
 
 def _store(home: Optional[Path]):
@@ -193,7 +231,16 @@ def runs_compare(run_a: str, run_b: str, home: Optional[Path] = typer.Option(Non
     out.print(render_compare_table(rows, run_a, run_b))
 
 
+def _mount_subapps() -> None:
+    from attar.adapt.cli import app as finetune_app
+    from attar.condense.cli import app as condense_app
+
+    app.add_typer(condense_app, name="condense")
+    app.add_typer(finetune_app, name="finetune")
+
+
 _mount_merge()
+_mount_subapps()
 
 
 def main() -> None:  # pragma: no cover

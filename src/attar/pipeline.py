@@ -11,8 +11,6 @@ import copy
 import hashlib
 import json
 import os
-import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +35,7 @@ class StageOutput:
     spec: dict
     row: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
+    data: Path | None = None
 
 
 class Pipeline:
@@ -48,11 +47,39 @@ class Pipeline:
         self._bundles: dict[str, object] = {}
         self._teacher_models: dict[str, nn.Module] = {}
         self.outputs: dict[str, StageOutput] = {}
+        self.stage_classes: dict[str, int] = {}
 
     # ------------------------------------------------------------------ resolution helpers
+    def resolve_data(self, spec: DataSpec) -> DataSpec:
+        """``{stage: X}`` -> the data set stage X wrote; before X has run (preflight), X's own source data,
+        which has the same shape and classes."""
+        seen = set()
+        while spec.stage:
+            if spec.stage in seen:  # pragma: no cover - recipes only refer backwards
+                raise AttarError(f"data refers to stage {spec.stage!r} in a cycle")
+            seen.add(spec.stage)
+            out = self.outputs.get(spec.stage)
+            if out is not None and out.data is not None:
+                return DataSpec(artifact=str(out.data))
+            src = next(s for s in self.recipe.stages if s.name == spec.stage)
+            if out is not None or not self._stage_makes_data(src):
+                raise AttarError(f"data {{stage: {spec.stage}}}: stage {spec.stage!r} ({src.kind}) writes no data set; "
+                                 "only condense stages do.")
+            spec = self.recipe.stage_data(src)
+        return spec
+
+    @staticmethod
+    def _stage_makes_data(st: StageSpec) -> bool:
+        return st.kind == "condense"
+
+    @staticmethod
+    def error(stage: StageSpec, msg: str) -> AttarError:
+        return AttarError(f"stage {stage.name!r} ({stage.kind}): {msg}")
+
     def bundle(self, spec: DataSpec):
         from attar.data import load_data
 
+        spec = self.resolve_data(spec)
         key = spec.model_dump_json()
         if key not in self._bundles:
             self._bundles[key] = load_data(spec)
@@ -128,26 +155,28 @@ class Pipeline:
     # ------------------------------------------------------------------ preflight
     def preflight(self) -> None:
         """Validate everything cheap to validate before any run folder exists: data, models, class counts,
-        objectives. A bad recipe fails here in seconds and leaves nothing behind."""
-        classes: dict[str, int] = {}
+        objectives, each kind's own checks. A bad recipe fails here in seconds and leaves nothing behind."""
+        classes = self.stage_classes
         for i, st in enumerate(self.recipe.stages):
-            bundle = self.bundle(self.recipe.stage_data(st))
-            n = len(bundle.classes)
-            classes[st.name] = n
-            probe = bundle.train.x[:2]
-            if st.init:
-                self._check_classes(st, f"the init stage {st.init!r}", classes[st.init], n)
-            elif st.model is not None and (st.model.artifact or st.model.pretrained):
-                with torch.no_grad():
-                    self._check_classes(st, "the model", self._model_from_spec(st.model, bundle).eval()(probe).shape[-1], n)
-            for j, dim in enumerate(self.teachers_for_preflight(st, bundle)):
-                self._check_classes(st, f"teacher spec #{j + 1}", dim, n)
-            for ref in st.teachers():
-                if isinstance(ref, str):
-                    self._check_classes(st, f"teacher {ref!r}", classes[ref], n)
-            if st.kind in ("train", "distill"):
-                self.objective_for(st, i)
-                self.selector_for(st, i)
+            kind = st.kind_spec()()
+            if kind.needs_data:
+                bundle = self.bundle(self.recipe.stage_data(st))
+                n = len(bundle.classes)
+                probe = bundle.train.x[:2]
+                if st.init:
+                    self._check_classes(st, f"the init stage {st.init!r}", classes[st.init], n)
+                elif st.model is not None and (st.model.artifact or st.model.pretrained):
+                    with torch.no_grad():
+                        self._check_classes(st, "the model", self._model_from_spec(st.model, bundle).eval()(probe).shape[-1], n)
+                for j, dim in enumerate(self.teachers_for_preflight(st, bundle)):
+                    self._check_classes(st, f"teacher spec #{j + 1}", dim, n)
+                for ref in st.teachers():
+                    if isinstance(ref, str) and classes.get(ref) is not None:
+                        self._check_classes(st, f"teacher {ref!r}", classes[ref], n)
+                classes[st.name] = n
+            got = kind.preflight(self, st, i)
+            if got is not None:
+                classes[st.name] = got
 
     def teachers_for_preflight(self, stage: StageSpec, bundle) -> list[int]:
         """Output width of each teacher given as a spec (built once and kept for the run)."""
@@ -190,10 +219,11 @@ class Pipeline:
     # ------------------------------------------------------------------ run
     def run(self, resume_dir: Path | None = None) -> Path:
         from attar.metrics import classification_metrics
-        from attar.models import model_size, save_model
+        from attar.models import model_size
         from attar.report import write_report
+        from attar.stages import StageContext
         from attar.store import RunStore
-        from attar.train.trainer import Trainer, predict
+        from attar.train.trainer import predict
 
         self.preflight()
         store = None
@@ -221,71 +251,41 @@ class Pipeline:
         try:
             for i, st in enumerate(self.recipe.stages):
                 self.log(f"[{i + 1}/{len(self.recipe.stages)}] stage {st.name} ({st.kind})")
-                bundle = self.bundle(self.recipe.stage_data(st))
-                stage_dir = run_dir / st.name
                 if store:
                     store.start_stage(run_id, st.name, st.kind, i, st.model_dump(mode="json"))
-                model, spec = self.student_for(st, bundle)
-                history: list = []
-                extra: dict = {}
-                done = stage_dir / "model" / "manifest.json"
-                if resume_dir is not None and done.exists():
-                    from attar.models import load_model
-
-                    model, _ = load_model(stage_dir / "model")
-                    self.log(f"  finished earlier: loaded {stage_dir / 'model'}")
-                    history = json.loads((stage_dir / "history.json").read_text()) if (stage_dir / "history.json").exists() else []
-                elif st.kind in ("train", "distill"):
-                    teachers = self.teachers_for(st, bundle)
-                    objective = self.objective_for(st, i)
-                    cfg = st.train
-                    augment = None
-                    if cfg.augment:
-                        from attar.data import make_augment
-
-                        augment = make_augment(cfg.augment)
-                    cache = self.teacher_cache_for(st, objective, teachers, bundle.train.x, cfg)
-                    on_metrics = (lambda step, m, _s=st.name: store.log_metrics(run_id, _s, step, m)) if store else None
-                    trainer = Trainer(
-                        model, objective, bundle.train.x, bundle.train.y, cfg,
-                        seed=self.recipe.stage_seed(st), teachers=teachers, val=(bundle.val.x, bundle.val.y),
-                        ckpt_dir=stage_dir / "checkpoints", on_metrics=on_metrics, augment=augment,
-                        teacher_cache=cache, name=st.name, num_classes=len(bundle.classes),
-                        selector=self.selector_for(st, i),
-                    )
-                    result = trainer.fit(resume=resume_dir is not None)
-                    model, history = result.model, result.history
-                    extra = {"teacher": result.teacher_mode, "train_s": round(result.seconds, 1), "steps": result.steps,
-                             "samples": result.samples_seen}
-                    if result.selection:
-                        extra["selection"] = ", ".join(f"{k} {v:.4g}" for k, v in result.selection.items())
-                    if dist.is_main():
-                        save_model(stage_dir / "model", model, spec, bundle.input_shape, len(bundle.classes),
-                                   bundle.mean, bundle.std, extra={"stage": st.name, "classes": bundle.classes})
-                        atomic_write_json(stage_dir / "history.json", history)
-                        shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
-                    dist.barrier()
-                self.outputs[st.name] = StageOutput(st.name, model, spec, history=history)
+                on_metrics = (lambda step, m, _s=st.name: store.log_metrics(run_id, _s, step, m)) if store else None
+                ctx = StageContext(run_dir, run_dir / st.name, i, resume=resume_dir is not None, on_metrics=on_metrics)
+                res = st.kind_spec()().run(self, st, ctx)
+                self.outputs[st.name] = StageOutput(st.name, res.model, res.spec, history=res.history, data=res.data)
                 if not dist.is_main():
                     continue
-                logits = predict(model, bundle.test.x)
-                m = classification_metrics(logits, bundle.test.y)
-                size = model_size(model, bundle.input_shape)
-                row = {"stage": st.name, "kind": st.kind, "accuracy": m["accuracy"], "nll": m["nll"], "ece": m["ece"],
-                       **{k: size[k] for k in ("params", "bytes", "latency_ms_b1", "latency_ms_b256")}, **extra}
+                row = {"stage": st.name, "kind": st.kind}
+                if res.metrics is not None:
+                    row.update({k: v for k, v in res.metrics.items() if v is not None})
+                    final = {f"test_{k}": float(v) for k, v in res.metrics.items() if isinstance(v, (int, float))}
+                elif res.model is not None:
+                    bundle = self.bundle(self.recipe.stage_data(st))
+                    m = classification_metrics(predict(res.model, bundle.test.x), bundle.test.y)
+                    size = model_size(res.model, bundle.input_shape)
+                    row.update({"accuracy": m["accuracy"], "nll": m["nll"], "ece": m["ece"],
+                                **{k: size[k] for k in ("params", "bytes", "latency_ms_b1", "latency_ms_b256")}})
+                    final = {f"test_{k}": float(v) for k, v in m.items()}
+                else:
+                    final = {}
+                row.update(res.extra)
                 rows.append(row)
                 self.outputs[st.name].row = row
                 curves[st.name] = {
-                    "train_loss": [(h["step"], h["train_loss"]) for h in history if "train_loss" in h],
-                    "val_accuracy": [(h["step"], h["val_accuracy"]) for h in history if "val_accuracy" in h],
+                    "train_loss": [(h["step"], h["train_loss"]) for h in res.history if "train_loss" in h],
+                    "val_accuracy": [(h["step"], h["val_accuracy"]) for h in res.history if "val_accuracy" in h],
                 }
-                store.log_metrics(run_id, st.name, history[-1]["step"] if history else 0,
-                                  {f"test_{k}": float(v) for k, v in m.items()})
-                if (stage_dir / "model").exists():
-                    store.add_artifact(run_id, st.name, "model", "model", str(stage_dir / "model"))
+                if final:
+                    store.log_metrics(run_id, st.name, res.history[-1]["step"] if res.history else 0, final)
+                for name, path in res.artifacts.items():
+                    if Path(path).exists():
+                        store.add_artifact(run_id, st.name, name, name if name == "data" else "model", str(path))
                 store.finish_stage(run_id, st.name, "done")
-                self.log(f"  test accuracy {m['accuracy']:.4f}  nll {m['nll']:.3f}  ece {m['ece']:.3f}  "
-                         f"params {size['params']:,}")
+                self.log("  " + "  ".join(_fmt(k, row[k]) for k in ("accuracy", "nll", "ece", "params", "images") if k in row))
             if dist.is_main():
                 notes = [f"Recipe: {self.recipe.name}; seed {self.recipe.seed}.",
                          "Accuracy, NLL and ECE are on the held-out test split; validation was carved from train."]
@@ -303,6 +303,14 @@ class Pipeline:
                 store.close()
         self.rows = rows
         return run_dir
+
+
+def _fmt(key: str, v) -> str:
+    if key == "accuracy":
+        return f"test accuracy {v:.4f}"
+    if key == "params":
+        return f"params {v:,}"
+    return f"{key} {v:.3f}" if isinstance(v, float) else f"{key} {v}"
 
 
 def run_recipe(path: str | Path, resume_dir: str | Path | None = None, home: Path | None = None) -> Path:

@@ -15,7 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from attar.errors import AttarError
 from attar.specs import DataSpec, ModelSpec
 
-STAGE_KINDS = ("train", "distill", "evaluate")
+
+
+def stage_kinds() -> list[str]:
+    from attar.stages import STAGES
+
+    return STAGES.names()
 
 
 class _Strict(BaseModel):
@@ -53,6 +58,8 @@ TeacherRef = Union[str, ModelSpec]
 
 
 class StageSpec(_Strict):
+    """One stage. Settings of its own kind go under a key named after the kind (``merge: {...}``)."""
+
     name: str
     kind: str
     model: ModelSpec | None = None
@@ -63,12 +70,23 @@ class StageSpec(_Strict):
     selector: dict[str, Any] | None = Field(None, description="data selection, e.g. {name: uniform, keep: 0.5}")
     train: TrainConfig = Field(default_factory=TrainConfig)
     seed: int | None = None
+    options: dict[str, Any] | None = Field(None, description="the kind's own settings; written as `<kind>: {...}`")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_options(cls, data: Any) -> Any:
+        """``merge: {...}`` on a merge stage is that stage's options."""
+        if isinstance(data, dict) and isinstance(data.get("kind"), str) and data["kind"] in data \
+                and data["kind"] not in cls.model_fields:
+            data = dict(data)
+            data["options"] = data.pop(data["kind"])
+        return data
 
     @field_validator("kind")
     @classmethod
     def _known_kind(cls, v: str) -> str:
-        if v not in STAGE_KINDS:
-            raise ValueError(f"unknown stage kind {v!r}; known kinds: {', '.join(STAGE_KINDS)}")
+        if v not in stage_kinds():
+            raise ValueError(f"unknown stage kind {v!r}; known kinds: {', '.join(stage_kinds())}")
         return v
 
     @field_validator("objective", "selector", mode="before")
@@ -80,13 +98,22 @@ class StageSpec(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "StageSpec":
-        if self.kind in ("train", "distill") and self.model is None and self.init is None:
-            raise ValueError(f"stage {self.name!r} needs a 'model' spec or an 'init' stage to start from")
-        if self.kind == "distill" and self.teacher is None:
-            raise ValueError(f"distill stage {self.name!r} needs a 'teacher' (an earlier stage name or a model spec)")
-        if self.kind == "evaluate" and self.model is None and self.init is None:
-            raise ValueError(f"evaluate stage {self.name!r} needs a 'model' spec or an 'init' stage")
+        from attar.stages import STAGES
+
+        kind = STAGES.get(self.kind)
+        kind.parse_options(self.kind, self.options)
+        kind.check(self)
+        if not kind.trains:
+            used = [f for f in ("objective", "selector") if getattr(self, f) is not None]
+            if used:
+                raise ValueError(f"stage {self.name!r} ({self.kind}) does not train, so it takes no {' or '.join(used)}")
         return self
+
+    def kind_spec(self):
+        """This stage's kind (a :class:`attar.stages.StageKind` subclass)."""
+        from attar.stages import STAGES
+
+        return STAGES.get(self.kind)
 
     def teachers(self) -> list[TeacherRef]:
         if self.teacher is None:
@@ -107,6 +134,9 @@ class Recipe(_Strict):
             if st.name in seen:
                 raise ValueError(f"two stages are named {st.name!r}; stage names must be unique")
             refs = [r for r in st.teachers() if isinstance(r, str)] + ([st.init] if st.init else [])
+            refs += st.kind_spec().references(st)
+            if st.data is not None and st.data.stage:
+                refs.append(st.data.stage)
             for ref in refs:
                 if ref not in seen:
                     where = "a later stage" if any(s.name == ref for s in self.stages) else "no stage"
@@ -114,7 +144,7 @@ class Recipe(_Strict):
                         f"stage {st.name!r} refers to {ref!r}, which is {where}; "
                         f"a stage can only use earlier stages ({', '.join(seen) or 'none yet'})"
                     )
-            if st.data is None and self.data is None:
+            if st.kind_spec().needs_data and st.data is None and self.data is None:
                 raise ValueError(f"stage {st.name!r} has no 'data' and the recipe has no default 'data'")
             seen.append(st.name)
         return self

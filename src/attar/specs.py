@@ -15,8 +15,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+SOURCES = ("name", "imagefolder", "csv", "parquet", "hf_disk", "artifact", "stage")
+
+
 class DataSpec(_Strict):
-    """Exactly one source: a built-in ``name``, ``imagefolder``, ``csv``, ``parquet``, ``hf_disk`` or ``artifact``.
+    """Exactly one source: a built-in ``name``, ``imagefolder``, ``csv``, ``parquet``, ``hf_disk``, ``artifact`` (a condensed set's folder) or ``stage`` (the data an earlier recipe stage wrote).
 
     Splits are fixed by ``seed``: validation is carved from the training split
     (``val_fraction``), never from test. ``labeled_per_class`` keeps only that
@@ -30,6 +33,7 @@ class DataSpec(_Strict):
     parquet: str | None = None
     hf_disk: str | None = None
     artifact: str | None = None
+    stage: str | None = Field(None, description="the data set an earlier stage of the recipe wrote (e.g. a condense stage)")
     label_column: str = "label"
     image_column: str | None = None
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
@@ -39,17 +43,17 @@ class DataSpec(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSpec":
-        sources = [k for k in ("name", "imagefolder", "csv", "parquet", "hf_disk", "artifact") if getattr(self, k)]
+        sources = [k for k in SOURCES if getattr(self, k)]
         if len(sources) != 1:
             raise ValueError(
-                "a data spec needs exactly one source among name, imagefolder, csv, parquet, hf_disk, artifact; "
+                f"a data spec needs exactly one source among {', '.join(SOURCES)}; "
                 f"got {sources or 'none'} (e.g. {{name: fashion-mnist}})"
             )
         return self
 
     @property
     def source(self) -> str:
-        for k in ("name", "imagefolder", "csv", "parquet", "hf_disk", "artifact"):
+        for k in SOURCES:
             if getattr(self, k):
                 return k
         raise AssertionError

@@ -74,6 +74,11 @@ def load_data(spec: DataSpec) -> DataBundle:
         from attar.condense.artifact import bundle_from_artifact
 
         return bundle_from_artifact(spec)
+    if spec.source == "stage":
+        raise AttarError(
+            f"data {{stage: {spec.stage}}} names a recipe stage's output; it is only readable inside `attar run`. "
+            "Outside a recipe, point at the stage's folder instead: {artifact: runs/<id>/<stage>/data}."
+        )
     raw, name, carve = _read_source(spec)
     classes = list(raw.classes)
     y_all = np.asarray(raw.y, dtype=np.int64)

@@ -1,0 +1,79 @@
+"""``condense`` stage: distil the stage's data into a few synthetic images per class.
+
+The synthetic set is written to ``<run>/<stage>/data`` and later stages train on it with
+``data: {stage: <this stage>}`` (its validation and test rows are the source data's)::
+
+    - name: syn
+      kind: condense
+      data: {name: fashion-mnist}
+      condense: {method: dm, ipc: 10, iterations: 200}
+    - name: on_syn
+      kind: train
+      data: {stage: syn}
+      model: {arch: convnet, width: 32, depth: 3}
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from attar.specs import ModelSpec
+from attar.stages.base import STAGES, StageContext, StageKind, StageResult
+
+
+class CondenseOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    method: str = Field(..., description="random, herding, kcenter, dm, datadam, dc, dsa, ... (attar condense methods)")
+    ipc: int = Field(..., ge=1, description="synthetic images per class")
+    iterations: int | None = Field(None, ge=1, description="outer iterations (default: the method's)")
+    init: Literal["real", "noise"] = "real"
+    params: dict[str, Any] = Field(default_factory=dict, description="the method's own fields")
+    model: ModelSpec | None = Field(None, description="the network matched through (default ConvNet width 128 depth 3)")
+    soft_labels: str | None = Field(None, description="an earlier stage whose model labels the synthetic images (soft labels)")
+    evaluate: int = Field(0, ge=0, description="nets trained by the evaluation protocol after condensing (0: skip)")
+
+
+@STAGES.register("condense")
+class CondenseStage(StageKind):
+    Options = CondenseOptions
+
+    @classmethod
+    def references(cls, st) -> list[str]:
+        o = cls.parse_options("condense", st.options)
+        return [o.soft_labels] if o.soft_labels else []
+
+    def preflight(self, pipe, st, index):
+        from attar.condense import check_request
+
+        o = self.parse_options("condense", st.options)
+        bundle = pipe.bundle(pipe.recipe.stage_data(st))
+        try:
+            check_request(o.method, o.ipc, bundle.train.y, bundle.classes, bundle.name, o.params, o.init)
+        except Exception as e:  # AttarError from the condense checks: say which stage
+            raise pipe.error(st, str(e)) from None
+        return len(bundle.classes)
+
+    def run(self, pipe, st, ctx: StageContext) -> StageResult:
+        from attar.condense import condense, evaluate_condensed
+        from attar.condense.artifact import is_condensed_artifact
+        from attar.specs import DataSpec
+
+        o = self.parse_options("condense", st.options)
+        out = ctx.stage_dir / "data"
+        src: DataSpec = pipe.resolve_data(pipe.recipe.stage_data(st))
+        if ctx.resume and is_condensed_artifact(out):
+            pipe.log(f"  finished earlier: {out}")
+        else:
+            soft = str(ctx.run_dir / o.soft_labels / "model") if o.soft_labels else None
+            condense(src, o.method, o.ipc, out, o.iterations, pipe.recipe.stage_seed(st), model=o.model, init=o.init,
+                     params=o.params, soft_labels=soft, overwrite=True)
+        metrics: dict[str, Any] = {"images": o.ipc * pipe.stage_classes.get(st.name, 0), "ipc": o.ipc, "method": o.method}
+        if o.evaluate:
+            r = evaluate_condensed(out, nets=o.evaluate, seed=pipe.recipe.stage_seed(st), full_data=False,
+                                   cache_dir=pipe.home / "cache", log=pipe.log)
+            metrics["accuracy"] = r["condensed"]["mean"]
+            metrics["accuracy_std"] = r["condensed"]["std"]
+            metrics["random_subset_accuracy"] = r["random_subset"]["mean"]
+        return StageResult(None, {}, metrics=metrics, data=out, artifacts={"data": out})

@@ -1,0 +1,47 @@
+"""``finetune`` stage: adapt a Hugging Face text classifier (LoRA family, SSF, masks, MeZO) on text data.
+
+The stage's options are a :class:`attar.adapt.api.FinetuneSpec`; it scores itself on the text
+data's test split and writes ``<run>/<stage>/model`` (a Hugging Face folder, adapters merged) and,
+for LoRA, ``<run>/<stage>/adapter`` (PEFT format)::
+
+    - name: lora
+      kind: finetune
+      finetune: {model: minilm, data: {name: tweets}, adapter: {name: lora, rank: 8}, train: {epochs: 2}}
+"""
+
+from __future__ import annotations
+
+from attar.stages.base import STAGES, StageContext, StageKind, StageResult
+
+
+@STAGES.register("finetune")
+class FinetuneStage(StageKind):
+    needs_data = False
+
+    @classmethod
+    def options_model(cls):
+        from attar.adapt.api import FinetuneSpec
+
+        return FinetuneSpec
+
+    def preflight(self, pipe, st, index):
+        from attar.adapt.api import check_finetune
+
+        try:
+            check_finetune(self.parse_options("finetune", st.options))
+        except Exception as e:  # AttarError from the adapter / data / model checks: say which stage
+            raise pipe.error(st, str(e)) from None
+        return None
+
+    def run(self, pipe, st, ctx: StageContext) -> StageResult:
+        from attar.adapt.api import finetune_spec
+
+        spec = self.parse_options("finetune", st.options)
+        r = finetune_spec(spec, out_dir=ctx.stage_dir, resume=ctx.resume, on_metrics=ctx.on_metrics)
+        m = r.metrics
+        metrics = {"accuracy": m["test_accuracy"], "nll": m.get("test_nll"), "params": m.get("total_params"),
+                   "trainable": m.get("trainable_params"), "train_s": round(float(m.get("train_seconds", 0.0)), 1)}
+        arts = {"model": ctx.stage_dir / "model"}
+        if m.get("adapter_dir"):
+            arts["adapter"] = ctx.stage_dir / "adapter"
+        return StageResult(r.model, {"hf": str(ctx.stage_dir / "model")}, r.history, metrics=metrics, artifacts=arts)
