@@ -279,20 +279,74 @@ def test_efficienttrain_bandwidth_widens_over_training():
     assert out.x.shape == x.shape  # full bandwidth at the end, shifted by up to 2 px
 
 
+def test_efficienttrain_augmentation_grows_over_training():
+    sel = _setup(build_selector({"name": "efficienttrain", "start_bandwidth": 1.0, "max_shift": 2, "max_flip": 0.5,
+                                 "max_noise": 0.3}), epochs=4)
+    sel.micro_per_epoch = 10
+    x = torch.rand(512, 1, 8, 8)
+    b = Batch(x=x, y=torch.zeros(512, dtype=torch.long), idx=torch.arange(512))
+    sel.begin_micro(0, 0)
+    start, aug0 = sel.strength(), sel.augmentation()
+    assert start == 0 and aug0 == {"shift": 0, "flip": 0.0, "noise": 0.0}
+    assert sel.transform(b) is b  # no augmentation at the first step (and the full spectrum: start_bandwidth 1)
+    strengths = []
+    for epoch in range(4):
+        sel.begin_micro(epoch, 5)
+        strengths.append(sel.strength())
+    assert strengths == sorted(strengths) and strengths[0] > start
+    sel.begin_micro(3, 9)
+    end, aug = sel.strength(), sel.augmentation()
+    assert start < end == pytest.approx(39 / 40)
+    assert aug["shift"] == 2 and aug["flip"] == pytest.approx(0.5 * end) and aug["noise"] == pytest.approx(0.3 * end)
+    assert not torch.equal(sel.transform(b).x, x)
+    noisy = _setup(build_selector({"name": "efficienttrain", "start_bandwidth": 1.0, "max_noise": 0.3,
+                                   "augment_start": 0.5, "augment_ramp": 0.5}), epochs=4)
+    noisy.micro_per_epoch = 10
+    noisy.begin_micro(0, 0)
+    assert noisy.strength() == 0.5
+    torch.manual_seed(0)
+    assert (noisy.transform(b).x - x).std() == pytest.approx(0.15, rel=0.05)
+    noisy.begin_micro(2, 0)  # half-way: full strength from there on
+    assert noisy.strength() == 1.0
+    assert (noisy.transform(b).x - x).std() == pytest.approx(0.3, rel=0.05)
+
+
 # ---------------------------------------------------------------------------------------- accounting
-@pytest.mark.parametrize("spec", [{"name": "high_loss", "keep": 0.5}, {"name": "uds", "keep": 0.25},
-                                  {"name": "rs2", "keep": 0.5}, {"name": "efficienttrain", "keep": 0.5}])
+ALL_SPECS = [{"name": "uniform", "keep": 0.5}, {"name": "high_loss", "keep": 0.5}, {"name": "uds", "keep": 0.25},
+             {"name": "rs2", "keep": 0.5}, {"name": "efficienttrain", "keep": 0.5, "max_noise": 0.1},
+             {"name": "disagreement", "keep": 0.5}, {"name": "prune", "keep": 0.5},
+             {"name": "prune", "keep": 0.5, "score": "el2n", "probe_epochs": 1}]
+
+
+def test_the_accounting_test_covers_every_registered_selector():
+    from attar.select import SELECTORS
+
+    assert {s["name"] for s in ALL_SPECS} == set(SELECTORS.names())
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=lambda s: "-".join(str(v) for v in s.values()))
 def test_every_selector_accounts_for_its_cost(spec):
+    """Scoring forward passes, selection vs training wall time and samples seen, for every selector."""
     x, y = _digits()
     x = x.view(-1, 1, 8, 8)
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-    res = Trainer(model, CE(), x, y, TrainConfig(epochs=1, batch_size=64), selector=build_selector(spec)).fit()
+    kd = spec["name"] == "disagreement"
+    res = Trainer(model, KDish() if kd else CE(), x, y, TrainConfig(epochs=1, batch_size=64),
+                  teachers=[nn.Sequential(nn.Flatten(), nn.Linear(64, 10))] if kd else None,
+                  selector=build_selector(spec)).fit()
     st = res.selection
+    assert set(st) >= {"scoring_forward_rows", "score_seconds", "select_seconds", "train_seconds", "candidate_rows",
+                       "trained_rows"}
     assert st["trained_rows"] == res.samples_seen == res.steps * 64
-    assert st["select_seconds"] >= st["score_seconds"] >= 0
-    if spec["name"] in ("high_loss", "uds"):
+    assert st["select_seconds"] >= st["score_seconds"] >= 0 and st["train_seconds"] > 0
+    assert st["select_seconds"] + st["train_seconds"] == pytest.approx(res.seconds)
+    if spec["name"] in ("high_loss", "uds", "disagreement"):
         assert st["scoring_forward_rows"] == st["candidate_rows"] == res.steps * 64 / (spec["keep"])
         assert st["score_seconds"] > 0
+    elif spec.get("score") == "el2n":
+        assert st["scoring_forward_rows"] == len(y) and st["probe_train_rows"] == len(y)
+        assert st["select_seconds"] >= st["probe_seconds"] > 0
     else:
         assert st["scoring_forward_rows"] == 0
 
@@ -363,3 +417,118 @@ def test_chunked_scoring_forward_equals_one_forward():
     sel.score_chunk = 3
     torch.testing.assert_close(sel.score(b, model), whole)
     assert sel.stats["scoring_forward_rows"] == 20
+
+
+# ---------------------------------------------------------------------------------------- bad specs fail early
+TABLE = """\
+name: bad
+seed: 0
+data: {DATA}
+stages:
+  - name: teacher
+    kind: train
+    model: {arch: mlp, hidden: [8]}
+    train: {epochs: 1, batch_size: 32}
+  - name: s
+    kind: KIND
+    TEACHER
+    model: {arch: mlp, hidden: [8]}
+    selector: SELECTOR
+    train: {epochs: 1, batch_size: 32}
+"""
+
+
+@pytest.fixture
+def table_csv(tmp_path):
+    import pandas as pd
+
+    g = torch.Generator().manual_seed(0)
+    df = pd.DataFrame({"a": torch.randn(200, generator=g).numpy(), "b": torch.randn(200, generator=g).numpy(),
+                       "label": ["x", "y"] * 100})
+    path = tmp_path / "t.csv"
+    df.to_csv(path, index=False)
+    return str(path)
+
+
+def _recipe(selector, kind="train", data="{name: digits}"):
+    teacher = "teacher: teacher" if kind == "distill" else ""
+    return TABLE.replace("DATA", data.strip("{}")).replace("KIND", kind).replace("TEACHER", teacher) \
+        .replace("SELECTOR", selector)
+
+
+BAD = [
+    ("{name: nope}", "train", None,
+     r"stages\[1\]\.selector\): name: unknown selector 'nope'\. Known selectors: disagreement, efficienttrain, "
+     r"high_loss, prune, rs2, uds, uniform"),
+    ("{name: rs2, keep: 0}", "train", None, r"stages\[1\]\.selector.*keep: Input should be greater than 0.*Accepted "
+                                            r"fields: keep"),
+    ("{name: uds, keep: 1.5}", "train", None, r"keep: Input should be less than or equal to 1.*Accepted fields: keep, "
+                                              r"weight"),
+    ("{name: high_loss, delta: 3}", "train", None, r"delta: Extra inputs are not permitted.*Accepted fields: keep, level"),
+    ("{name: high_loss, level: rows}", "train", None, r"level: Input should be 'batch' or 'row'"),
+    ("{name: disagreement}", "train", None, r"stages\[1\]\.selector\): name: selector 'disagreement' compares the student "
+                                            r"with its teacher.*no teacher.*needs no teacher: efficienttrain, high_loss"),
+    ("{name: disagreement, divergence: nope}", "distill", None, r"divergence.*Known divergences"),
+    ("{name: efficienttrain}", "train", "TABLE", r"selector 'efficienttrain' filters images.*\(2,\)"),
+    ("{name: uds, intra: views}", "train", "TABLE", r"intra: selector 'uds' with intra: views.*choices: contribution"),
+    ("{name: prune, score: el2n}", "distill", "{name: digits, labeled_per_class: 5}",
+     r"score: selector 'prune' with score 'el2n' needs a label on every training row"),
+]
+
+
+@pytest.mark.parametrize("selector,kind,data,match", BAD, ids=[b[0] for b in BAD])
+def test_bad_selector_specs_fail_in_preflight_naming_the_field(tmp_path, table_csv, selector, kind, data, match):
+    from attar.pipeline import Pipeline
+    from attar.recipe import parse_recipe
+
+    data = {None: "{name: digits}", "TABLE": "{csv: %s}" % table_csv}.get(data, data)
+    text = _recipe(selector, kind, data)
+    recipe = parse_recipe(text)
+    pipe = Pipeline(recipe, text, home=tmp_path / "home", log=lambda *a, **k: None)
+    with pytest.raises(AttarError, match=match):
+        pipe.preflight()
+    with pytest.raises(AttarError, match=match):
+        pipe.run()  # the run checks first: nothing is trained, no run folder is made
+    assert not (tmp_path / "home").exists() or not any(p.is_dir() for p in (tmp_path / "home").iterdir())
+
+
+@pytest.mark.parametrize("selector,kind,data", [("{name: disagreement, keep: 0.3}", "distill", None),
+                                                ("{name: prune, score: el2n}", "train", "{name: digits, labeled_per_class: 5}"),
+                                                ("{name: efficienttrain, max_flip: 0.5}", "train", None),
+                                                ("{name: uds, intra: contribution}", "train", "TABLE")])
+def test_good_selector_specs_pass_preflight(tmp_path, table_csv, selector, kind, data):
+    from attar.pipeline import Pipeline
+    from attar.recipe import parse_recipe
+
+    data = {None: "{name: digits}", "TABLE": "{csv: %s}" % table_csv}.get(data, data)
+    text = _recipe(selector, kind, data)
+    Pipeline(parse_recipe(text), text, home=tmp_path / "home", log=lambda *a, **k: None).preflight()
+
+
+def test_a_selector_without_a_name_fails_at_recipe_load():
+    from attar.recipe import parse_recipe
+
+    with pytest.raises(AttarError, match="selector"):
+        parse_recipe(_recipe("{keep: 0.5}"))
+
+
+# ---------------------------------------------------------------------------------------- hashing
+def test_the_selector_is_part_of_the_checkpoint_config_hash(tmp_path):
+    from attar.select import selector_spec_hash
+
+    x, y = _digits()
+    cfg = TrainConfig(epochs=1, batch_size=64)
+
+    def tr(spec, ckpt=None):
+        return Trainer(nn.Linear(64, 10), CE(), x, y, cfg, selector=build_selector(spec), ckpt_dir=ckpt)
+
+    hashes = {tr(s)._config_hash() for s in (None, {"name": "rs2", "keep": 0.5}, {"name": "rs2", "keep": 0.3},
+                                             {"name": "uniform", "keep": 0.5}, {"name": "uds"})}
+    assert len(hashes) == 5
+    assert tr({"name": "uds"})._config_hash() == tr({"name": "uds", "keep": 0.5, "buffer": 1024})._config_hash()
+    assert selector_spec_hash({"name": "uds"}) == selector_spec_hash({"name": "uds", "keep": 0.5})
+    assert selector_spec_hash({"name": "uds"}) != selector_spec_hash({"name": "uds", "keep": 0.25})
+    assert selector_spec_hash(None) is None
+    tr({"name": "rs2", "keep": 0.5}, tmp_path / "ck").fit()
+    with pytest.raises(AttarError, match="different training settings"):
+        tr({"name": "rs2", "keep": 0.3}, tmp_path / "ck").fit(resume=True)

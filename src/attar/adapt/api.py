@@ -40,6 +40,7 @@ class FinetuneSpec(BaseModel):
     optimizer: Literal["backprop", "mezo"] = "backprop"
     mezo: MeZOConfig = Field(default_factory=MeZOConfig)
     objective: dict[str, Any] = Field(default_factory=lambda: {"name": "ce"})
+    selector: dict[str, Any] | None = Field(None, description="data selection, e.g. {name: rs2, keep: 0.3} (docs/select.md)")
     seed: int = 0
     new_head: bool = Field(False, description="replace a saved classification head with a fresh one")
 
@@ -79,14 +80,16 @@ def finetune(
     resume: bool = False,
     on_metrics=None,
     eval_batch_size: int | None = None,
+    selector: dict[str, Any] | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` (folder, alias such as ``"minilm"``, or a loaded HFClassifier) on text ``data``.
 
     ``adapter`` is a registered adapter (``attar.adapt.ADAPTERS``: full, head, lora, ssf, hft, lift,
     magnitude) by name or mapping; ``optimizer="mezo"`` trains the adapter's trainable parameters
     with MeZO instead of backprop. The test split is scored at ``eval_batch_size`` (default: the
-    training batch size, so evaluation never needs more memory than training). Returns the merged
-    model and its metrics.
+    training batch size, so evaluation never needs more memory than training). ``selector`` picks the
+    training rows as in a recipe stage (``{name: rs2, keep: 0.3}``, docs/select.md; backprop only); its
+    accounting is ``metrics["selection"]``. Returns the merged model and its metrics.
     """
     from attar.distill.objectives import build_objective
     from attar.metrics import classification_metrics
@@ -106,8 +109,10 @@ def finetune(
     obj = build_objective(objective or {"name": "ce"})
     if obj.needs_teacher:
         raise AttarError("finetune takes teacher-free objectives (ce); distillation into a text model is a distill stage.")
+    sel = _selector(selector, optimizer)
     tok = model.tokenizer if isinstance(model, HFClassifier) else load_tokenizer(model)
     bundle = data if isinstance(data, TextBundle) else load_text(text_spec(data), tok)
+    _check_selector(sel, obj, bundle)
     if isinstance(model, HFClassifier):
         net = model
         if net.classes != bundle.classes:
@@ -139,7 +144,7 @@ def finetune(
                        on_metrics=on_metrics, resume=resume, num_classes=bundle.num_classes)
     else:
         tr = Trainer(net, obj, bundle.train.ids, bundle.train.y, cfg, seed=seed, val=val, ckpt_dir=ckpt,
-                     on_metrics=on_metrics, name="finetune", num_classes=bundle.num_classes)
+                     on_metrics=on_metrics, name="finetune", num_classes=bundle.num_classes, selector=sel)
         res = tr.fit(resume=resume)
     train_seconds = time.perf_counter() - t0
 
@@ -168,7 +173,11 @@ def finetune(
         "examples_per_s": res.samples_seen / max(train_seconds, 1e-9), "steps": res.steps,
         "adapter": ad.config(), "optimizer": optimizer, "seed": seed, "classes": bundle.classes,
         "data": bundle.info.get("sizes"), "model_source": getattr(net, "source", None),
+        "samples_seen": res.samples_seen,
     }
+    if sel is not None:
+        metrics["selector"] = sel.spec()
+        metrics["selection"] = dict(res.selection)
     if out is not None:
         save_hf_classifier(net, out / "model", extra={"metrics": {k: metrics[k] for k in ("test_accuracy", "val_accuracy")}})
         (out / "metrics.json").write_text(json.dumps(metrics | {"adapter_info": _jsonable(info)}, indent=2, default=str))
@@ -176,6 +185,25 @@ def finetune(
         if adapter_dir is not None:
             metrics["adapter_dir"] = str(adapter_dir)
     return FinetuneResult(model=net, metrics=metrics, history=res.history, out_dir=out, adapter_info=info)
+
+
+def _selector(spec: dict[str, Any] | None, optimizer: str):
+    from attar.select import build_selector
+
+    try:
+        sel = build_selector(spec)
+    except AttarError as e:
+        raise AttarError(f"selector: {e}") from None
+    if sel is not None and optimizer != "backprop":
+        raise AttarError(f"selector: {sel.name!r} needs optimizer backprop; MeZO draws its own batches.")
+    return sel
+
+
+def _check_selector(sel, objective, bundle: TextBundle) -> None:
+    from attar.select import check_selector
+
+    check_selector(sel, objective=objective, input_shape=tuple(bundle.train.ids.shape[1:]), labels=bundle.train.y,
+                   where="selector")
 
 
 def check_finetune(spec: FinetuneSpec | dict[str, Any]) -> FinetuneSpec:
@@ -197,9 +225,11 @@ def check_finetune(spec: FinetuneSpec | dict[str, Any]) -> FinetuneSpec:
             msgs = "; ".join(f"{'.'.join(map(str, er['loc'])) or '(spec)'}: {er['msg']}" for er in e.errors())
             raise AttarError(f"Invalid finetune spec: {msgs}.") from None
     ad = build_adapter(spec.adapter)
-    build_objective(spec.objective)
+    obj = build_objective(spec.objective)
+    sel = _selector(spec.selector, spec.optimizer)
     path = resolve_model_path(spec.model)
     bundle = load_text(spec.data, load_tokenizer(path))
+    _check_selector(sel, obj, bundle)
     cfg = AutoConfig.from_pretrained(str(path), local_files_only=True, num_labels=bundle.num_classes)
     with torch.device("meta"):
         hf = AutoModelForSequenceClassification.from_config(cfg)
@@ -220,4 +250,4 @@ def finetune_spec(spec: FinetuneSpec | dict[str, Any], out_dir: str | Path | Non
             msgs = "; ".join(f"{'.'.join(map(str, er['loc'])) or '(spec)'}: {er['msg']}" for er in e.errors())
             raise AttarError(f"Invalid finetune spec: {msgs}.") from None
     return finetune(spec.model, spec.data, spec.adapter, spec.train, out_dir, seed=spec.seed, optimizer=spec.optimizer,
-                    mezo=spec.mezo, objective=spec.objective, new_head=spec.new_head, **kw)
+                    mezo=spec.mezo, objective=spec.objective, new_head=spec.new_head, selector=spec.selector, **kw)

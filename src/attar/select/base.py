@@ -61,6 +61,22 @@ class Selector:
         self.micro = 0
 
     # -- hooks -----------------------------------------------------------------------------
+    def check(self, *, stage: Any = None, objective: Any = None, input_shape: tuple[int, ...] | None = None,
+              labels: torch.Tensor | None = None) -> None:
+        """Cheap checks before any training starts (recipe preflight): raise :class:`AttarError` when the
+        selector cannot work on this stage. ``stage`` is the recipe's StageSpec, ``objective`` the built
+        objective, ``input_shape`` one training row's shape, ``labels`` the training labels (``-1`` =
+        unlabeled). Any of them may be missing; check only what is given. Nothing to check by default."""
+
+    def spec(self) -> dict[str, Any]:
+        """The selector as a recipe writes it (name and every parameter, defaults included): what a
+        checkpoint's config hash covers, so a resume with a different selector is refused."""
+        return {"name": self.name, **self.p.model_dump(mode="json")}
+
+    @property
+    def name(self) -> str:
+        return next((n for n in SELECTORS.names() if SELECTORS.get(n) is type(self)), type(self).__name__)
+
     def setup(self, trainer: Any) -> None:
         """Called once by the trainer at construction (before any resume loads state). Gives the selector
         the training rows (``trainer.x``, ``trainer.y``), the model, the seed and the schedule length.
@@ -150,10 +166,19 @@ class Uniform(Selector):
 
 
 def build_selector(spec: dict[str, Any] | None) -> Selector | None:
+    """A selector from its recipe spec ``{name: ..., keep: ..., ...}``; ``None`` for no spec.
+
+    Errors name the field and list the valid choices: an unknown ``name`` lists the registered selectors,
+    a bad or unknown parameter lists the fields the selector accepts."""
     if not spec:
         return None
+    if not isinstance(spec, dict):
+        raise AttarError(f"a selector is a mapping such as {{name: uniform, keep: 0.5}}, got {spec!r}; "
+                         f"known selectors: {', '.join(SELECTORS.names())}.")
     if "name" not in spec:
         raise AttarError(f"a selector needs a 'name'; known selectors: {', '.join(SELECTORS.names())}.")
+    if not isinstance(spec["name"], str) or spec["name"] not in SELECTORS:
+        raise AttarError(f"name: unknown selector {spec['name']!r}. Known selectors: {', '.join(SELECTORS.names())}.")
     cls = SELECTORS.get(spec["name"])
     try:
         params = cls.Params.model_validate({k: v for k, v in spec.items() if k != "name"})
@@ -162,3 +187,28 @@ def build_selector(spec: dict[str, Any] | None) -> Selector | None:
         msgs = "; ".join(f"{'.'.join(map(str, er['loc']))}: {er['msg']}" for er in e.errors())
         raise AttarError(f"selector {spec['name']!r}: {msgs}. Accepted fields: {fields}.") from None
     return cls(params)
+
+
+def check_selector(selector: Selector | None, *, stage: Any = None, objective: Any = None,
+                   input_shape: tuple[int, ...] | None = None, labels: torch.Tensor | None = None,
+                   where: str = "selector") -> None:
+    """Run ``selector.check`` with what a recipe preflight knows (stage, objective, input shape, training
+    labels), prefixing errors with ``where`` (e.g. ``stage 'student' (stages[1].selector)``)."""
+    if selector is None:
+        return
+    try:
+        selector.check(stage=stage, objective=objective, input_shape=None if input_shape is None else tuple(input_shape),
+                       labels=labels)
+    except AttarError as e:
+        raise AttarError(f"{where}: {e}") from None
+
+
+def selector_spec_hash(spec: dict[str, Any] | None) -> str | None:
+    """A stable short hash of a selector spec with its defaults filled in (``None`` without a selector), so
+    ``{name: uds}`` and ``{name: uds, keep: 0.5}`` hash alike. For cache keys over stage settings."""
+    sel = build_selector(spec)
+    if sel is None:
+        return None
+    import json
+
+    return hashlib.sha256(json.dumps(sel.spec(), sort_keys=True).encode()).hexdigest()[:16]

@@ -57,13 +57,27 @@ class Disagreement(Selector):
     Params = DisagreementParams
     scores_with_model = True
 
+    @staticmethod
+    def _no_teacher(what: str) -> AttarError:
+        from attar.select.base import SELECTORS
+
+        others = ", ".join(n for n in SELECTORS.names() if n != "disagreement")
+        return AttarError(
+            f"name: selector 'disagreement' compares the student with its teacher, but {what}. Use it in a "
+            f"distill stage (kind: distill, teacher: <stage or model spec>, objective kd), or pick a selector that "
+            f"needs no teacher: {others}."
+        )
+
+    def check(self, *, stage=None, objective=None, input_shape=None, labels=None) -> None:
+        if objective is not None and not objective.needs_teacher:
+            raise self._no_teacher(f"the objective {type(objective).__name__} uses no teacher")
+        if stage is not None and not stage.teachers():
+            raise self._no_teacher(f"stage {stage.name!r} has no teacher")
+
     def setup(self, trainer) -> None:
         super().setup(trainer)
         if not trainer.objective.needs_teacher:
-            raise AttarError(
-                f"stage {trainer.name!r}: selector 'disagreement' compares the student with its teacher, but the "
-                "objective uses no teacher. Use it in a distill stage (e.g. objective kd), or pick high_loss/uds."
-            )
+            raise AttarError(f"stage {trainer.name!r}: {self._no_teacher('the objective uses no teacher')}")
 
     def candidates(self, batch_size: int) -> int:
         return max(batch_size, math.ceil(batch_size / self.p.keep))

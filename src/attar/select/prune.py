@@ -88,15 +88,25 @@ class Prune(Selector):
         self._trainer = None
         self._probe_model = None
 
+    def _need_labels(self, labels: torch.Tensor) -> None:
+        if self.p.score != "random" and bool((labels < 0).any()):
+            raise AttarError(
+                f"score: selector 'prune' with score {self.p.score!r} needs a label on every training row (the probe "
+                "run trains on labels); use score: random for unlabeled pools (scores: random, el2n, loss, forgetting)."
+            )
+
+    def check(self, *, stage=None, objective=None, input_shape=None, labels=None) -> None:
+        if labels is not None and (objective is None or objective.needs_teacher):
+            self._need_labels(labels)  # a teacher-free objective drops unlabeled rows itself
+
     def setup(self, trainer) -> None:
         super().setup(trainer)
         self._trainer = trainer
         if self.p.score != "random":
-            if bool((trainer.y < 0).any()):
-                raise AttarError(
-                    f"stage {trainer.name!r}: selector 'prune' with score {self.p.score!r} needs a label on every "
-                    "training row (the probe run trains on labels); use score: random for unlabeled pools."
-                )
+            try:
+                self._need_labels(trainer.y)
+            except AttarError as e:
+                raise AttarError(f"stage {trainer.name!r}: {e}") from None
             self._probe_model = copy.deepcopy(trainer.model)  # the initial weights, before any step
 
     def rows_per_epoch(self, n: int) -> int:

@@ -101,6 +101,12 @@ class UDS(Selector):
     def candidates(self, batch_size: int) -> int:
         return max(batch_size, math.ceil(batch_size / self.p.keep))
 
+    def check(self, *, stage=None, objective=None, input_shape=None, labels=None) -> None:
+        if self.p.intra == "views" and input_shape is not None and len(input_shape) != 3:
+            raise AttarError(f"intra: selector 'uds' with intra: views shifts images (channels, height, width); the "
+                             f"stage's inputs have shape {tuple(input_shape)}. Use intra: contribution (choices: "
+                             "contribution, views) for non-image data.")
+
     # -- scoring -----------------------------------------------------------------------------
     def score(self, batch: Batch, model) -> torch.Tensor:
         if self.p.intra != "views":

@@ -21,8 +21,15 @@ class TrainStage(StageKind):
             raise ValueError(f"stage {st.name!r} needs a 'model' spec or an 'init' stage to start from")
 
     def preflight(self, pipe, st, index):
-        pipe.objective_for(st, index)
-        pipe.selector_for(st, index)
+        from attar.select.base import check_selector
+
+        objective = pipe.objective_for(st, index)
+        data = pipe.recipe.stage_data(st)
+        bundle = pipe.bundle(data)  # loaded (and cached) by the pipeline's preflight already
+        # data {stage: X} is read from X's source until X has run: its shape holds, its labels may not
+        check_selector(pipe.selector_for(st, index), stage=st, objective=objective, input_shape=bundle.input_shape,
+                       labels=None if data.stage else bundle.train.y,
+                       where=f"stage {st.name!r} (stages[{index}].selector)")
         return None
 
     def run(self, pipe, st, ctx: StageContext) -> StageResult:

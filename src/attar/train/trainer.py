@@ -202,7 +202,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def _config_hash(self) -> str:
-        blob = json.dumps([self.cfg.model_dump(), self.seed, len(self.x), self.world], sort_keys=True)
+        parts = [self.cfg.model_dump(), self.seed, len(self.x), self.world]
+        if self.selector is not None:  # a resume with another selector (or other selector settings) is refused
+            parts.append(self.selector.spec())
+        blob = json.dumps(parts, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def _save(self, opt, step: int, epoch: int, micro: int, history: list, elapsed: float, seen: int) -> None:
@@ -342,6 +345,10 @@ class Trainer:
                     last_good = str(self.ckpt_dir / f"step-{step:08d}") if self.ckpt_dir else None
                     last_save = now
         final = self.objective.finalize(self.model)
-        return TrainResult(model=final, history=history, steps=step, seconds=time.perf_counter() - t_start,
-                           teacher_mode=teacher_mode, samples_seen=seen,
-                           selection=dict(self.selector.stats) if self.selector else {})
+        seconds = time.perf_counter() - t_start
+        selection = {}
+        if self.selector is not None:  # selection vs training wall time: train_seconds is the rest of the run
+            selection = dict(self.selector.stats)
+            selection["train_seconds"] = max(0.0, seconds - float(selection.get("select_seconds", 0.0)))
+        return TrainResult(model=final, history=history, steps=step, seconds=seconds,
+                           teacher_mode=teacher_mode, samples_seen=seen, selection=selection)
