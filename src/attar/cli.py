@@ -94,12 +94,13 @@ def methods(objective: Optional[str] = typer.Argument(None, help="show the field
 
     families = {"stage kinds": stage_kinds(), "objectives": OBJECTIVES.names(), "divergences": DIVERGENCES.names(),
                 "architectures": ARCHS.names(), "pretrained teachers": PRETRAINED.names()}
-    try:
-        from attar.merge.methods import MERGE_METHODS
+    from attar.adapt.base import ADAPTERS
+    from attar.condense import CONDENSERS
+    from attar.merge.methods import MERGE_METHODS
+    from attar.select import SELECTORS
 
-        families["merge methods"] = MERGE_METHODS.names()
-    except ImportError:
-        pass
+    families |= {"merge methods": MERGE_METHODS.names(), "condensation methods": CONDENSERS.names(),
+                 "adapters": ADAPTERS.names(), "selectors": SELECTORS.names()}
     for fam, names in families.items():
         out.print(f"[bold]{fam}[/]: {', '.join(names)}")
 
