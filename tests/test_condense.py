@@ -256,8 +256,8 @@ def test_soft_labels_are_stored_and_evaluated_separately(tmp_path):
 
 
 def test_unknown_method_lists_known(tmp_path):
-    with pytest.raises(AttarError, match=r"Unknown condensation method 'mtt'.*dc, dm, dsa, herding, kcenter, random"):
-        condense("digits", "mtt", 1, tmp_path / "x")
+    with pytest.raises(AttarError, match=r"Unknown condensation method 'nope'.*dc, dm, dsa, herding, kcenter, mtt, random"):
+        condense("digits", "nope", 1, tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 

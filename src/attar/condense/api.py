@@ -85,6 +85,9 @@ def condense(
     init: str = "real",
     params: dict[str, Any] | None = None,
     soft_labels: str | Path | None = None,
+    flip: bool = False,
+    zca: bool = False,
+    zca_eps: float = 0.1,
     overwrite: bool = False,
     progress: bool | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
@@ -96,7 +99,10 @@ def condense(
     ``init`` starts learned images from real samples (``real``) or Gaussian noise with the data's
     statistics (``noise``); ``params`` are the method's own fields (``attar condense methods``).
     ``soft_labels`` names a model artifact (a teacher trained on the real data) whose logits on the
-    final images are stored as soft labels. Returns the artifact folder.
+    final images are stored as soft labels. Plug-ins for methods that learn images: ``flip`` (FYI,
+    flip-aware synthesis: the matching loss sees every synthetic image and its horizontal flip) and
+    ``zca`` (the method runs in ZCA-whitened space, regularised by ``zca_eps``; the learned images are
+    mapped back to pixel space before saving, see :mod:`attar.condense.zca`). Returns the artifact folder.
     """
     from attar.data import load_data
     from attar.train.progress import StepProgress
@@ -116,7 +122,16 @@ def condense(
         iterations = cls.default_iterations
     if cls.learns_images and iterations < 1:
         raise AttarError(f"method {method!r} learns images and needs iterations >= 1, got {iterations}.")
+    for name, on in (("flip", flip), ("zca", zca)):
+        if on and not cls.learns_images:
+            raise AttarError(f"{name} is a plug-in for methods that learn images (dm, datadam, dc, dsa, mtt); "
+                             f"{method!r} selects real rows, so drop {name}.")
+        if on and not bundle.is_image:
+            raise AttarError(f"{name} needs image data [N, C, H, W]; {bundle.name!r} has inputs of shape {bundle.input_shape}.")
     teacher = None
+    if soft_labels is not None and getattr(condenser.p, "soft_labels", False):
+        raise AttarError(f"method {method!r} learns its own soft labels (params soft_labels: true); drop one of the two: "
+                         f"the soft-label teacher {soft_labels} or that parameter.")
     if soft_labels is not None:
         from attar.models import load_model
 
@@ -129,6 +144,16 @@ def condense(
     dev = torch.device(device)
     n_iter = iterations if cls.learns_images else 1
     t0 = time.perf_counter()
+    train_hash = data_hash(bundle.train.x, bundle.train.y)
+    condenser.preflight(model=mspec, data_name=bundle.name, data_hash=train_hash, input_shape=tuple(bundle.input_shape),
+                        num_classes=len(bundle.classes), zca_eps=zca_eps if zca else None)
+    x_ctx, mean_ctx, std_ctx, whitening = bundle.train.x, bundle.mean, bundle.std, None
+    if zca:
+        from attar.condense.zca import ZCA
+
+        whitening = ZCA.fit(bundle.train.x, bundle.mean, bundle.std, zca_eps)
+        x_ctx = torch.cat([whitening.whiten(bundle.train.x[i:i + 8192]) for i in range(0, len(bundle.train.x), 8192)])
+        mean_ctx, std_ctx = torch.zeros_like(bundle.mean), torch.ones_like(bundle.std)
     with StepProgress(f"condense {method} ipc {ipc}", n_iter, enabled=progress) as bar:
 
         def step(i: int, m: dict[str, float]) -> None:
@@ -137,11 +162,14 @@ def condense(
                 on_step(i, m)
 
         ctx = CondenseContext(
-            x=bundle.train.x, y=bundle.train.y, num_classes=len(bundle.classes), ipc=ipc,
+            x=x_ctx, y=bundle.train.y, num_classes=len(bundle.classes), ipc=ipc,
             iterations=iterations if cls.learns_images else 0, seed=seed, model=mspec,
-            mean=bundle.mean, std=bundle.std, init=init, device=dev, on_step=step,
+            mean=mean_ctx, std=std_ctx, init=init, device=dev, on_step=step,
+            flip=flip, data_name=bundle.name, data_hash=train_hash, zca=whitening,
         )
         out = condenser.run(ctx)
+        if whitening is not None:
+            out.x = whitening.unwhiten(out.x)
         if not cls.learns_images:
             bar.update(1)
     seconds = time.perf_counter() - t0
@@ -160,17 +188,20 @@ def condense(
         "model": mspec.model_dump(mode="json", exclude_none=True),
         "data_spec": spec.model_dump(mode="json"),
         "data_name": bundle.name,
-        "data_hash": data_hash(bundle.train.x, bundle.train.y),
+        "data_hash": train_hash,
         "classes": list(bundle.classes),
         "input_shape": list(bundle.input_shape),
         "mean": bundle.mean.flatten().tolist(),
         "std": bundle.std.flatten().tolist(),
         "soft_label_teacher": str(soft_labels) if soft_labels is not None else None,
+        "flip": bool(flip),
+        "zca": whitening.info() if whitening is not None else None,
         "seconds": round(seconds, 3),
         "seconds_per_iteration": round(seconds / max(1, n_iter), 4),
         "torch": torch.__version__,
         "host": platform.node(),
         **({"selected_rows": out.extra["rows"]} if "rows" in out.extra else {}),
+        **out.extra.get("meta", {}),
     }
     return save_synthetic(out_dir, SyntheticSet(out.x.float(), out.y.long(), meta, soft), overwrite=overwrite)
 

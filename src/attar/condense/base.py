@@ -93,6 +93,14 @@ class CondenseContext:
     init: str = "real"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     on_step: Callable[[int, dict[str, float]], None] | None = None
+    #: FYI plug-in (flip-aware synthesis): matching losses see every synthetic image and its horizontal flip
+    flip: bool = False
+    #: the source data set's name and :func:`~attar.condense.artifact.data_hash` ("" when unknown; MTT's
+    #: expert store records them, computing the hash itself when it is not given)
+    data_name: str = ""
+    data_hash: str = ""
+    #: ZCA plug-in: a fitted :class:`attar.condense.zca.ZCA` when ``x`` is in ZCA space (mean 0, std 1), else None
+    zca: Any = None
     index: ClassIndex = field(init=False)
 
     def __post_init__(self) -> None:
@@ -128,6 +136,20 @@ class CondenseContext:
         noise = torch.randn(shape, generator=generator)
         return (noise * self.std + self.mean).to(self.device)
 
+    def flip_aware(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """FYI: with ``flip`` on, the class-major synthetic rows ``x`` [C·k, ...] and their horizontal flips as one
+        class-major set [C·2k, ...] (each class: its k images, then their k mirror images), with ``y`` (labels or
+        soft-label rows, class-major) repeated to match; unchanged when ``flip`` is off or the data are not images."""
+        if not self.flip or x.dim() != 4:
+            return x, y
+        c = self.num_classes
+        xc = x.reshape(c, -1, *x.shape[1:])
+        x2 = torch.cat([xc, xc.flip(-1)], 1).reshape(-1, *x.shape[1:])
+        if y is None:
+            return x2, None
+        yc = y.reshape(c, -1, *y.shape[1:])
+        return x2, torch.cat([yc, yc], 1).reshape(-1, *y.shape[1:])
+
     def step(self, i: int, **metrics: float) -> None:
         if self.on_step is not None:
             self.on_step(i, metrics)
@@ -161,6 +183,10 @@ class Condenser:
             fields = ", ".join(f"{k} (default {v.default!r})" for k, v in self.Params.model_fields.items()) or "(none)"
             probs = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'params'}: {err['msg']}" for err in e.errors())
             raise AttarError(f"condensation method {self.name!r}: {probs}. Accepted fields: {fields}.") from None
+
+    def preflight(self, *, model: ModelSpec, data_name: str, data_hash: str, input_shape: tuple[int, ...],
+                  num_classes: int, zca_eps: float | None) -> None:
+        """Checks that need the data's identity, made before any work (e.g. MTT's expert store); default: none."""
 
     def run(self, ctx: CondenseContext) -> CondenseOutput:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -49,7 +49,7 @@ def _params(text: Optional[str]) -> dict:
 def condense_cli(
     ctx: typer.Context,
     data: Optional[str] = typer.Option(None, "--data", help="built-in data set name (fashion-mnist, ...) or an image folder"),
-    method: Optional[str] = typer.Option(None, "--method", help="random, herding, kcenter, dm, datadam, dc, dsa"),
+    method: Optional[str] = typer.Option(None, "--method", help="random, herding, kcenter, dm, datadam, dc, dsa, mtt"),
     ipc: Optional[int] = typer.Option(None, "--ipc", help="images per class"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="artifact folder to write (atomically)"),
     iterations: Optional[int] = typer.Option(None, "--iterations", help="outer iterations (default: the method's)"),
@@ -59,6 +59,9 @@ def condense_cli(
     depth: Optional[int] = typer.Option(None, "--depth", help="ConvNet depth (default 3)"),
     params: Optional[str] = typer.Option(None, "--params", help="method fields as JSON, e.g. '{\"batch_real\": 64}'"),
     soft_labels: Optional[Path] = typer.Option(None, "--soft-labels", help="teacher model artifact for soft labels"),
+    flip: bool = typer.Option(False, "--flip", help="FYI plug-in: match every synthetic image and its horizontal flip"),
+    zca: bool = typer.Option(False, "--zca", help="ZCA plug-in: condense in ZCA-whitened space (stored unwhitened)"),
+    zca_eps: float = typer.Option(0.1, "--zca-eps", help="ZCA regularisation"),
     train_limit: Optional[int] = typer.Option(None, "--train-limit", help="condense from at most this many rows"),
     overwrite: bool = typer.Option(False, "--overwrite"),
     png: Optional[Path] = typer.Option(None, "--png", help="also render the images to this PNG"),
@@ -78,7 +81,7 @@ def condense_cli(
             spec = spec.model_copy(update={"train_limit": train_limit})
         model = ModelSpec(arch="convnet", width=width or 128, depth=depth or 3)
         path = condense(spec, method, ipc, out, iterations, seed, model=model, init=init, params=_params(params),
-                        soft_labels=soft_labels, overwrite=overwrite)
+                        soft_labels=soft_labels, flip=flip, zca=zca, zca_eps=zca_eps, overwrite=overwrite)
         if png:
             render_grid(path, png)
     except AttarError as e:

@@ -138,9 +138,10 @@ class DC(Condenser):
                 g = gen(ctx.seed, self.name, it, ol)
                 params = {k: v.detach() for k, v in net.named_parameters()}
                 xr, _ = ctx.real_batch(p.batch_real, g)
-                xr, xs = siamese(dsa, xr, from_z(z), c, g)
+                xs, ys = ctx.flip_aware(from_z(z), y_syn)  # FYI plug-in: the images and their mirror images
+                xr, xs = siamese(dsa, xr, xs, c, g)
                 gr = {k: v.detach() for k, v in per_class_grads(net, params, xr.detach(), y_real, c, batching).items()}
-                gs = per_class_grads(net, params, xs, y_syn, c, batching)
+                gs = per_class_grads(net, params, xs, ys, c, batching)
                 loss = match_distance(gr, gs, p.dis_metric)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

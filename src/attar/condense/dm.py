@@ -74,7 +74,8 @@ class DM(Condenser):
             for q in net.parameters():
                 q.requires_grad_(False)
             xr, _ = ctx.real_batch(self.p.batch_real, g)
-            xr, xs = siamese(dsa, xr, from_z(z), ctx.num_classes, g)
+            xs, _ = ctx.flip_aware(from_z(z))  # FYI plug-in: the images and their mirror images
+            xr, xs = siamese(dsa, xr, xs, ctx.num_classes, g)
             loss = self.loss(net, xr, xs, ctx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
