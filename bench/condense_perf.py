@@ -172,7 +172,7 @@ def render(rows: list[dict], seconds: float) -> str:
         "iteration costs about 10 × the *one matching step* row plus 450 network steps on the 100 synthetic images, which "
         "is minutes per outer iteration on this CPU, ×1000 iterations.",
         "",
-        "Not measured: MTT (not implemented yet), GPU timings (no GPU was available to this task).",
+        "Not measured here: MTT (its memory and time are in the next section), GPU timings (no GPU was available to this task).",
     ]
     return "\n".join(lines)
 
