@@ -1,0 +1,276 @@
+"""Causal language models for distillation: a byte-level tokenizer, tiny GPT-2 models, and LM data.
+
+No pretrained causal LM is available offline, so attar trains its own teacher: a small GPT-2
+(``transformers.GPT2LMHeadModel``) over a **byte-level vocabulary** of 258 tokens. The choice:
+
+* **Bytes, not characters.** Token id ``b`` *is* byte ``b`` (0..255) of the UTF-8 text, so any text
+  (accents, emoji) is representable with no unknown token and no vocabulary to learn; two special
+  tokens follow: ``256 = <|endoftext|>`` (both BOS and EOS) and ``257 = <pad>``.
+* **A real Hugging Face tokenizer.** It is a ``PreTrainedTokenizerFast`` (a ``tokenizers`` BPE with
+  the 256 GPT-2 byte symbols and *no merges*, ByteLevel pre-tokenizer/decoder), saved next to the
+  model with ``save_pretrained``; ``AutoTokenizer`` / ``AutoModelForCausalLM`` load the folder back.
+  So attar's own models and "any HF causal LM folder" a user has go through the same code path
+  (:func:`load_causal_lm`).
+
+LM data (:func:`lm_data`, :func:`lm_pairs`) is a right-padded ``LongTensor [N, L]`` of token ids with
+a boolean **response mask** ``[N, L]``: ``mask[i, t]`` is True when token ``t`` of row ``i`` is a
+response token, i.e. a token the losses score (predicted from the tokens before it). Plain text is
+turned into prompt/response pairs by a fixed prompt length: the first ``prompt_len`` tokens after BOS
+are the prompt, the rest (up to ``max_len``, then EOS) the response. ``prompt_len[i]`` records where
+row ``i``'s response starts (the on-policy sampler continues from there).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from attar.errors import AttarError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+BYTE_VOCAB = 258
+EOS_ID = 256
+PAD_ID = 257
+EOS_TOKEN, PAD_TOKEN = "<|endoftext|>", "<pad>"
+_TEST_SEED = 0  # the test rows are the same for every seed
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable-unicode map (what the ByteLevel pre-tokenizer emits)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def byte_tokenizer() -> Any:
+    """The 258-token byte-level ``PreTrainedTokenizerFast``: id = byte value, 256 = BOS/EOS, 257 = pad."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from attar.text.hf import _quiet_transformers
+
+    _quiet_transformers()
+    b2u = _bytes_to_unicode()
+    vocab = {b2u[b]: b for b in range(256)}
+    vocab[EOS_TOKEN], vocab[PAD_TOKEN] = EOS_ID, PAD_ID
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+    tok.padding_side = "right"
+    return tok
+
+
+def make_byte_lm(folder: str | Path | None = None, layers: int = 4, d_model: int = 128, heads: int = 4,
+                 context: int = 256, seed: int = 0, dropout: float = 0.0, vocab_size: int = BYTE_VOCAB) -> Any:
+    """A fresh ``GPT2LMHeadModel`` over the byte vocabulary (tied input/output embeddings).
+
+    With ``folder`` the model and :func:`byte_tokenizer` are written there (``save_pretrained``), so
+    ``AutoModelForCausalLM.from_pretrained(folder)`` / :func:`load_causal_lm` read it back.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from attar.text.hf import _quiet_transformers
+
+    _quiet_transformers()
+    if d_model % heads:
+        raise AttarError(f"make_byte_lm: d_model={d_model} must be divisible by heads={heads}.")
+    cfg = GPT2Config(vocab_size=vocab_size, n_positions=context, n_embd=d_model, n_layer=layers, n_head=heads,
+                     resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=EOS_ID,
+                     eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(cfg)
+    if folder is not None:
+        save_causal_lm(model, byte_tokenizer(), folder)
+    return model
+
+
+def save_causal_lm(model: Any, tokenizer: Any, folder: str | Path) -> Path:
+    """``save_pretrained`` of the model (safetensors) and its tokenizer into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def load_causal_lm(path: str | Path) -> tuple[Any, Any]:
+    """``(AutoModelForCausalLM, AutoTokenizer)`` from a local Hugging Face folder; nothing is downloaded."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from attar.text.hf import _quiet_transformers
+
+    _quiet_transformers()
+    p = Path(path).expanduser()
+    if not (p / "config.json").is_file():
+        raise AttarError(f"{p} is not a Hugging Face model folder (no config.json); give a folder written by "
+                         "save_pretrained (attar.text.charlm.make_byte_lm(folder) makes one).")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=torch.float32)
+    except Exception as e:
+        raise AttarError(f"cannot load {p} as a causal LM ({type(e).__name__}: {e}).") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except Exception as e:
+        raise AttarError(f"cannot load a tokenizer from {p} ({type(e).__name__}: {e}); token-level KD needs the "
+                         "tokenizer to check that teacher and student share a vocabulary.") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return model, tok
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LMSplit:
+    """Right-padded token ids ``[N, L]``, the response mask ``[N, L]`` and each row's prompt length."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    prompt_len: torch.Tensor
+    texts: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def rows(self, idx: torch.Tensor) -> "LMSplit":
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        texts = [self.texts[i] for i in idx.tolist()] if self.texts else []
+        return LMSplit(self.ids[idx], self.mask[idx], self.prompt_len[idx], texts)
+
+    @property
+    def response_tokens(self) -> int:
+        return int(self.mask.sum())
+
+
+@dataclass
+class LMData:
+    train: LMSplit
+    val: LMSplit
+    test: LMSplit
+    pad_id: int
+    eos_id: int | None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def with_train(self, train: LMSplit) -> "LMData":
+        return LMData(train, self.val, self.test, self.pad_id, self.eos_id, dict(self.info))
+
+
+def _special_ids(tokenizer: Any) -> tuple[int | None, int | None, int]:
+    bos = tokenizer.bos_token_id
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    if pad is None:
+        raise AttarError(f"tokenizer {type(tokenizer).__name__} has neither a pad nor an EOS token; set tokenizer.pad_token.")
+    return bos, eos, int(pad)
+
+
+def _encode(texts: Sequence[str], tokenizer: Any) -> list[list[int]]:
+    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+
+def lm_pairs(prompts: Sequence[str], responses: Sequence[str], tokenizer: Any, max_len: int = 256) -> LMSplit:
+    """Prompt/response pairs -> ``[BOS] prompt response [EOS]`` with the mask on response (+EOS) tokens.
+
+    Rows longer than ``max_len`` keep their prompt and lose the end of the response; a row whose
+    prompt alone fills ``max_len`` is refused (it would have nothing to learn)."""
+    if len(prompts) != len(responses):
+        raise AttarError(f"lm_pairs: {len(prompts)} prompts but {len(responses)} responses.")
+    if not prompts:
+        raise AttarError("lm_pairs: no rows.")
+    bos, eos, pad = _special_ids(tokenizer)
+    head = [bos] if bos is not None else []
+    tail = [eos] if eos is not None else []
+    rows, plen = [], []
+    for i, (p, r) in enumerate(zip(_encode(prompts, tokenizer), _encode(responses, tokenizer))):
+        p = head + p
+        if len(p) >= max_len:
+            raise AttarError(f"lm_pairs: row {i}'s prompt has {len(p)} tokens, max_len={max_len} leaves no room for "
+                             "a response; raise max_len or shorten the prompt.")
+        rows.append((p + r + tail)[:max_len])
+        plen.append(len(p))
+    return _pad_rows(rows, plen, pad)
+
+
+def _pad_rows(rows: list[list[int]], plen: list[int], pad: int, texts: list[str] | None = None) -> LMSplit:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (r, p) in enumerate(zip(rows, plen)):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, p : len(r)] = True
+    return LMSplit(ids, mask, torch.tensor(plen, dtype=torch.long), list(texts or []))
+
+
+def lm_texts(texts: Sequence[str], tokenizer: Any, prompt_len: int = 16, max_len: int = 128,
+             min_response: int = 4) -> tuple[LMSplit, int]:
+    """Plain texts -> rows ``[BOS] t[:prompt_len] | t[prompt_len:] [EOS]`` cut at ``max_len`` tokens.
+
+    Texts shorter than ``prompt_len + min_response`` tokens are dropped; returns (split, dropped)."""
+    if prompt_len < 1 or max_len <= prompt_len + 1:
+        raise AttarError(f"lm_texts: need 1 <= prompt_len < max_len - 1, got prompt_len={prompt_len}, max_len={max_len}.")
+    bos, eos, pad = _special_ids(tokenizer)
+    head = [bos] if bos is not None else []
+    tail = [eos] if eos is not None else []
+    rows, plen, kept = [], [], []
+    for t, enc in zip(texts, _encode(texts, tokenizer)):
+        if len(enc) < prompt_len + min_response:
+            continue
+        rows.append((head + enc + tail)[:max_len])
+        plen.append(len(head) + prompt_len)
+        kept.append(t)
+    if not rows:
+        raise AttarError(f"lm_texts: no text has at least prompt_len + min_response = {prompt_len + min_response} tokens.")
+    return _pad_rows(rows, plen, pad, kept), len(texts) - len(rows)
+
+
+def lm_data(source: str | Sequence[str], tokenizer: Any, prompt_len: int = 16, max_len: int = 128,
+            val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0, train_limit: int | None = None,
+            val_limit: int | None = None, test_limit: int | None = None) -> LMData:
+    """LM data from a built-in text set (``"fortunes"``, ``"tweets"``) or a list of strings.
+
+    Duplicate texts are removed first (so no test text is also a training text). The test rows are
+    drawn with a fixed seed (the same for every ``seed``); validation is drawn from the rest with
+    ``seed``; the limits then keep the first rows of each (already shuffled) split."""
+    if isinstance(source, str):
+        from attar.text.sources import TEXT_BUILTINS
+
+        texts, name = list(TEXT_BUILTINS.get(source).load().texts), source
+    else:
+        texts, name = [str(t) for t in source], "texts"
+    texts = list(dict.fromkeys(t for t in texts if t.strip()))
+    split, dropped = lm_texts(texts, tokenizer, prompt_len, max_len)
+    n = len(split)
+    n_test = max(1, int(round(n * test_fraction)))
+    n_val = int(round(n * val_fraction))
+    if n_test + n_val >= n:
+        raise AttarError(f"lm_data: {n} usable texts are too few for test_fraction={test_fraction} and val_fraction={val_fraction}.")
+    perm = np.random.default_rng(_TEST_SEED + 7919).permutation(n)
+    test_idx, pool = perm[:n_test], perm[n_test:]
+    pool = pool[np.random.default_rng(seed + 104729).permutation(len(pool))]
+    val_idx, train_idx = pool[:n_val], pool[n_val:]
+    cut = lambda idx, lim: torch.as_tensor(idx[:lim] if lim else idx, dtype=torch.long)  # noqa: E731
+    train, val, test = (split.rows(cut(train_idx, train_limit)), split.rows(cut(val_idx, val_limit)),
+                        split.rows(cut(test_idx, test_limit)))
+    _, eos, pad = _special_ids(tokenizer)
+    info = {"source": name, "prompt_len": prompt_len, "max_len": max_len, "texts": len(texts), "dropped_short": dropped,
+            "sizes": {"train": len(train), "val": len(val), "test": len(test)},
+            "response_tokens": {"train": train.response_tokens, "val": val.response_tokens, "test": test.response_tokens}}
+    return LMData(train, val, test, pad, eos, info)
