@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -15,27 +14,8 @@ from attar.adapt import MeZO, finetune
 from attar.adapt.cli import app
 from attar.errors import AttarError
 from attar.text.hf import load_hf_classifier
-from attar.text.tiny import make_tiny_bert
 
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ft")
-    make_tiny_bert(root / "bert", hidden=32, layers=1, intermediate=64)
-    words = {"pos": ["love", "great", "good"], "neg": ["hate", "terrible", "bad"]}
-    rows = [(f"i {words[c][i % 3]} self driving cars", c) for i in range(90) for c in ("pos", "neg")]
-    pd.DataFrame({"text": [r[0] for r in rows], "label": [r[1] for r in rows]}).to_csv(root / "t.csv", index=False)
-    return root
+pytestmark = [pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"), pytest.mark.usefixtures("one_thread")]
 
 
 # ---------------------------------------------------------------- MeZO
@@ -116,8 +96,8 @@ def test_mezo_peak_memory_is_inference_level():
 # ---------------------------------------------------------------- finetune API
 
 
-def test_finetune_lora_writes_model_and_peft_adapter(files, tmp_path):
-    res = finetune(files / "bert", {"csv": str(files / "t.csv"), "max_length": 12},
+def test_finetune_lora_writes_model_and_peft_adapter(sentiment_files, tmp_path):
+    res = finetune(sentiment_files / "bert", {"csv": str(sentiment_files / "t.csv"), "max_length": 12},
                    {"name": "lora", "rank": 4, "targets": [".*dense", "query", "value"]},
                    {"epochs": 5, "batch_size": 8, "lr": 1e-2}, tmp_path / "out", seed=1)
     assert res.metrics["test_accuracy"] > 0.9
@@ -132,13 +112,13 @@ def test_finetune_lora_writes_model_and_peft_adapter(files, tmp_path):
     ids = torch.tensor([[2, 20, 46, 36, 3]])
     want = back.eval()(ids)
     # the PEFT adapter holds the trained head, so any base with the same encoder reproduces the model
-    base = AutoModelForSequenceClassification.from_pretrained(str(files / "bert"), num_labels=2)
+    base = AutoModelForSequenceClassification.from_pretrained(str(sentiment_files / "bert"), num_labels=2)
     got = PeftModel.from_pretrained(base, str(tmp_path / "out" / "adapter")).eval()(input_ids=ids).logits
     assert torch.allclose(got, want, atol=1e-5)
 
 
-def test_finetune_resume_reproduces_the_run(files, tmp_path):
-    args = (files / "bert", {"csv": str(files / "t.csv"), "max_length": 12, "train_limit": 48}, {"name": "lora", "init": "pissa"},
+def test_finetune_resume_reproduces_the_run(sentiment_files, tmp_path):
+    args = (sentiment_files / "bert", {"csv": str(sentiment_files / "t.csv"), "max_length": 12, "train_limit": 48}, {"name": "lora", "init": "pissa"},
             {"epochs": 2, "batch_size": 16, "lr": 1e-2})
     a = finetune(*args, tmp_path / "o", seed=3)
     b = finetune(*args, tmp_path / "o", seed=3, resume=True)  # starts from the final checkpoint: nothing left to do
@@ -147,56 +127,56 @@ def test_finetune_resume_reproduces_the_run(files, tmp_path):
     assert torch.equal(a.model(ids), b.model(ids))
 
 
-def test_finetune_mezo_and_ssf_run(files, tmp_path):
-    r = finetune(files / "bert", {"csv": str(files / "t.csv"), "max_length": 12, "train_limit": 64}, "head",
+def test_finetune_mezo_and_ssf_run(sentiment_files, tmp_path):
+    r = finetune(sentiment_files / "bert", {"csv": str(sentiment_files / "t.csv"), "max_length": 12, "train_limit": 64}, "head",
                  {"epochs": 1, "batch_size": 16, "lr": 1e-3}, seed=0, optimizer="mezo", mezo={"eps": 1e-3})
     assert r.metrics["optimizer"] == "mezo" and r.metrics["steps"] == 4
-    r = finetune(files / "bert", {"csv": str(files / "t.csv"), "max_length": 12, "train_limit": 64}, "ssf",
+    r = finetune(sentiment_files / "bert", {"csv": str(sentiment_files / "t.csv"), "max_length": 12, "train_limit": 64}, "ssf",
                  {"epochs": 1, "batch_size": 16}, seed=0)
     assert 0 < r.metrics["trainable_params"] < r.metrics["total_params"]
 
 
-def test_finetune_errors_come_before_training(files, tmp_path):
+def test_finetune_errors_come_before_training(sentiment_files, tmp_path):
     with pytest.raises(AttarError, match="matches no Linear module"):
-        finetune(files / "bert", {"csv": str(files / "t.csv")}, {"name": "lora", "targets": ["q_proj"]})
+        finetune(sentiment_files / "bert", {"csv": str(sentiment_files / "t.csv")}, {"name": "lora", "targets": ["q_proj"]})
     with pytest.raises(AttarError, match="no text column 'body'"):
-        finetune(files / "bert", {"csv": str(files / "t.csv"), "text_column": "body"}, "lora")
+        finetune(sentiment_files / "bert", {"csv": str(sentiment_files / "t.csv"), "text_column": "body"}, "lora")
     with pytest.raises(AttarError, match="Invalid training settings"):
-        finetune(files / "bert", {"csv": str(files / "t.csv")}, "lora", {"epoch": 1})
+        finetune(sentiment_files / "bert", {"csv": str(sentiment_files / "t.csv")}, "lora", {"epoch": 1})
     assert not any(tmp_path.iterdir())
 
 
 # ---------------------------------------------------------------- CLI
 
 
-def test_cli_run_adapters_and_errors(files, tmp_path):
+def test_cli_run_adapters_and_errors(sentiment_files, tmp_path):
     runner = CliRunner()
-    r = runner.invoke(app, ["run", str(files / "bert"), "--data", str(files / "t.csv"), "--adapter", "lora",
+    r = runner.invoke(app, ["run", str(sentiment_files / "bert"), "--data", str(sentiment_files / "t.csv"), "--adapter", "lora",
                             "--set", "rank=2", "--set", "targets=[query, value]", "--epochs", "1", "--lr", "0.01",
                             "--max-length", "12", "--out", str(tmp_path / "o")])
     assert r.exit_code == 0, r.output
     assert "test accuracy" in r.output and (tmp_path / "o" / "model" / "config.json").exists()
-    r = runner.invoke(app, ["apply-peft", str(files / "bert"), str(tmp_path / "o" / "adapter"), "--out", str(tmp_path / "m")])
+    r = runner.invoke(app, ["apply-peft", str(sentiment_files / "bert"), str(tmp_path / "o" / "adapter"), "--out", str(tmp_path / "m")])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["adapters"])
     assert r.exit_code == 0 and "lora" in r.output and "magnitude" in r.output
     r = runner.invoke(app, ["adapters", "lora"])
     assert r.exit_code == 0 and "rank" in r.output
-    r = runner.invoke(app, ["run", str(files / "bert"), "--data", str(files / "t.csv"), "--text-column", "body",
+    r = runner.invoke(app, ["run", str(sentiment_files / "bert"), "--data", str(sentiment_files / "t.csv"), "--text-column", "body",
                             "--out", str(tmp_path / "bad")])
-    assert r.exit_code == 2 and "no text column 'body'" in r.output
-    r = runner.invoke(app, ["run", str(files / "bert"), "--data", "nothing.txt", "--out", str(tmp_path / "bad")])
-    assert r.exit_code == 2 and "neither a built-in" in r.output
+    assert r.exit_code == 2 and "no text column 'body'" in " ".join(r.output.split())
+    r = runner.invoke(app, ["run", str(sentiment_files / "bert"), "--data", "nothing.txt", "--out", str(tmp_path / "bad")])
+    assert r.exit_code == 2 and "neither a built-in" in " ".join(r.output.split())
 
 
-def test_check_finetune_validates_without_training(files):
+def test_check_finetune_validates_without_training(sentiment_files):
     from attar.adapt.api import check_finetune
 
-    ok = {"model": str(files / "bert"), "data": {"csv": str(files / "t.csv")}, "adapter": {"name": "lora", "init": "eva"}}
+    ok = {"model": str(sentiment_files / "bert"), "data": {"csv": str(sentiment_files / "t.csv")}, "adapter": {"name": "lora", "init": "eva"}}
     assert check_finetune(ok).adapter["init"] == "eva"
     with pytest.raises(AttarError, match="'q_proj' matches no Linear module"):
         check_finetune(ok | {"adapter": {"name": "lora", "targets": ["q_proj"]}})
     with pytest.raises(AttarError, match="matches no Linear/LayerNorm module"):
         check_finetune(ok | {"adapter": {"name": "ssf", "targets": ["nothing_here"]}})
     with pytest.raises(AttarError, match="no text column 'body'"):
-        check_finetune(ok | {"data": {"csv": str(files / "t.csv"), "text_column": "body"}})
+        check_finetune(ok | {"data": {"csv": str(sentiment_files / "t.csv"), "text_column": "body"}})

@@ -14,18 +14,10 @@ from attar.text.data import tokenize
 from attar.text.hf import load_hf_classifier, save_hf_classifier
 from attar.text.tiny import make_tiny_bert
 
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"), pytest.mark.usefixtures("one_thread")]
 
 TEXTS = ["i love driverless cars", "never trust google cars", "the road is safe today", "bad bad bad"]
 LABELS = torch.tensor([2, 0, 1, 0])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -19,16 +19,9 @@ from attar.errors import AttarError
 from attar.models import build_model
 from attar.specs import DataSpec, ModelSpec
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = ModelSpec(arch="convnet", width=8, depth=2)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These nets are tiny: one thread avoids oversubscription on shared CI machines (measured several times faster)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _net(classes=3, shape=(1, 12, 12), dtype=torch.float32):

@@ -18,15 +18,9 @@ from attar.errors import AttarError
 from attar.models import build_model
 from attar.specs import DataSpec, ModelSpec
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = ModelSpec(arch="convnet", width=8, depth=1)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

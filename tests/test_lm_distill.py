@@ -17,21 +17,13 @@ from attar.errors import AttarError
 from attar.text.charlm import (BYTE_VOCAB, EOS_ID, PAD_ID, byte_tokenizer, lm_data, lm_pairs, load_causal_lm,
                                make_byte_lm)
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.usefixtures("one_thread")]
 
 TEXTS = [f"{w} is the {a} of {b}; so it goes, said {n}." for w, a, b, n in
          zip(["Time", "Love", "Code", "Rain", "Salt", "Wind", "Fire", "Snow"] * 8,
              ["friend", "enemy", "mother", "end", "root", "cost", "art", "sum"] * 8,
              ["all", "most", "none", "some", "many", "few", "each", "any"] * 8,
              [f"N{i}" for i in range(64)])]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -16,15 +15,7 @@ from attar.errors import AttarError
 from attar.recipe import parse_recipe
 
 runner = CliRunner()
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"), pytest.mark.usefixtures("one_thread")]
 
 
 def _run(tmp_path: Path, text: str):
@@ -153,21 +144,15 @@ def test_data_stage_must_name_a_condense_stage(tmp_path):
     assert runs == []
 
 
-def test_finetune_stage_scores_itself_and_writes_hf_and_peft(tmp_path):
-    from attar.text.tiny import make_tiny_bert
-
-    make_tiny_bert(tmp_path / "bert", hidden=32, layers=1, intermediate=64)
-    words = {"pos": ["love", "great", "good"], "neg": ["hate", "terrible", "bad"]}
-    rows = [(f"i {words[c][i % 3]} self driving cars", c) for i in range(60) for c in ("pos", "neg")]
-    pd.DataFrame({"text": [r[0] for r in rows], "label": [r[1] for r in rows]}).to_csv(tmp_path / "t.csv", index=False)
+def test_finetune_stage_scores_itself_and_writes_hf_and_peft(tmp_path, sentiment_files):
     recipe = f"""\
 name: ft
 stages:
   - name: lora
     kind: finetune
     finetune:
-      model: {tmp_path / 'bert'}
-      data: {{csv: {tmp_path / 't.csv'}, max_length: 12}}
+      model: {sentiment_files / 'bert'}
+      data: {{csv: {sentiment_files / 't.csv'}, max_length: 12}}
       adapter: {{name: lora, rank: 4, targets: [query, value]}}
       train: {{epochs: 4, batch_size: 8, lr: 0.01}}
 """

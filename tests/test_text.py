@@ -15,15 +15,9 @@ from attar.text.hf import load_hf_classifier, load_tokenizer, save_hf_classifier
 from attar.text.sources import TEXT_BUILTINS, list_text_datasets, parse_fortunes
 from attar.text.tiny import make_tiny_bert
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 AVAILABLE = {d["name"]: d["available"] for d in list_text_datasets()}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,32 @@
+"""Shared test fixtures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models: on a shared 2-core CI machine this avoids oversubscription
+    (measured several times faster). Opt-in (``pytestmark = pytest.mark.usefixtures("one_thread")``) because
+    tests that compare against a subprocess's weights must use the same thread count as that subprocess."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def sentiment_files(tmp_path_factory):
+    """A tiny random BERT folder (``bert/``) and a 180-row two-class CSV (``t.csv``) it can learn in a few steps."""
+    import pandas as pd
+
+    from attar.text.tiny import make_tiny_bert
+
+    root = tmp_path_factory.mktemp("sentiment")
+    make_tiny_bert(root / "bert", hidden=32, layers=1, intermediate=64)
+    words = {"pos": ["love", "great", "good"], "neg": ["hate", "terrible", "bad"]}
+    rows = [(f"i {words[c][i % 3]} self driving cars", c) for i in range(90) for c in ("pos", "neg")]
+    pd.DataFrame({"text": [r[0] for r in rows], "label": [r[1] for r in rows]}).to_csv(root / "t.csv", index=False)
+    return root
