@@ -11,15 +11,9 @@ import torch
 from attar.errors import AttarError
 from attar.select.grape import grape_select, group_candidates, read_candidates, response_logprobs
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 WORDS = "the a cat dog sat ran on under mat rug fast slowly is was red blue big small and then".split()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _tiny_lm(folder=None, seed=0):
