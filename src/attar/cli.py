@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from attar.console import fail as _fail
 from attar.errors import AttarError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="attar: distill, condense, merge and adapt models.")
@@ -35,12 +36,6 @@ def _mount_merge() -> None:
     app.command("merge", help="Merge models named in a mergekit-style YAML config (see docs/merge.md).")(merge)
 
 out = Console()
-err = Console(stderr=True)
-
-
-def _fail(e: Exception) -> None:
-    err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
-    raise typer.Exit(2)
 
 
 @app.command()
@@ -235,9 +230,13 @@ def runs_compare(run_a: str, run_b: str, home: Optional[Path] = typer.Option(Non
 def _mount_subapps() -> None:
     from attar.adapt.cli import app as finetune_app
     from attar.condense.cli import app as condense_app
+    from attar.distill.lm_cli import app as lm_app
+    from attar.select.cli import app as select_app
 
     app.add_typer(condense_app, name="condense")
     app.add_typer(finetune_app, name="finetune")
+    app.add_typer(lm_app, name="lm")
+    app.add_typer(select_app, name="select")
 
 
 _mount_merge()

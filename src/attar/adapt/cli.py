@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -24,24 +23,13 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from attar.console import errors_as_messages as _errors_as_messages
 from attar.errors import AttarError
 
 app = typer.Typer(help="Fine-tune Hugging Face text classifiers with adapters (LoRA, SSF, HFT, LIFT, masks, MeZO).",
                   add_completion=False, no_args_is_help=True)
 out = Console()
 err = Console(stderr=True)
-
-
-def _errors_as_messages(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except AttarError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False)
-            raise typer.Exit(2)
-
-    return wrapper
 
 
 def data_spec_from_arg(data: str, **extra: Any) -> dict[str, Any]:

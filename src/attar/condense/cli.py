@@ -21,16 +21,12 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from attar.console import fail as _fail
 from attar.errors import AttarError
 
 app = typer.Typer(help="Condense a data set into a few synthetic images per class (dataset distillation).",
                   add_completion=False, invoke_without_command=True)
 err = Console(stderr=True, highlight=False)
-
-
-def _fail(e: Exception) -> None:
-    err.print(f"[bold red]error:[/] {e}")
-    raise typer.Exit(2)
 
 
 def _params(text: Optional[str]) -> dict:

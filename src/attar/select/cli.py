@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Optional
 
@@ -21,24 +20,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from attar.console import errors_as_messages as _errors_as_messages
 from attar.errors import AttarError
 
 app = typer.Typer(help="Data selection: GRAPE response selection for fine-tuning data; the training-stage selectors.",
                   add_completion=False, no_args_is_help=True)
 out = Console()
 err = Console(stderr=True)
-
-
-def _errors_as_messages(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except AttarError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False)
-            raise typer.Exit(2)
-
-    return wrapper
 
 
 @_errors_as_messages
