@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 
@@ -17,3 +18,21 @@ def replace_section(path: str | Path, key: str, body: str, title: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block
     path.write_text(text)
+
+
+def ms(v: list[float], scale: float = 100.0, nd: int = 2) -> str:
+    """``mean ± sample std`` of ``v`` times ``scale`` (— when empty)."""
+    if not v:
+        return "—"
+    m = statistics.mean(v) * scale
+    s = statistics.stdev(v) * scale if len(v) > 1 else 0.0
+    return f"{m:.{nd}f} ± {s:.{nd}f}"
+
+
+def verdict(method: list[float], base: list[float]) -> str:
+    """better / worse when the mean difference exceeds the larger seed-to-seed std, else no gain."""
+    if len(method) < 2 or len(base) < 2:
+        return "—"
+    d = statistics.mean(method) - statistics.mean(base)
+    tol = max(statistics.stdev(method), statistics.stdev(base))
+    return "better" if d > tol else ("worse" if d < -tol else "no gain")

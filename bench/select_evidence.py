@@ -45,7 +45,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from _doc import replace_section  # noqa: E402
+from _doc import ms, replace_section, verdict  # noqa: E402
 
 EVIDENCE = ROOT / "docs" / "evidence.md"
 BENCH_DOC = ROOT / "docs" / "benchmarks.md"
@@ -269,21 +269,6 @@ def run_all(jobs: list[dict], results: dict, workers: int, save) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ report
-def ms(v: list[float], scale: float = 100.0, nd: int = 2) -> str:
-    if not v:
-        return "—"
-    m = statistics.mean(v) * scale
-    s = statistics.stdev(v) * scale if len(v) > 1 else 0.0
-    return f"{m:.{nd}f} ± {s:.{nd}f}"
-
-
-def verdict(method: list[float], base: list[float]) -> str:
-    """better / worse when the mean difference exceeds the larger seed-to-seed std, else no gain."""
-    if len(method) < 2 or len(base) < 2:
-        return "—"
-    d = statistics.mean(method) - statistics.mean(base)
-    tol = max(statistics.stdev(method), statistics.stdev(base))
-    return "better" if d > tol else ("worse" if d < -tol else "no gain")
 
 
 def group(results: dict, part: str, cfg: dict) -> dict:

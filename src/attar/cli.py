@@ -158,22 +158,13 @@ def data_show(
             b = load_data(DataSpec(imagefolder=source) if Path(source).is_dir() else DataSpec(name=source))
             if not b.is_image:
                 raise AttarError(f"{source!r} is a table (inputs of shape {tuple(b.input_shape)}), not images; nothing to draw.")
-            keep = _first_per_class(b.train.y, len(b.classes), per_class)
-            x = b.train.x[keep]
-            lo, hi = x.amin(), x.amax()
-            s = SyntheticSet(x=(x - lo) / (hi - lo + 1e-12), y=b.train.y[keep],
+            s = SyntheticSet(x=b.train.x, y=b.train.y,  # inputs are in [0, 1]; render_grid takes the first per class
                              meta={"classes": b.classes, "method": "real", "ipc": per_class, "data_name": b.name})
             path = render_grid(s, png, per_class)
     except AttarError as e:
         _fail(e)
     out.print(f"wrote {path}")
 
-
-def _first_per_class(y, classes: int, k: int):
-    """Indices of the first ``k`` rows of each class (unlabeled rows, -1, skipped)."""
-    import torch
-
-    return torch.cat([torch.nonzero(y == c).flatten()[:k] for c in range(classes)])
 
 
 def _store(home: Optional[Path]):

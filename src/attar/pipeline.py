@@ -52,25 +52,20 @@ class Pipeline:
     # ------------------------------------------------------------------ resolution helpers
     def resolve_data(self, spec: DataSpec) -> DataSpec:
         """``{stage: X}`` -> the data set stage X wrote; before X has run (preflight), X's own source data,
-        which has the same shape and classes."""
-        seen = set()
+        which has the same shape and classes. Recipes only refer to earlier stages, so the chain ends."""
         while spec.stage:
-            if spec.stage in seen:  # pragma: no cover - recipes only refer backwards
-                raise AttarError(f"data refers to stage {spec.stage!r} in a cycle")
-            seen.add(spec.stage)
             out = self.outputs.get(spec.stage)
             if out is not None and out.data is not None:
                 return DataSpec(artifact=str(out.data))
             src = next(s for s in self.recipe.stages if s.name == spec.stage)
-            if out is not None or not self._stage_makes_data(src):
+            if out is not None or not src.kind_spec().writes_data:
+                from attar.stages import STAGES
+
+                writers = ", ".join(k for k in STAGES if STAGES.get(k).writes_data)
                 raise AttarError(f"data {{stage: {spec.stage}}}: stage {spec.stage!r} ({src.kind}) writes no data set; "
-                                 "only condense stages do.")
+                                 f"only {writers} stages do.")
             spec = self.recipe.stage_data(src)
         return spec
-
-    @staticmethod
-    def _stage_makes_data(st: StageSpec) -> bool:
-        return st.kind == "condense"
 
     @staticmethod
     def error(stage: StageSpec, msg: str) -> AttarError:

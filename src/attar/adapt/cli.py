@@ -29,7 +29,6 @@ from attar.errors import AttarError
 app = typer.Typer(help="Fine-tune Hugging Face text classifiers with adapters (LoRA, SSF, HFT, LIFT, masks, MeZO).",
                   add_completion=False, no_args_is_help=True)
 out = Console()
-err = Console(stderr=True)
 
 
 def data_spec_from_arg(data: str, **extra: Any) -> dict[str, Any]:

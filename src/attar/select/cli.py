@@ -26,7 +26,6 @@ from attar.errors import AttarError
 app = typer.Typer(help="Data selection: GRAPE response selection for fine-tuning data; the training-stage selectors.",
                   add_completion=False, no_args_is_help=True)
 out = Console()
-err = Console(stderr=True)
 
 
 @_errors_as_messages

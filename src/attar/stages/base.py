@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 from pydantic import BaseModel, ValidationError
 from torch import nn
@@ -57,6 +57,7 @@ class StageKind:
     Options: ClassVar[type[BaseModel] | None] = None  # fields under the key named after the kind
     needs_data: ClassVar[bool] = True  # reads an image/table data set (the stage's or the recipe's)
     trains: ClassVar[bool] = False  # takes objective / selector / train settings
+    writes_data: ClassVar[bool] = False  # leaves a data set later stages read with ``data: {stage: NAME}``
 
     @classmethod
     def options_model(cls) -> type[BaseModel] | None:
@@ -92,8 +93,3 @@ class StageKind:
 
     def run(self, pipe: "Pipeline", st: "StageSpec", ctx: StageContext) -> StageResult:  # pragma: no cover
         raise NotImplementedError
-
-
-def options_of(st: "StageSpec") -> Any:
-    """The stage's validated options object (``None`` for kinds without options)."""
-    return STAGES.get(st.kind).parse_options(st.kind, st.options)

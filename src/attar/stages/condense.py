@@ -38,6 +38,7 @@ class CondenseOptions(BaseModel):
 @STAGES.register("condense")
 class CondenseStage(StageKind):
     Options = CondenseOptions
+    writes_data = True
 
     @classmethod
     def references(cls, st) -> list[str]:

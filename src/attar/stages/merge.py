@@ -69,8 +69,7 @@ class MergeStage(StageKind):
         base = pipe.outputs[o.base].model if o.base else None
         model, info = merge_models(o.method, models, base=base, bundle=bundle, parameters=o.parameters,
                                    model_parameters=o.model_parameters, seed=pipe.recipe.stage_seed(st))
-        ref = o.base if (o.base and base is not None and model is not None) else o.models[0]
-        spec = pipe.outputs[ref].spec
+        spec = pipe.outputs[o.base or o.models[0]].spec  # all inputs share one architecture
         if dist.is_main():
             save_model(ctx.stage_dir / "model", model, spec, bundle.input_shape, len(bundle.classes), bundle.mean, bundle.std,
                        extra={"stage": st.name, "classes": bundle.classes, "merge": {"method": o.method, "models": o.models,
