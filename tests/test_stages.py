@@ -80,6 +80,13 @@ def test_merge_stage_matches_independent_arithmetic(tmp_path):
     g = w["greedy"]
     candidates = [w["ft_a"], w["ft_b"], {k: (w["ft_a"][k] + w["ft_b"][k]) / 2 for k in g}]
     assert any(all(torch.allclose(g[k], c[k], atol=1e-6) for k in g) for c in candidates)
+    lines = report.splitlines()
+    header = [c.strip() for c in next(ln for ln in lines if ln.startswith("| stage |")).split("|")]
+    row = [c.strip() for c in next(ln for ln in lines if ln.startswith("| greedy |")).split("|")]
+    kept = row[header.index("kept")].split(", ")  # the report names the ingredients greedy soup kept
+    assert kept and set(kept) <= {"ft_a", "ft_b"}
+    if len(kept) == 1:
+        assert all(torch.equal(g[k], w[kept[0]][k]) for k in g)
 
 
 @pytest.mark.parametrize(

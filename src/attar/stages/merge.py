@@ -75,7 +75,6 @@ class MergeStage(StageKind):
                        extra={"stage": st.name, "classes": bundle.classes, "merge": {"method": o.method, "models": o.models,
                                                                                       "base": o.base}})
         extra = {"merge": o.method, "inputs": ", ".join(o.models)}
-        kept = info.get("kept") or info.get("selected")
-        if kept is not None:
-            extra["kept"] = str(kept)
+        if "ingredients" in info:  # greedy soup: which inputs it kept
+            extra["kept"] = ", ".join(o.models[i] for i in info["ingredients"])
         return StageResult(model, spec, extra=extra, artifacts={"model": ctx.stage_dir / "model"})
