@@ -98,9 +98,7 @@ class StageSpec(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "StageSpec":
-        from attar.stages import STAGES
-
-        kind = STAGES.get(self.kind)
+        kind = self.kind_spec()
         kind.parse_options(self.kind, self.options)
         kind.check(self)
         if not kind.trains:
