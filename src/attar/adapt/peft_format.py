@@ -19,16 +19,16 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from attar.adapt.base import AdapterModule, _set_module, head_names
 from attar.adapt.lora import LoRALinear, lora_modules
+from attar.checkpoint import atomic_save_safetensors, make_temp_dir
 from attar.errors import AttarError
 
 PREFIX = "base_model.model."
@@ -92,10 +92,10 @@ def export_peft(model: nn.Module, folder: str | Path, base_model_name_or_path: s
     )
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    tmp = make_temp_dir(folder.parent, prefix=f".{folder.name}.", suffix=".tmp")  # umask mode, not 0700
     try:
         cfg.save_pretrained(str(tmp))
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        atomic_save_safetensors(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})  # umask mode
         if getattr(model, "classes", None):  # PEFT ignores this file; attar reads the class names back from it
             (tmp / "attar_text.json").write_text(json.dumps({"classes": list(model.classes)}, indent=2))
         if folder.exists():

@@ -74,7 +74,9 @@ def _staged(dest: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary folder beside ``dest``; on success it replaces ``dest``, on failure it is removed."""
     dest = _check_out(dest, overwrite)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    from attar.checkpoint import make_temp_dir
+
+    tmp = make_temp_dir(dest.parent, prefix=f".{dest.name}.", suffix=".partial")  # becomes --out: umask mode
     try:
         yield tmp
         if dest.exists():

@@ -489,7 +489,9 @@ class ShardWriter:
 
     def __enter__(self) -> "ShardWriter":
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent))
+        from attar.checkpoint import make_temp_dir
+
+        self.tmp = make_temp_dir(self.out.parent, prefix=f".{self.out.name}.", suffix=".tmp")  # becomes --out: umask mode
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

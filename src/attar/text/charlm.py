@@ -104,6 +104,9 @@ def save_causal_lm(model: Any, tokenizer: Any, folder: str | Path) -> Path:
     model.save_pretrained(str(folder), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
+    from attar.checkpoint import apply_umask
+
+    apply_umask(*folder.glob("*.safetensors"))  # safetensors writes 0600; others sharing the folder could not read it
     return folder
 
 

@@ -200,15 +200,15 @@ def save_hf_classifier(model: HFClassifier, folder: str | Path, extra: dict[str,
     The model must be a plain one: merge adapters first (:func:`attar.adapt.merge_adapters`).
     """
     import shutil
-    import tempfile
 
     from attar.adapt.base import has_adapters
+    from attar.checkpoint import apply_umask, make_temp_dir
 
     if has_adapters(model):
         raise AttarError("save_hf_classifier: the model still holds adapter modules; call attar.adapt.merge_adapters(model) first.")
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    tmp = make_temp_dir(folder.parent, prefix=f".{folder.name}.", suffix=".tmp")  # umask mode, not 0700
     try:
         hf = model.hf
         hf.config.id2label = {i: c for i, c in enumerate(model.classes)}
@@ -219,6 +219,7 @@ def save_hf_classifier(model: HFClassifier, folder: str | Path, extra: dict[str,
         meta = {"format": "attar-hf-classifier/1", "classes": model.classes, "pad_id": model.pad_id,
                 "source": model.source} | (extra or {})
         (tmp / ATTAR_JSON).write_text(json.dumps(meta, indent=2, default=str))
+        apply_umask(tmp)  # safetensors writes 0600
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

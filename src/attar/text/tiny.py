@@ -44,4 +44,7 @@ def make_tiny_bert(folder: str | Path, hidden: int = 32, layers: int = 2, heads:
     else:
         model = BertModel(cfg)
     model.save_pretrained(str(folder), safe_serialization=True)
+    from attar.checkpoint import apply_umask
+
+    apply_umask(*folder.glob("*.safetensors"))  # safetensors writes 0600
     return folder
