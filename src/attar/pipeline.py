@@ -7,19 +7,24 @@ so a bad recipe fails in seconds and leaves no run folder behind.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from attar.checkpoint import atomic_write_json
 from attar.errors import AttarError
-from attar.recipe import Recipe, StageSpec, TrainConfig, load_recipe
+from attar.lifecycle import (NO_SPACE, DiskFullError, RunInterrupted, no_space_error, read_run_json, run_lock,
+                              stop_on_signals)
+from attar.paths import check_no_symlinks
+from attar.recipe import Recipe, StageSpec, TrainConfig, is_optim_field, load_recipe, parse_recipe, recipe_diff, stage_index
 from attar.specs import DataSpec, ModelSpec
 from attar.train import distributed as dist
 
@@ -211,45 +216,105 @@ class Pipeline:
             cache.save(path)
         return cache
 
+    # ------------------------------------------------------------------ resume
+    def check_resume(self, run_dir: Path, store, run_id: str, allow_optim_change: bool) -> list[tuple[str, Any, Any]]:
+        """Compare this recipe with the one the run was started with; refuse unless they agree.
+
+        Why: the run's recipe.yaml and the store must describe exactly what produced its weights. Only
+        optimiser settings of stages that have not finished may change, and only on explicit request."""
+        own = run_dir / "recipe.yaml"
+        if not own.exists():
+            raise AttarError(f"{run_dir} has no recipe.yaml, so a resume cannot check it continues the same recipe; "
+                             "pass the run folder runs/<id> that `attar run` created.")
+        changes = recipe_diff(parse_recipe(own.read_text(), str(own)), self.recipe)
+        if not changes:
+            return []
+        diff = "\n".join(f"    {p}: {_show(a)} -> {_show(b)}" for p, a, b in changes)
+        fixed = [c for c in changes if not is_optim_field(c[0])]
+        if fixed:
+            raise AttarError(
+                f"This recipe differs from the one run {run_dir} was started with, so the run's record would no "
+                f"longer match its weights:\n{diff}\nResume with the run's own recipe (`attar run --resume {run_dir}` "
+                "with no recipe argument) or start a new run with the changed recipe."
+            )
+        done = {s["name"] for s in store.list_stages(run_id) if s["status"] == "done"}
+        finished = sorted({self.recipe.stages[stage_index(p)].name for p, _, _ in changes} & done)
+        if finished:
+            raise AttarError(
+                f"This recipe changes the training settings of stage(s) {', '.join(finished)}, which already finished "
+                f"with the old ones:\n{diff}\nTheir weights cannot follow the new settings; start a new run instead."
+            )
+        if not allow_optim_change:
+            raise AttarError(
+                f"This recipe changes optimiser settings of run {run_dir}:\n{diff}\nTo continue the unfinished "
+                "stages with the new settings from their last checkpoint, pass --allow-optim-change (the change is "
+                "recorded in the run's recipe.yaml, run.json and the run store); otherwise resume without a recipe."
+            )
+        return changes
+
+    def record_changes(self, run_dir: Path, store, run_id: str, changes: list[tuple[str, Any, Any]]) -> None:
+        from attar.checkpoint import atomic_write_bytes
+        from attar.store import now_iso
+
+        meta_path = run_dir / "run.json"
+        meta = json.loads(meta_path.read_text())
+        meta.setdefault("resumed_with_changes", []).append(
+            {"at": now_iso(), "changes": [{"field": p, "old": a, "new": b} for p, a, b in changes]})
+        atomic_write_json(meta_path, meta)
+        atomic_write_bytes(run_dir / "recipe.yaml", self.text.encode())
+        store.update_recipe(run_id, self.text)
+        self.log("  resumed with changed settings: " + ", ".join(f"{p} {_show(a)} -> {_show(b)}" for p, a, b in changes))
+
     # ------------------------------------------------------------------ run
-    def run(self, resume_dir: Path | None = None) -> Path:
+    def run(self, resume_dir: Path | None = None, allow_optim_change: bool = False) -> Path:
+        """Run (or resume) the recipe. The run lock and the SIGTERM/Ctrl-C handlers (attar.lifecycle) are held
+        in ``self._held`` until this returns, whichever way it ends."""
+        with contextlib.ExitStack() as self._held:
+            return self._run(resume_dir, allow_optim_change)
+
+    def _run(self, resume_dir: Path | None, allow_optim_change: bool) -> Path:
         from attar.metrics import classification_metrics
         from attar.models import model_size
         from attar.report import write_report
         from attar.stages import StageContext
-        from attar.store import RunStore
+        from attar.store import RunStore, make_run_dir
         from attar.train.trainer import predict
 
         self.preflight()
         store = None
         if resume_dir is not None:
             run_dir = Path(resume_dir)
-            meta = json.loads((run_dir / "run.json").read_text())
-            run_id = meta["run_id"]
+            run_id = read_run_json(run_dir)["run_id"]
         else:
             run_id = None
         if dist.is_main():
             store = RunStore(self.home / "runs.db")
             if run_id is None:
-                run_id = store.start_run(self.recipe.name, self.text, None, self.recipe.seed)
-                run_dir = self.home / run_id
-                run_dir.mkdir(parents=True, exist_ok=True)
-                store.set_run_dir(run_id, str(run_dir))
+                run_id, run_dir = make_run_dir(self.home)
+                self._held.enter_context(run_lock(run_dir))  # before the store row says running
+                store.start_run(self.recipe.name, self.text, str(run_dir), self.recipe.seed, run_id=run_id)
                 atomic_write_json(run_dir / "run.json", {"run_id": run_id, "recipe": self.recipe.name})
                 (run_dir / "recipe.yaml").write_text(self.text)
             else:
+                self._held.enter_context(run_lock(run_dir))  # a second process resuming this run is refused here
+                changes = self.check_resume(run_dir, store, run_id, allow_optim_change)
                 store.resume_run(run_id)
+                if changes:
+                    self.record_changes(run_dir, store, run_id, changes)
         run_id = dist.broadcast_object(run_id)
         run_dir = self.home / run_id if resume_dir is None else Path(resume_dir)
         self.log(f"run {run_id}  ->  {run_dir}")
         rows, curves = [], {}
+        self._held.enter_context(stop_on_signals())
         try:
             for i, st in enumerate(self.recipe.stages):
                 self.log(f"[{i + 1}/{len(self.recipe.stages)}] stage {st.name} ({st.kind})")
                 if store:
                     store.start_stage(run_id, st.name, st.kind, i, st.model_dump(mode="json"))
                 on_metrics = (lambda step, m, _s=st.name: store.log_metrics(run_id, _s, step, m)) if store else None
-                ctx = StageContext(run_dir, run_dir / st.name, i, resume=resume_dir is not None, on_metrics=on_metrics)
+                check_no_symlinks(run_dir, run_dir / st.name)  # every write and delete of the stage stays in the run
+                ctx = StageContext(run_dir, run_dir / st.name, i, resume=resume_dir is not None, on_metrics=on_metrics,
+                                   accept_changed_settings=allow_optim_change)
                 res = st.kind_spec()().run(self, st, ctx)
                 self.outputs[st.name] = StageOutput(st.name, res.model, res.spec, history=res.history, data=res.data)
                 if not dist.is_main():
@@ -289,15 +354,26 @@ class Pipeline:
                     store.add_artifact(run_id, None, name, "report", str(p))
                 store.finish_run(run_id, "done")
                 self.log(f"report: {run_dir / 'report.md'}  (and report.html)")
-        except BaseException as e:
+        except BaseException as exc:
+            e = no_space_error(exc.filename, run_dir) if isinstance(exc, OSError) and exc.errno in NO_SPACE else exc
+            if isinstance(e, (RunInterrupted, DiskFullError)):
+                e.run_dir = str(run_dir)  # for the CLI's "resume with" line
             if store and run_id:
-                store.finish_run(run_id, "failed", error=str(e) or type(e).__name__)
-            raise
+                with contextlib.suppress(AttarError):  # a full disk may refuse this row too; `runs list` repairs it
+                    store.finish_run(run_id, "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+                                     error=str(e) or type(e).__name__)
+            if e is exc:
+                raise
+            raise e from None
         finally:
             if store:
                 store.close()
         self.rows = rows
         return run_dir
+
+
+def _show(v) -> str:
+    return "(unset)" if v is None or v.__class__ is object else json.dumps(v)
 
 
 def _fmt(key: str, v) -> str:
@@ -308,7 +384,9 @@ def _fmt(key: str, v) -> str:
     return f"{key} {v:.3f}" if isinstance(v, float) else f"{key} {v}"
 
 
-def run_recipe(path: str | Path, resume_dir: str | Path | None = None, home: Path | None = None) -> Path:
+def run_recipe(path: str | Path, resume_dir: str | Path | None = None, home: Path | None = None,
+               allow_optim_change: bool = False) -> Path:
     recipe, text = load_recipe(path)
     dist.maybe_init()
-    return Pipeline(recipe, text, home=home).run(Path(resume_dir) if resume_dir else None)
+    return Pipeline(recipe, text, home=home).run(Path(resume_dir) if resume_dir else None,
+                                                 allow_optim_change=allow_optim_change)

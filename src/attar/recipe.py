@@ -6,6 +6,7 @@ model as its teacher or as its starting point (``init``) by naming that stage.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -13,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from attar.errors import AttarError
+from attar.paths import name_problem
 from attar.specs import DataSpec, ModelSpec
 
 
@@ -21,6 +23,14 @@ def stage_kinds() -> list[str]:
     from attar.stages import STAGES
 
     return STAGES.names()
+
+
+class LocatedError(ValueError):
+    """A whole-recipe check that knows which field it is about, so the error points at that line."""
+
+    def __init__(self, loc: tuple, msg: str):
+        super().__init__(msg)
+        self.loc = loc
 
 
 class _Strict(BaseModel):
@@ -82,6 +92,15 @@ class StageSpec(_Strict):
             data["options"] = data.pop(data["kind"])
         return data
 
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        """The name is the stage's folder under the run: no separators, no ``..``, nothing absolute."""
+        problem = name_problem(v)
+        if problem:
+            raise ValueError(f"stage name {problem}")
+        return v
+
     @field_validator("kind")
     @classmethod
     def _known_kind(cls, v: str) -> str:
@@ -128,22 +147,24 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _references(self) -> "Recipe":
         seen: list[str] = []
-        for st in self.stages:
+        for i, st in enumerate(self.stages):
             if st.name in seen:
-                raise ValueError(f"two stages are named {st.name!r}; stage names must be unique")
-            refs = [r for r in st.teachers() if isinstance(r, str)] + ([st.init] if st.init else [])
-            refs += st.kind_spec().references(st)
+                raise LocatedError(("stages", i, "name"), f"two stages are named {st.name!r}; stage names must be unique")
+            refs = [("teacher", r) for r in st.teachers() if isinstance(r, str)] + ([("init", st.init)] if st.init else [])
+            refs += [(st.kind, r) for r in st.kind_spec().references(st)]
             if st.data is not None and st.data.stage:
-                refs.append(st.data.stage)
-            for ref in refs:
+                refs.append(("data", st.data.stage))
+            for fld, ref in refs:
+                loc = ("stages", i, fld)
+                if ref == st.name:
+                    raise LocatedError(loc, f"stage {st.name!r} names itself as its {fld}; a stage can only use "
+                                            f"earlier stages ({', '.join(seen) or 'none yet'})")
                 if ref not in seen:
                     where = "a later stage" if any(s.name == ref for s in self.stages) else "no stage"
-                    raise ValueError(
-                        f"stage {st.name!r} refers to {ref!r}, which is {where}; "
-                        f"a stage can only use earlier stages ({', '.join(seen) or 'none yet'})"
-                    )
+                    raise LocatedError(loc, f"stage {st.name!r} refers to {ref!r}, which is {where}; "
+                                            f"a stage can only use earlier stages ({', '.join(seen) or 'none yet'})")
             if st.kind_spec().needs_data and st.data is None and self.data is None:
-                raise ValueError(f"stage {st.name!r} has no 'data' and the recipe has no default 'data'")
+                raise LocatedError(("stages", i), f"stage {st.name!r} has no 'data' and the recipe has no default 'data'")
             seen.append(st.name)
         return self
 
@@ -205,7 +226,9 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     except ValidationError as e:
         lines = []
         for err in e.errors():
-            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-after")))
+            located = (err.get("ctx") or {}).get("error")
+            loc = tuple(err["loc"]) + (located.loc if isinstance(located, LocatedError) else ())
+            loc = tuple(p for p in loc if not (isinstance(p, str) and p.startswith("function-after")))
             # Drop pydantic's union-branch labels (e.g. 'str', 'ModelSpec') from the location.
             loc = tuple(p for p in loc if p not in ("str", "ModelSpec", "list[union[str,ModelSpec]]"))
             msg = err["msg"].removeprefix("Value error, ")
@@ -231,3 +254,49 @@ def builtin_recipe_path(name: str = "quickstart") -> Path:
         known = sorted(x.stem for x in p.parent.glob("*.yaml"))
         raise AttarError(f"No built-in recipe {name!r}; built-in recipes: {', '.join(known)}")
     return p
+
+
+# ---------------------------------------------------------------- comparing a recipe with a run's own
+
+#: Train settings a resume may change when the user asks for it (``--allow-optim-change``): they steer the
+#: optimiser from the resumed step on, but not the data order, the step count or the model's shape.
+OPTIM_FIELDS = ("lr", "weight_decay", "momentum", "grad_clip", "warmup_steps", "schedule", "step_every", "step_gamma")
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out or {prefix: {}}
+    if isinstance(obj, list) and obj and all(isinstance(v, dict) for v in obj):
+        out = {}
+        for i, v in enumerate(obj):
+            out.update(_flatten(v, f"{prefix}[{i}]"))
+        return out
+    return {prefix: obj}
+
+
+def recipe_diff(old: Recipe, new: Recipe) -> list[tuple[str, Any, Any]]:
+    """Every field whose value differs, as ``(path, old, new)``, e.g. ``("stages[1].train.lr", 0.001, 0.01)``.
+
+    Defaults are filled in on both sides, so writing a default out explicitly is not a change."""
+    a, b = _flatten(old.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
+    missing = object()
+    return [(k, a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b), key=_path_order)
+            if a.get(k, missing) != b.get(k, missing)]
+
+
+def _path_order(path: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"[\[\].]+", path) if p)
+
+
+def is_optim_field(path: str) -> bool:
+    """``stages[i].train.<optimiser setting>``: a change a resume can accept on request."""
+    m = re.fullmatch(r"stages\[\d+\]\.train\.(\w+)", path)
+    return bool(m) and m.group(1) in OPTIM_FIELDS
+
+
+def stage_index(path: str) -> int | None:
+    m = re.match(r"stages\[(\d+)\]", path)
+    return int(m.group(1)) if m else None

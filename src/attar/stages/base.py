@@ -34,6 +34,7 @@ class StageContext:
     index: int
     resume: bool = False
     on_metrics: Callable[[int, dict], None] | None = None
+    accept_changed_settings: bool = False  # a resume the user allowed to change optimiser settings
 
 
 @dataclass

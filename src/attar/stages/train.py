@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import shutil
 
+from attar.paths import remove_tree
 from attar.stages.base import STAGES, StageContext, StageKind, StageResult
 from attar.train import distributed as dist
 
@@ -58,7 +58,7 @@ class TrainStage(StageKind):
             seed=pipe.recipe.stage_seed(st), teachers=teachers, val=(bundle.val.x, bundle.val.y),
             ckpt_dir=ctx.stage_dir / "checkpoints", on_metrics=ctx.on_metrics, augment=augment,
             teacher_cache=cache, name=st.name, num_classes=len(bundle.classes),
-            selector=pipe.selector_for(st, ctx.index),
+            selector=pipe.selector_for(st, ctx.index), accept_changed_config=ctx.accept_changed_settings,
         )
         result = trainer.fit(resume=ctx.resume)
         extra = {"teacher": result.teacher_mode, "train_s": round(result.seconds, 1), "steps": result.steps,
@@ -71,7 +71,7 @@ class TrainStage(StageKind):
             from attar.checkpoint import atomic_write_json
 
             atomic_write_json(ctx.stage_dir / "history.json", result.history)
-            shutil.rmtree(ctx.stage_dir / "checkpoints", ignore_errors=True)
+            remove_tree(ctx.stage_dir / "checkpoints", ctx.run_dir)
         dist.barrier()
         return StageResult(result.model, spec, result.history, extra, artifacts={"model": ctx.stage_dir / "model"})
 
