@@ -139,3 +139,41 @@ def test_resume_without_a_recipe_uses_the_runs_own(tmp_path):
     run_dir = _killed_run(tmp_path)
     res = runner.invoke(app, ["run", "--resume", str(run_dir), "--home", str(tmp_path / "home")])
     assert res.exit_code == 2 and "loss became" in res.output  # same recipe, same divergence: nothing changed
+
+
+PREFLIGHT = """\
+name: pf
+data: {{name: digits}}
+stages:
+  - name: t
+    kind: train
+    model: {model}
+    train: {{epochs: 1, batch_size: 64{train}}}
+  - name: s
+    kind: distill
+    teacher: t
+    model: {{arch: mlp, hidden: [8]}}
+    objective: {objective}
+    train: {{epochs: 1}}
+"""
+
+
+@pytest.mark.parametrize("model, train, objective, words", [
+    ("{arch: nosuch}", "", "{name: kd}", ["stages[0].model", "Unknown architecture 'nosuch'"]),
+    ("{arch: mlp, hidden: [8], args: {hiden: 3}}", "", "{name: kd}", ["stages[0].model", "'hiden'"]),
+    ("{arch: mlp, hidden: [-4]}", "", "{name: kd}", ["stages[0].model", "-4"]),
+    ("{arch: resnet, depth: 7}", "", "{name: kd}", ["stages[0].model", "6n+2"]),
+    ("{arch: convnet, depth: 5}", "", "{name: kd}", ["stages[0].model", "too deep for 8x8", "depth <= 3"]),
+    ("{arch: mlp, hidden: [8]}", ", augment: [rotate]", "{name: kd}", ["stages[0].train.augment", "'rotate'"]),
+    ("{arch: mlp, hidden: [8]}", ", lr: .inf", "{name: kd}", ["stages[0].train.lr", "finite"]),
+    ("{arch: mlp, hidden: [16]}", "", "{name: feature, student_layer: net.body.1, teacher_layer: nosuch.layer}",
+     ["stages[1].objective", "'nosuch.layer'", "net.body.1"]),
+])
+def test_recipe_mistakes_fail_before_any_run_folder(tmp_path, model, train, objective, words):
+    p = tmp_path / "r.yaml"
+    p.write_text(PREFLIGHT.format(model=model, train=train, objective=objective))
+    res = runner.invoke(app, ["run", str(p), "--home", str(tmp_path / "home")])
+    assert res.exit_code == 2, res.output
+    flat = " ".join(res.output.split())
+    assert "Traceback" not in res.output and all(w in flat for w in words), res.output
+    assert not (tmp_path / "home").exists()  # no run folder, no store row

@@ -21,8 +21,7 @@ from torch import nn
 
 from attar.checkpoint import atomic_write_json
 from attar.errors import AttarError
-from attar.lifecycle import (NO_SPACE, DiskFullError, RunInterrupted, no_space_error, read_run_json, run_lock,
-                              stop_on_signals)
+from attar.lifecycle import NO_SPACE, RunInterrupted, no_space_error, read_run_json, run_lock, stop_on_signals
 from attar.paths import check_no_symlinks
 from attar.recipe import Recipe, StageSpec, TrainConfig, is_optim_field, load_recipe, parse_recipe, recipe_diff, stage_index
 from attar.specs import DataSpec, ModelSpec
@@ -43,6 +42,12 @@ class StageOutput:
     data: Path | None = None
 
 
+@dataclass
+class _Probed:
+    module: nn.Module
+    out_dim: int
+
+
 class Pipeline:
     def __init__(self, recipe: Recipe, recipe_text: str, home: Path | None = None, log=print):
         self.recipe = recipe
@@ -53,6 +58,7 @@ class Pipeline:
         self._teacher_models: dict[str, nn.Module] = {}
         self.outputs: dict[str, StageOutput] = {}
         self.stage_classes: dict[str, int] = {}
+        self.preflight_models: dict[str, nn.Module] = {}  # untrained stand-ins, for checks that need the architecture
 
     # ------------------------------------------------------------------ resolution helpers
     def resolve_data(self, spec: DataSpec) -> DataSpec:
@@ -165,9 +171,12 @@ class Pipeline:
                 probe = bundle.train.x[:2]
                 if st.init:
                     self._check_classes(st, f"the init stage {st.init!r}", classes[st.init], n)
-                elif st.model is not None and (st.model.artifact or st.model.pretrained):
-                    with torch.no_grad():
-                        self._check_classes(st, "the model", self._model_from_spec(st.model, bundle).eval()(probe).shape[-1], n)
+                    if st.init in self.preflight_models:
+                        self.preflight_models[st.name] = self.preflight_models[st.init]
+                elif st.model is not None and not st.model.hf:
+                    model = self._preflight_model(st, i, bundle, probe)
+                    self._check_classes(st, "the model", model.out_dim, n)
+                    self.preflight_models[st.name] = model.module
                 for j, dim in enumerate(self.teachers_for_preflight(st, bundle)):
                     self._check_classes(st, f"teacher spec #{j + 1}", dim, n)
                 for ref in st.teachers():
@@ -177,6 +186,23 @@ class Pipeline:
             got = kind.preflight(self, st, i)
             if got is not None:
                 classes[st.name] = got
+
+    def _preflight_model(self, st: StageSpec, index: int, bundle, probe: torch.Tensor):
+        """Build the stage's model (untrained) and run two rows through it, so an unknown architecture, a bad
+        argument or a net too deep for the inputs fails before any run folder exists. The global RNG is left as
+        it was: the run builds the real model from its seed later."""
+        with torch.random.fork_rng(devices=[]):
+            try:
+                model = self._model_from_spec(st.model, bundle)
+                with torch.no_grad():
+                    out = model.eval()(probe)
+            except AttarError as e:
+                raise AttarError(f"stage {st.name!r} (stages[{index}].model): {e}") from None
+        return _Probed(model, out.shape[-1])
+
+    def teacher_model_for_preflight(self, ref: ModelSpec) -> nn.Module | None:
+        """A teacher given as a model spec, as built by :meth:`teachers_for_preflight`."""
+        return self._teacher_models.get(ref.model_dump_json())
 
     def teachers_for_preflight(self, stage: StageSpec, bundle) -> list[int]:
         """Output width of each teacher given as a spec (built once and kept for the run)."""
@@ -355,8 +381,10 @@ class Pipeline:
                 store.finish_run(run_id, "done")
                 self.log(f"report: {run_dir / 'report.md'}  (and report.html)")
         except BaseException as exc:
-            e = no_space_error(exc.filename, run_dir) if isinstance(exc, OSError) and exc.errno in NO_SPACE else exc
-            if isinstance(e, (RunInterrupted, DiskFullError)):
+            e = exc
+            if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+                e = no_space_error(exc.filename or f"a file under {run_dir}", run_dir)
+            if isinstance(e, RunInterrupted):
                 e.run_dir = str(run_dir)  # for the CLI's "resume with" line
             if store and run_id:
                 with contextlib.suppress(AttarError):  # a full disk may refuse this row too; `runs list` repairs it

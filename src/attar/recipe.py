@@ -34,7 +34,7 @@ class LocatedError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # lr: .inf would train to NaN
 
 
 class TrainConfig(_Strict):

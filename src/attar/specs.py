@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # lr: .inf would train to NaN
 
 
 SOURCES = ("name", "imagefolder", "csv", "parquet", "hf_disk", "artifact", "stage")

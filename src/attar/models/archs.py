@@ -127,7 +127,8 @@ class ConvNet(nn.Module):
     ``classifier``. As in the reference code, the first conv pads by 3 on
     single-channel inputs (28x28 MNIST becomes 32x32, so depth 3 ends at 4x4).
     Pooling is skipped (Identity) once the map is smaller than 2x2, so deep nets
-    still run on 8x8 inputs.
+    still run on 8x8 inputs with batchnorm or no norm; instance norm on a 1x1 map
+    would erase the input, so that depth is refused.
     """
 
     head_name = "classifier"
@@ -140,6 +141,12 @@ class ConvNet(nn.Module):
             pad = 3 if (c == 1 and d == 0) else 1
             layers.append(nn.Conv2d(c if d == 0 else width, width, kernel_size=3, padding=pad))
             h, w = h + 2 * pad - 2, w + 2 * pad - 2
+            if norm == "instancenorm" and h * w == 1:
+                raise AttarError(
+                    f"architecture 'convnet': depth {depth} is too deep for {input_shape[1]}x{input_shape[2]} inputs: "
+                    f"block {d + 1} sees a 1x1 map, where instance norm erases the input (every image would give the "
+                    f"same output). Use depth <= {d}, or norm: batchnorm / none."
+                )
             if norm == "instancenorm":
                 layers.append(nn.GroupNorm(width, width, affine=True))
             elif norm == "batchnorm":

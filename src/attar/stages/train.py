@@ -30,7 +30,35 @@ class TrainStage(StageKind):
         check_selector(pipe.selector_for(st, index), stage=st, objective=objective, input_shape=bundle.input_shape,
                        labels=None if data.stage else bundle.train.y,
                        where=f"stage {st.name!r} (stages[{index}].selector)")
+        if st.train.augment:
+            from attar.data import make_augment
+            from attar.errors import AttarError
+
+            try:
+                make_augment(st.train.augment)
+            except AttarError as e:
+                raise AttarError(f"stage {st.name!r} (stages[{index}].train.augment): {e}") from None
+        self._check_objective_setup(pipe, st, index, objective, bundle)
         return None
+
+    @staticmethod
+    def _check_objective_setup(pipe, st, index, objective, bundle) -> None:
+        """Set the objective up on untrained copies of the student and teachers, so a bad feature-hook path
+        fails now, not after the earlier stages have trained."""
+        import copy
+
+        from attar.errors import AttarError
+
+        student = pipe.preflight_models.get(st.name)
+        teachers = [pipe.preflight_models.get(r) if isinstance(r, str) else pipe.teacher_model_for_preflight(r)
+                    for r in st.teachers()]
+        if student is None or any(t is None for t in teachers):
+            return  # a model another kind produces (merge, finetune): checked when it runs
+        try:
+            objective.setup(copy.deepcopy(student), [copy.deepcopy(t) for t in teachers], len(bundle.classes),
+                            len(bundle.train.x))
+        except AttarError as e:
+            raise AttarError(f"stage {st.name!r} (stages[{index}].objective): {e}") from None
 
     def run(self, pipe, st, ctx: StageContext) -> StageResult:
         from attar.models import load_model, save_model
