@@ -36,6 +36,13 @@ def _mount_merge() -> None:
     app.command("merge", help="Merge models named in a mergekit-style YAML config (see docs/merge.md).")(merge)
 
 out = Console()
+THREADS_HELP = "torch CPU threads (default: $OMP_NUM_THREADS, else one core left free on machines with <= 4 cores)"
+
+
+def _start_long_command(threads: Optional[int], quiet: bool) -> None:
+    from attar.train.progress import start_command
+
+    start_command(quiet, threads)
 
 
 @app.command()
@@ -43,12 +50,15 @@ def run(
     recipe: Optional[Path] = typer.Argument(None, help="recipe YAML; omit for the built-in quickstart"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this folder (runs/<id>)"),
     home: Optional[Path] = typer.Option(None, "--home", help="where runs and runs.db live (default $ATTAR_HOME or ./runs)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar, lines or summaries"),
 ):
     """Run a recipe's stages in order and write report.md / report.html."""
     from attar.pipeline import run_recipe
     from attar.recipe import builtin_recipe_path
 
     try:
+        _start_long_command(threads, quiet)
         if recipe is not None:
             path = recipe
         elif resume is not None:

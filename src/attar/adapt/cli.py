@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from attar.console import errors_as_messages as _errors_as_messages
+from attar.paths import check_out_dir
 from attar.errors import AttarError
 
 app = typer.Typer(help="Fine-tune Hugging Face text classifiers with adapters (LoRA, SSF, HFT, LIFT, masks, MeZO).",
@@ -86,9 +87,15 @@ def finetune_cli(
     config: Optional[Path] = typer.Option(None, "--config", "-c", exists=True, dir_okay=False, help="a FinetuneSpec as YAML"),
     out_dir: Path = typer.Option(..., "--out", "-o", help="output folder: model/, adapter/, metrics.json"),
     resume: bool = typer.Option(False, "--resume", help="continue from the checkpoints in --out"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: $OMP_NUM_THREADS, "
+                                          "else one core left free on machines with <= 4 cores)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar, lines or summary"),
 ) -> None:
     """Fine-tune MODEL on text data with an adapter; writes a Hugging Face folder (and a PEFT adapter for LoRA)."""
     from attar.adapt.api import FinetuneSpec, finetune_spec
+    from attar.train.progress import start_command
+
+    start_command(quiet, threads)
 
     if config is not None:
         try:
@@ -130,6 +137,7 @@ def finetune_cli(
     except ValidationError as e:
         msgs = "; ".join(f"{'.'.join(map(str, er['loc'])) or '(config)'}: {er['msg']}" for er in e.errors())
         raise AttarError(f"invalid finetune settings: {msgs}") from None
+    check_out_dir(out_dir)
     res = finetune_spec(spec, out_dir, resume=resume)
     m = res.metrics
     out.print(

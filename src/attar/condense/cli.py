@@ -8,7 +8,8 @@
 * ``attar condense show ARTIFACT --png grid.png`` renders the images;
 * ``attar condense methods`` lists the methods and their fields.
 
-The progress bar is rich's, silent under ``CI=true`` or when stderr is not a terminal. Errors are
+Progress (:mod:`attar.train.progress`): a bar on a terminal, plain lines at an interval and a summary
+otherwise (``CI``, a log file), nothing with ``--quiet``; ``--threads`` sets torch's CPU threads. Errors are
 ``AttarError``s, printed as one paragraph with exit code 2.
 """
 
@@ -22,11 +23,19 @@ import typer
 from rich.console import Console
 
 from attar.console import fail as _fail
+from attar.paths import check_out_dir
 from attar.errors import AttarError
 
 app = typer.Typer(help="Condense a data set into a few synthetic images per class (dataset distillation).",
                   add_completion=False, invoke_without_command=True)
 err = Console(stderr=True, highlight=False)
+THREADS_HELP = "torch CPU threads (default: $OMP_NUM_THREADS, else one core left free on machines with <= 4 cores)"
+
+
+def start_command(quiet: bool, threads: Optional[int]) -> None:
+    from attar.train.progress import start_command as start
+
+    start(quiet, threads)
 
 
 def _params(text: Optional[str]) -> dict:
@@ -61,6 +70,8 @@ def condense_cli(
     train_limit: Optional[int] = typer.Option(None, "--train-limit", help="condense from at most this many rows"),
     overwrite: bool = typer.Option(False, "--overwrite"),
     png: Optional[Path] = typer.Option(None, "--png", help="also render the images to this PNG"),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar, lines or summary"),
 ):
     """Condense --data into --ipc images per class with --method; writes a safetensors artifact to --out."""
     if ctx.invoked_subcommand is not None:
@@ -72,6 +83,9 @@ def condense_cli(
     if missing:
         _fail(AttarError(f"attar condense needs {', '.join(missing)} (or a sub-command: evaluate, show, methods)."))
     try:
+        start_command(quiet, threads)
+        if out is not None:
+            check_out_dir(out)  # before hours of condensing, not after
         spec = DataSpec(imagefolder=data) if Path(data).is_dir() else DataSpec(name=data)
         if train_limit:
             spec = spec.model_copy(update={"train_limit": train_limit})
@@ -96,11 +110,14 @@ def evaluate_cli(
     no_full: bool = typer.Option(False, "--no-full", help="skip the full-data row"),
     test_limit: Optional[int] = typer.Option(None, "--test-limit", help="score on a stratified subset of the test split"),
     seed: int = typer.Option(0, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar, lines or summaries"),
 ):
     """Train fresh networks on ARTIFACT, beside a random real subset of equal size and the full data."""
     from attar.condense import evaluate_condensed, format_evaluation
 
     try:
+        start_command(quiet, threads)
         r = evaluate_condensed(artifact, nets=nets, epochs=epochs, augment=augment, seed=seed,
                                compare_random=not no_random, full_data=not no_full, full_epochs=full_epochs,
                                test_limit=test_limit, log=err.print)

@@ -15,8 +15,9 @@
 line), or a ``.csv``/``.tsv``/``.parquet`` file (``--text-column``, default ``text``). Output folders are
 written to a hidden temporary folder beside ``--out`` and renamed at the end, so a failure leaves no
 partial ``--out``; an existing non-empty ``--out`` is refused unless ``--overwrite`` (which replaces it).
-Progress: a rich bar updated at every evaluation (``--eval-every``) on a terminal, a line per evaluation
-otherwise, nothing under ``CI=true`` or ``--quiet``. Every ``AttarError`` is printed as one paragraph (exit 2).
+Progress (:mod:`attar.train.progress`): a rich bar updated at every evaluation (``--eval-every``) on a
+terminal, a line per evaluation and a summary otherwise (``CI``, a log file), nothing with ``--quiet``;
+``--threads`` sets torch's CPU threads. Every ``AttarError`` is printed as one paragraph (exit 2).
 """
 
 from __future__ import annotations
@@ -44,14 +45,18 @@ err = Console(stderr=True, highlight=False)
 METRICS = "metrics.json"
 
 
-def _quiet_env() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes") or os.environ.get("ATTAR_PROGRESS") == "0"
-
-
 def _say(msg: str, quiet: bool) -> None:
-    """A status line on stderr (not under CI=true or --quiet)."""
-    if not quiet and not _quiet_env():
+    """A status line on stderr (not under --quiet or ATTAR_PROGRESS=0)."""
+    from attar.train.progress import is_quiet
+
+    if not quiet and not is_quiet():
         err.print(msg, markup=False)
+
+
+def _start(quiet: bool, threads: Optional[int]) -> None:
+    from attar.train.progress import start_command
+
+    start_command(quiet, threads)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,14 +204,14 @@ def _data(data: str, tok: Any, context: int | None, *, text_column: Optional[str
 
 
 class _Progress:
-    """``on_metrics`` hook: a rich bar on a terminal, a line per evaluation otherwise, silent under CI/--quiet."""
+    """``on_metrics`` hook on the shared progress (:mod:`attar.train.progress`): a bar on a terminal, a line
+    per evaluation otherwise (``--eval-every`` steps apart) and a summary, nothing with --quiet."""
 
     def __init__(self, label: str, total: int, quiet: bool):
         from attar.train.progress import StepProgress
 
         self.total, self.last = total, 0
-        self.bar = StepProgress(label, total, enabled=False if quiet else None)
-        self.lines = not quiet and not self.bar.enabled and not _quiet_env()
+        self.bar = StepProgress(label, total, enabled=False if quiet else None, interval=0)
 
     def __enter__(self) -> "_Progress":
         self.bar.__enter__()
@@ -219,9 +224,6 @@ class _Progress:
         fields = {k: float(rec[k]) for k in ("loss", "val_ppl", "teacher_nll_of_samples") if k in rec}
         self.bar.update(step - self.last, **fields)
         self.last = step
-        if self.lines:
-            info = "  ".join(f"{k} {v:.4g}" for k, v in fields.items())
-            err.print(f"step {step}/{self.total}  {info}  {rec.get('seconds', 0.0):.1f}s", markup=False)
 
 
 def _overrides(**kw: Any) -> dict[str, Any]:
@@ -255,6 +257,8 @@ SEED = typer.Option(0, "--seed", help="seeds the validation split, data order, s
 OUT = typer.Option(..., "--out", "-o", help="output folder (model, tokenizer, metrics.json); written atomically")
 OVERWRITE = typer.Option(False, "--overwrite", help="replace an existing non-empty --out")
 QUIET = typer.Option(False, "--quiet", "-q", help="no progress output")
+THREADS = typer.Option(None, "--threads", help="torch CPU threads (default: $OMP_NUM_THREADS, else one core left free "
+                                               "on machines with <= 4 cores)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,11 +310,13 @@ def train_cli(
     dest: Path = OUT,
     overwrite: bool = OVERWRITE,
     quiet: bool = QUIET,
+    threads: Optional[int] = THREADS,
 ) -> None:
     """Next-token training of MODEL_DIR on the response tokens of --data; writes the model and metrics.json."""
     from attar.distill.lm import perplexity, train_lm
     from attar.text.charlm import load_causal_lm, save_causal_lm
 
+    _start(quiet, threads)
     t0 = time.perf_counter()
     dest = _check_out(dest, overwrite)
     ov = _overrides(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, eval_every=eval_every, seed=seed)
@@ -377,6 +383,7 @@ def distill_cli(
     dest: Path = OUT,
     overwrite: bool = OVERWRITE,
     quiet: bool = QUIET,
+    threads: Optional[int] = THREADS,
 ) -> None:
     """Distill --teacher into --student on --data (token-level KD, or --seq-kd); writes the student and metrics.json."""
     from attar.adapt.cli import parse_sets
@@ -384,6 +391,7 @@ def distill_cli(
     from attar.distill.lm_objectives import LMTeacherCache, check_vocab
     from attar.text.charlm import load_causal_lm, save_causal_lm
 
+    _start(quiet, threads)
     t0 = time.perf_counter()
     dest = _check_out(dest, overwrite)
     base = _overrides(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, eval_every=eval_every,
@@ -483,10 +491,12 @@ def eval_cli(
     test_limit: Optional[int] = TEST_LIMIT,
     seed: int = typer.Option(0, "--seed", help="seeds the validation split (the test split is the same for every seed)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+    threads: Optional[int] = THREADS,
 ) -> None:
     """Perplexity of MODEL_DIR on the response tokens of a split of --data (same options as train/distill)."""
     from attar.distill.lm import perplexity
 
+    _start(False, threads)
     if split not in ("test", "val", "train"):
         raise AttarError(f"--split {split!r}: choose test, val or train.")
     model, tok = _load(model_dir, "model")

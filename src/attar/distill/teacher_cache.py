@@ -161,10 +161,13 @@ class TeacherCache:
         modes = [t.training for t in teachers]
         values = index = rest = None
         num_classes = None
+        from attar.train.progress import StepProgress
+
+        bar = StepProgress(f"teacher pass ({len(teachers)} teacher{'s' if len(teachers) > 1 else ''})", n, unit="rows")
         try:
             for t in teachers:
                 t.eval()
-            with torch.inference_mode():
+            with torch.inference_mode(), bar:
                 for start in range(0, n, batch_size):
                     xb = x[start : start + batch_size]
                     logps = []
@@ -199,6 +202,7 @@ class TeacherCache:
                         index[sl] = ind.to(index.dtype)
                         others = logp.scatter(1, ind, float("-inf"))
                         rest[sl] = torch.logsumexp(others, dim=-1).clamp_min(_LOG_FLOOR)
+                    bar.update(len(xb))
                     if progress is not None:
                         progress(min(start + batch_size, n), n)
         finally:

@@ -9,12 +9,19 @@ copied or zipped whole and still render.
 from __future__ import annotations
 
 import html
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
 from attar.report._files import atomic_write
 from attar.report.plots import Curves, plot_accuracy_vs_params, plot_learning_curves
 from attar.report.tables import html_table, markdown_table
+
+_LATENCY_KEY = re.compile(r"latency_(ms_b\d+|b\d+_ms)$")
+#: Added to the notes of any report with a latency column: what the number is, so one slow row is not misread.
+LATENCY_NOTE = ("Latency (ms) is the median of repeated timed forward passes (random inputs, eval mode, the model's "
+                "device) after a warm-up, at the batch size in the column header; it reflects this machine and its "
+                "load at the time (attar.models.model_size).")
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 72rem;
@@ -48,6 +55,8 @@ def write_report(
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if any(_LATENCY_KEY.match(str(k)) and v is not None for r in rows for k, v in r.items()):
+        notes = [*notes, LATENCY_NOTE]
     paths: dict[str, Path] = {}
     figures: list[tuple[str, str]] = []
     lc = plot_learning_curves(curves, run_dir / "learning_curves.png", loss_key=loss_key, acc_key=acc_key)

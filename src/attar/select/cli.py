@@ -42,11 +42,16 @@ def grape_cli(
     response_column: Optional[str] = typer.Option(None, help="response column / key (default: responses, response, "
                                                              "or response_1, response_2, ...)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda if available)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: $OMP_NUM_THREADS, "
+                                          "else one core left free on machines with <= 4 cores)"),
 ) -> None:
     """Keep, per prompt, the candidate response the target model finds most likely (GRAPE)."""
     import torch
 
     from attar.select.grape import grape_select, load_causal_lm
+    from attar.threads import apply_threads
+
+    apply_threads(threads)
 
     if normalize not in ("mean", "sum"):
         raise AttarError(f"--normalize {normalize!r}: choose mean or sum.")
