@@ -177,3 +177,56 @@ def test_recipe_mistakes_fail_before_any_run_folder(tmp_path, model, train, obje
     flat = " ".join(res.output.split())
     assert "Traceback" not in res.output and all(w in flat for w in words), res.output
     assert not (tmp_path / "home").exists()  # no run folder, no store row
+
+
+def test_out_under_a_file_fails_before_work_with_a_paragraph(tmp_path):
+    from attar.paths import check_out_dir
+
+    (tmp_path / "F").write_text("not a folder")
+    res = runner.invoke(app, ["condense", "--data", "digits", "--method", "random", "--ipc", "1",
+                              "--out", str(tmp_path / "F" / "sub")])
+    assert res.exit_code == 2 and "which is a file" in " ".join(res.output.split()), res.output
+    with pytest.raises(AttarError, match="is a file"):
+        check_out_dir(tmp_path / "F")
+    assert check_out_dir(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
+
+
+def test_any_command_turns_a_refused_path_into_a_paragraph(tmp_path):
+    """The `attar` entry point itself: a file-system refusal on a user's path is exit 2 and no traceback."""
+    import subprocess
+    import sys
+
+    (tmp_path / "F").write_text("not a folder")
+    res = subprocess.run([sys.executable, "-m", "attar.cli", "condense", "--data", "digits", "--method", "random",
+                          "--ipc", "1", "--out", str(tmp_path / "o"), "--png", str(tmp_path / "F" / "x.png")],
+                         capture_output=True, text=True, env={**os.environ, "CI": "true"})
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr and "cannot write" in res.stderr and str(tmp_path / "F") in res.stderr
+
+
+REFS = """\
+name: refs
+data: {name: digits}
+stages:
+  - name: a
+    kind: train
+    model: {arch: mlp, hidden: [8]}
+  - name: b
+    kind: distill
+    model: {arch: mlp, hidden: [8]}
+    teacher: TEACHER
+    init: INIT
+"""
+
+
+@pytest.mark.parametrize("teacher, init, line, field, words", [
+    ("a", "b", 11, "stages[1].init", "names itself as its init"),
+    ("b", "a", 10, "stages[1].teacher", "names itself as its teacher"),
+    ("c", "a", 10, "stages[1].teacher", "refers to 'c', which is no stage"),
+])
+def test_reference_errors_point_at_the_stages_own_line(teacher, init, line, field, words):
+    from attar.recipe import parse_recipe
+
+    with pytest.raises(AttarError) as e:
+        parse_recipe(REFS.replace("TEACHER", teacher).replace("INIT", init), "r.yaml")
+    assert f"r.yaml, line {line}: field '{field}'" in str(e.value) and words in str(e.value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 from typing import Any, Callable, NoReturn, TypeVar
 
@@ -20,8 +21,30 @@ def fail(e: Exception) -> NoReturn:
     raise typer.Exit(2)
 
 
+#: File-system refusals caused by the paths a user chose (an --out under a file, a read-only folder, a full
+#: disk): worth a paragraph, not a traceback. Other OSErrors may be attar's bugs and keep their traceback.
+USER_PATH_ERRNOS = {errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
+                    errno.ENAMETOOLONG}
+
+
+def path_error(e: OSError) -> AttarError | None:
+    """The one-paragraph form of a file-system refusal on a user's path, or None for other errors."""
+    if e.errno not in USER_PATH_ERRNOS:
+        return None
+    where = f" {e.filename}" if e.filename else ""
+    hint = {
+        errno.EEXIST: "a file is in the way where a folder must be created (is a parent of this path a file?)",
+        errno.ENOTDIR: "this path or one of its parents is a file, not a folder",
+        errno.EISDIR: "a folder is in the way where a file must be written",
+        errno.ENOSPC: "the disk is full; files are written to temporary names first, so nothing was replaced",
+    }.get(e.errno, "you lack permission to write there")
+    return AttarError(f"cannot write{where}: {e.strerror} ({hint}). Choose another path (--out, --home or "
+                      "ATTAR_HOME) or fix the one given, then run the command again.")
+
+
 def errors_as_messages(fn: F) -> F:
-    """Wrap a Typer command so an ``AttarError`` becomes :func:`fail`'s paragraph."""
+    """Wrap a Typer command so an ``AttarError`` (or a file-system refusal on a user's path) becomes
+    :func:`fail`'s paragraph."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -29,5 +52,10 @@ def errors_as_messages(fn: F) -> F:
             return fn(*args, **kwargs)
         except AttarError as e:
             fail(e)
+        except OSError as e:
+            msg = path_error(e)
+            if msg is None:
+                raise
+            fail(msg)
 
     return wrapper  # type: ignore[return-value]
