@@ -156,7 +156,7 @@ def train_teacher(cfg: dict) -> dict:
 
     from attar.distill.objectives import build_objective
     from attar.metrics import classification_metrics
-    from attar.recipe import TrainConfig
+    from attar.train.config import TrainConfig
     from attar.train.trainer import Trainer, predict
 
     torch.set_num_threads(1)
@@ -193,7 +193,7 @@ def run_job(job: dict) -> dict:
     """One training run; returns test accuracy, the validation curve against time, and the selection cost."""
     from attar.distill.objectives import build_objective
     from attar.metrics import classification_metrics
-    from attar.recipe import TrainConfig
+    from attar.train.config import TrainConfig
     from attar.select import build_selector
     from attar.train.trainer import Trainer, predict
 

@@ -28,7 +28,7 @@ from _doc import replace_section  # noqa: E402
 from attar.data import load_data
 from attar.distill.objectives import build_objective
 from attar.models import build_model
-from attar.recipe import TrainConfig
+from attar.train.config import TrainConfig
 from attar.specs import DataSpec, ModelSpec
 from attar.train.trainer import Trainer
 

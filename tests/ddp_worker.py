@@ -9,7 +9,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from attar.objective import Objective
-from attar.recipe import TrainConfig
+from attar.train.config import TrainConfig
 from attar.train import distributed as dist
 from attar.train.trainer import Trainer
 

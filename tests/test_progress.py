@@ -97,7 +97,7 @@ def test_interval_from_the_environment(monkeypatch):
 def test_trainer_and_teacher_pass_report_on_a_non_terminal(capsys, monkeypatch):
     """The real loops, with stderr captured (not a terminal) and every update due."""
     from attar.distill.teacher_cache import TeacherCache
-    from attar.recipe import TrainConfig
+    from attar.train.config import TrainConfig
     from attar.train.trainer import Trainer
 
     monkeypatch.setenv("ATTAR_PROGRESS_INTERVAL", "0")

@@ -9,7 +9,7 @@ from torch import nn
 
 from attar.errors import AttarError
 from attar.objective import Batch, Objective
-from attar.recipe import TrainConfig
+from attar.train.config import TrainConfig
 from attar.select import build_selector
 from attar.select.efficienttrain import low_pass
 from attar.select.uds import nuclear_shares

@@ -4,7 +4,7 @@ from torch import nn
 
 from attar.errors import AttarError
 from attar.objective import Objective
-from attar.recipe import TrainConfig
+from attar.train.config import TrainConfig
 from attar.select import build_selector
 from attar.train.trainer import Trainer
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from attar.objective import Objective
-from attar.recipe import TrainConfig
+from attar.train.config import TrainConfig
 from attar.select import build_selector
 from attar.train.trainer import Trainer
 

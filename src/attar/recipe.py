@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from attar.errors import AttarError
 from attar.paths import name_problem
 from attar.specs import DataSpec, ModelSpec
+from attar.train.config import TrainConfig
 
 
 
@@ -35,33 +36,6 @@ class LocatedError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # lr: .inf would train to NaN
-
-
-class TrainConfig(_Strict):
-    """Optimisation settings shared by every training stage."""
-
-    epochs: int = Field(5, ge=1)
-    batch_size: int = Field(256, ge=1)
-    labeled_batch_size: int | None = Field(
-        None, ge=1, description="with an unlabeled pool: also draw this many labeled rows every step (cycled)"
-    )
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(5e-4, ge=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    schedule: Literal["cosine", "step", "constant"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
-    step_every: int = Field(1, ge=1, description="epochs between decays, for schedule=step")
-    step_gamma: float = Field(0.1, gt=0, le=1)
-    grad_clip: float | None = Field(None, gt=0)
-    accumulate: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    augment: list[str] = Field(default_factory=list, description="e.g. [crop, flip]")
-    checkpoint_every: int = Field(
-        0, ge=0, description="steps between checkpoints; 0 = at epoch ends, at most every 30 s, and at the end"
-    )
-    teacher_cache: Literal["auto", "on", "off"] = "auto"
-    cache_topk: int | None = Field(None, ge=1)
-    eval_every: int = Field(1, ge=1, description="epochs between validation passes")
 
 
 TeacherRef = Union[str, ModelSpec]

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from attar.adapt.base import Adapter, Calibration, build_adapter, count_params, merge_adapters
 from attar.adapt.mezo import MeZOConfig, mezo_fit
 from attar.errors import AttarError
-from attar.recipe import TrainConfig
+from attar.train.config import TrainConfig
 from attar.text.data import TextBundle, TextSpec, load_text, text_spec
 
 DEFAULT_TRAIN = {"epochs": 3, "batch_size": 16, "lr": 5e-4, "weight_decay": 0.0, "warmup_steps": 0}

@@ -29,12 +29,15 @@ from attar.registry import Registry
 class AdapterModule(nn.Module):
     """A module standing in for a base module; ``merged()`` returns the equivalent plain module."""
 
+    #: lets lower layers (``text.hf`` refusing to save an unmerged model) recognise adapters without importing adapt
+    attar_adapter: bool = True
+
     def merged(self) -> nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
 def has_adapters(model: nn.Module) -> bool:
-    return any(isinstance(m, AdapterModule) for m in model.modules())
+    return any(getattr(m, "attar_adapter", False) for m in model.modules())
 
 
 def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:

@@ -9,7 +9,7 @@ each: ``random``, ``herding``, ``kcenter``, ``dm``, ``datadam``, ``dc``, ``dsa``
 
 from attar.condense import datadam, dc, dm, dsa, herding, kcenter, mtt, random_subset  # noqa: F401  (registration)
 from attar.condense.api import check_request, condense, evaluate_condensed, format_evaluation, render_grid
-from attar.condense.artifact import SyntheticSet, bundle_from_artifact, data_hash, load_synthetic, save_synthetic
+from attar.data.artifact import SyntheticSet, data_hash, load_synthetic, save_synthetic
 from attar.condense.augment import DSA, DSAParams
 from attar.condense.base import CONDENSERS, CondenseContext, Condenser
 
@@ -20,7 +20,6 @@ __all__ = [
     "DSA",
     "DSAParams",
     "SyntheticSet",
-    "bundle_from_artifact",
     "check_request",
     "condense",
     "data_hash",

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from attar.checkpoint import atomic_write_json
-from attar.condense.artifact import SyntheticSet, data_hash, load_synthetic, save_synthetic
+from attar.data.artifact import SyntheticSet, data_hash, load_synthetic, save_synthetic
 from attar.condense.base import CONDENSERS, DEFAULT_MODEL, CondenseContext, gen, seed_of
 from attar.errors import AttarError
 from attar.specs import DataSpec, ModelSpec
@@ -242,7 +242,7 @@ def _train_eval(x, y, test_x, test_y, model: ModelSpec, bundle, epochs: int, see
     from attar.distill.objectives import build_objective
     from attar.metrics import classification_metrics
     from attar.models import build_model
-    from attar.recipe import TrainConfig
+    from attar.train.config import TrainConfig
     from attar.train.trainer import Trainer, predict
 
     torch.manual_seed(seed_of(seed, "eval-net"))

@@ -95,7 +95,7 @@ class CondenseContext:
     on_step: Callable[[int, dict[str, float]], None] | None = None
     #: FYI plug-in (flip-aware synthesis): matching losses see every synthetic image and its horizontal flip
     flip: bool = False
-    #: the source data set's name and :func:`~attar.condense.artifact.data_hash` ("" when unknown; MTT's
+    #: the source data set's name and :func:`~attar.data.artifact.data_hash` ("" when unknown; MTT's
     #: expert store records them, computing the hash itself when it is not given)
     data_name: str = ""
     data_hash: str = ""

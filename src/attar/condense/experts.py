@@ -68,7 +68,7 @@ def identity(model, data_name: str, data_hash: str, input_shape, num_classes: in
 
 def store_identity(ctx: CondenseContext) -> dict[str, Any]:
     """:func:`identity` of a context (hashing its real rows when the caller did not give ``data_hash``)."""
-    from attar.condense.artifact import data_hash
+    from attar.data.artifact import data_hash
 
     if not ctx.data_hash:
         ctx.data_hash = data_hash(ctx.x, ctx.y)

@@ -32,7 +32,7 @@ def feature_net(ctx: CondenseContext, p: SelectionParams):
         return ctx.fresh_model("features")
     if p.features == "trained":
         from attar.distill.objectives import build_objective
-        from attar.recipe import TrainConfig
+        from attar.train.config import TrainConfig
         from attar.train.trainer import Trainer
 
         model = ctx.fresh_model("features")

@@ -19,6 +19,7 @@ import torch
 
 from attar.errors import AttarError
 from attar.specs import DataSpec
+from attar.data.artifact import data_hash, load_synthetic
 from attar.data.builtin import BUILTINS
 from attar.data.bundle import DataBundle, Split, train_stats
 from attar.data.files import load_hf_disk, load_imagefolder, load_table
@@ -71,8 +72,6 @@ def _check_labels(y: np.ndarray, classes: list[str], where: str) -> None:
 def load_data(spec: DataSpec) -> DataBundle:
     """Read the spec's source and split it; the same spec always yields identical tensors."""
     if spec.source == "artifact":  # a condensed set: its source's val/test, the synthetic rows as train
-        from attar.condense.artifact import bundle_from_artifact
-
         return bundle_from_artifact(spec)
     if spec.source == "stage":
         raise AttarError(
@@ -134,3 +133,35 @@ def load_data(spec: DataSpec) -> DataBundle:
         train=train, val=val, test=test, classes=classes, input_shape=tuple(train.x.shape[1:]),
         mean=mean, std=std, name=name, info=info,
     )  # fmt: skip
+
+
+def bundle_from_artifact(spec: DataSpec) -> DataBundle:
+    """``load_data(DataSpec(artifact=DIR))``: the source data set's val/test splits with the synthetic train split.
+
+    Validation and test come from the source spec recorded in the artifact (so a model trained
+    on the condensed set is scored on the same rows as one trained on the real data), and the
+    normalisation statistics are the source's (synthetic images live in the same pixel space).
+    """
+    s = load_synthetic(spec.artifact)
+    src = s.meta.get("data_spec")
+    if not src:
+        raise AttarError(f"condensed set {spec.artifact} records no source data spec (state.json 'data_spec').")
+    source = load_data(DataSpec.model_validate(src))
+    if tuple(source.input_shape) != tuple(s.x.shape[1:]):
+        raise AttarError(
+            f"condensed set {spec.artifact} holds inputs of shape {tuple(s.x.shape[1:])} but its source data "
+            f"{source.name!r} has {tuple(source.input_shape)}; the artifact is damaged or its data_spec was edited."
+        )
+    want = s.meta.get("data_hash")
+    if want:
+        got = data_hash(source.train.x, source.train.y)
+        if got != want:
+            raise AttarError(
+                f"condensed set {spec.artifact} was made from data with hash {want[:12]}…, but its source spec now "
+                f"loads data with hash {got[:12]}…: the source data set changed. Re-run `attar condense`."
+            )
+    source.train = Split(s.x.contiguous(), s.y.contiguous(), list(source.classes))
+    source.info = dict(source.info, condensed={k: s.meta.get(k) for k in ("method", "ipc", "seed", "model", "iterations")},
+                       artifact=str(spec.artifact), soft_labels=s.soft is not None)
+    source.name = f"{source.name}[{s.meta.get('method')}-ipc{s.meta.get('ipc')}]"
+    return source

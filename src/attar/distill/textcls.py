@@ -107,7 +107,7 @@ def distill_classifier(teacher: nn.Module, student: nn.Module, data: Any, *, tra
     from attar.distill.objectives import build_objective
     from attar.distill.teacher_cache import TeacherCache
     from attar.metrics import classification_metrics
-    from attar.recipe import TrainConfig
+    from attar.train.config import TrainConfig
     from attar.train.trainer import Trainer, predict
 
     t_tok, s_tok = getattr(teacher, "tokenizer", None), getattr(student, "tokenizer", None)

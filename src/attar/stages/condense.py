@@ -58,7 +58,7 @@ class CondenseStage(StageKind):
 
     def run(self, pipe, st, ctx: StageContext) -> StageResult:
         from attar.condense import condense, evaluate_condensed
-        from attar.condense.artifact import is_condensed_artifact
+        from attar.data.artifact import is_condensed_artifact
         from attar.specs import DataSpec
 
         o = self.parse_options("condense", st.options)

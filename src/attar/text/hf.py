@@ -201,10 +201,9 @@ def save_hf_classifier(model: HFClassifier, folder: str | Path, extra: dict[str,
     """
     import shutil
 
-    from attar.adapt.base import has_adapters
     from attar.checkpoint import apply_umask, make_temp_dir
 
-    if has_adapters(model):
+    if any(getattr(m, "attar_adapter", False) for m in model.modules()):  # see attar.adapt.base.AdapterModule
         raise AttarError("save_hf_classifier: the model still holds adapter modules; call attar.adapt.merge_adapters(model) first.")
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,8 @@ and every file is covered by ``manifest.json``)::
     manifest.json           sha256 of both files (written last)
 
 An ``evaluation.json`` written next to them by :func:`attar.condense.evaluate_condensed` is a
-record, not part of the artifact's contents, and is not hashed.
+record, not part of the artifact's contents, and is not hashed. The format lives in ``data`` because
+``condense`` writes it and ``data`` reads it (``load_data(DataSpec(artifact=...))``).
 """
 
 from __future__ import annotations
@@ -100,39 +101,3 @@ def load_synthetic(folder: str | Path) -> SyntheticSet:
     t = tensors["synthetic"]
     meta = {k: v for k, v in state.items() if k not in ("kind", "format", "size", "soft_labels")}
     return SyntheticSet(x=t["x"], y=t["y"], meta=meta, soft=t.get("soft"))
-
-
-def bundle_from_artifact(spec) -> Any:
-    """``load_data(DataSpec(artifact=DIR))``: the source data set's val/test splits with the synthetic train split.
-
-    Validation and test come from the source spec recorded in the artifact (so a model trained
-    on the condensed set is scored on the same rows as one trained on the real data), and the
-    normalisation statistics are the source's (synthetic images live in the same pixel space).
-    """
-    from attar.data.bundle import Split
-    from attar.data.load import load_data
-    from attar.specs import DataSpec
-
-    s = load_synthetic(spec.artifact)
-    src = s.meta.get("data_spec")
-    if not src:
-        raise AttarError(f"condensed set {spec.artifact} records no source data spec (state.json 'data_spec').")
-    source = load_data(DataSpec.model_validate(src))
-    if tuple(source.input_shape) != tuple(s.x.shape[1:]):
-        raise AttarError(
-            f"condensed set {spec.artifact} holds inputs of shape {tuple(s.x.shape[1:])} but its source data "
-            f"{source.name!r} has {tuple(source.input_shape)}; the artifact is damaged or its data_spec was edited."
-        )
-    want = s.meta.get("data_hash")
-    if want:
-        got = data_hash(source.train.x, source.train.y)
-        if got != want:
-            raise AttarError(
-                f"condensed set {spec.artifact} was made from data with hash {want[:12]}…, but its source spec now "
-                f"loads data with hash {got[:12]}…: the source data set changed. Re-run `attar condense`."
-            )
-    source.train = Split(s.x.contiguous(), s.y.contiguous(), list(source.classes))
-    source.info = dict(source.info, condensed={k: s.meta.get(k) for k in ("method", "ipc", "seed", "model", "iterations")},
-                       artifact=str(spec.artifact), soft_labels=s.soft is not None)
-    source.name = f"{source.name}[{s.meta.get('method')}-ipc{s.meta.get('ipc')}]"
-    return source

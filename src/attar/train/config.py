@@ -1,0 +1,42 @@
+"""The optimisation settings every training run shares (a recipe stage's ``train:`` block).
+
+They live at the ``train`` layer, beside the trainer that reads them, so the methods above it and the
+recipe schema above those can all import them without reaching up.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # lr: .inf would train to NaN
+
+
+class TrainConfig(_Strict):
+    """Optimisation settings shared by every training stage."""
+
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(256, ge=1)
+    labeled_batch_size: int | None = Field(
+        None, ge=1, description="with an unlabeled pool: also draw this many labeled rows every step (cycled)"
+    )
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    step_every: int = Field(1, ge=1, description="epochs between decays, for schedule=step")
+    step_gamma: float = Field(0.1, gt=0, le=1)
+    grad_clip: float | None = Field(None, gt=0)
+    accumulate: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    augment: list[str] = Field(default_factory=list, description="e.g. [crop, flip]")
+    checkpoint_every: int = Field(
+        0, ge=0, description="steps between checkpoints; 0 = at epoch ends, at most every 30 s, and at the end"
+    )
+    teacher_cache: Literal["auto", "on", "off"] = "auto"
+    cache_topk: int | None = Field(None, ge=1)
+    eval_every: int = Field(1, ge=1, description="epochs between validation passes")
