@@ -285,3 +285,118 @@ def test_pipeline_conveniences(store, tmp_path):
     for step, loss in ((10, 1.0), (20, 0.9), (20, 0.8), (30, 0.7)):  # resumed from step 10: 20 replayed
         store.log_metrics(rid, "train", step, {"train_loss": loss})
     assert store.stage_metrics(rid, "train")["train_loss"] == [(10, 1.0), (20, 0.8), (30, 0.7)]
+
+
+# ---------------------------------------------------------------- interrupted runs, damaged and full stores
+
+
+def _v1_store(path):
+    """A store as attar wrote it before the 'interrupted' status existed (schema version 1)."""
+    from attar.store import MIGRATIONS
+
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    conn.execute("INSERT INTO schema_version VALUES (1)")
+    for sql in MIGRATIONS[0]:
+        conn.execute(sql)
+    conn.execute("INSERT INTO runs (id, name, recipe, recipe_sha256, status, started, run_dir, environment)"
+                 " VALUES ('old', 'n', 'r', 'h', 'running', '2024', NULL, '{}')")
+    conn.execute("INSERT INTO stages VALUES ('old', 'teacher', 'train', 0, 'running', NULL, '2024', NULL, '{}')")
+    conn.execute("INSERT INTO metrics VALUES ('old', 'teacher', 1, 'loss', 0.5)")
+    conn.close()
+
+
+def test_migration_to_interrupted_keeps_rows_and_cascades(tmp_path):
+    path = tmp_path / "runs.db"
+    _v1_store(path)
+    with RunStore(path) as s:
+        assert s.schema_version == SCHEMA_VERSION >= 2
+        assert s.get_run("old")["stages"][0]["name"] == "teacher"
+        assert s.stage_metrics("old", "teacher") == {"loss": [(1, 0.5)]}
+        s.finish_run("old", "interrupted", "stopped by SIGTERM")
+        run = s.get_run("old")
+        assert run["status"] == "interrupted" and run["stages"][0]["status"] == "interrupted"
+        assert s._conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+        assert s._conn.execute("PRAGMA foreign_key_check").fetchall() == []
+        s._conn.execute("DELETE FROM runs WHERE id = 'old'")  # the foreign keys still point at the rebuilt table
+        assert s._conn.execute("SELECT COUNT(*) FROM stages").fetchone()[0] == 0
+        assert s._conn.execute("SELECT COUNT(*) FROM metrics").fetchone()[0] == 0
+
+
+def test_failed_run_closes_its_running_stage(store, tmp_path):
+    rid = store.start_run("r", "", tmp_path, seed=0)
+    store.start_stage(rid, "a", "train", 0)
+    store.finish_stage(rid, "a")
+    store.start_stage(rid, "b", "train", 1)
+    store.finish_run(rid, "failed", "boom")
+    assert [(s["name"], s["status"], s["error"]) for s in store.list_stages(rid)] == [
+        ("a", "done", None), ("b", "failed", "boom")]
+
+
+def test_runs_whose_process_is_gone_are_marked_interrupted(tmp_path):
+    from attar.lifecycle import run_lock
+
+    home = tmp_path / "home"
+    with RunStore(home / "runs.db") as s:
+        live, gone, moved = (s.start_run(n, "", None, seed=0) for n in ("live", "gone", "moved"))
+        for rid in (live, gone, moved):
+            (home / rid).mkdir()
+            s.set_run_dir(rid, f"runs/{rid}")  # relative to the cwd of the process that ran it, not ours
+        done = s.start_run("done", "", home / "x", seed=0)
+        s.finish_run(done, "done")
+        s.start_stage(gone, "teacher", "train", 0)
+        with run_lock(home / live):
+            (home / gone / "run.lock").write_text('{"pid": 1}')  # left behind by a process that died
+            assert sorted(s.mark_gone_runs()) == sorted([gone, moved])
+            assert s.mark_gone_runs() == []
+        status = {r["id"]: r["status"] for r in s.list_runs()}
+        assert status == {live: "running", gone: "interrupted", moved: "interrupted", done: "done"}
+        run = s.get_run(gone)
+        assert run["stages"][0]["status"] == "interrupted"
+        assert "attar run --resume" in run["error"] and str(home / gone) in run["error"]
+        s.resume_run(gone)  # a resume makes it running again, under its own lock
+        with run_lock(home / gone):
+            assert s.mark_gone_runs() == [live]  # live's lock was released above without finishing the run
+
+
+def test_resume_with_another_home_says_so(store):
+    with pytest.raises(AttarError, match="--home"):
+        store.resume_run("20240101-0000-abcd")
+
+
+def test_full_disk_is_one_paragraph_naming_the_store(store, tmp_path):
+    from attar.lifecycle import DiskFullError
+
+    rid = store.start_run("r", "", tmp_path, seed=0)
+    pages = store._conn.execute("PRAGMA page_count").fetchone()[0]
+    store._conn.execute(f"PRAGMA max_page_count = {pages + 1}")  # SQLite's own SQLITE_FULL, as on a full disk
+    with pytest.raises(DiskFullError) as e:
+        for step in range(2000):
+            store.log_metrics(rid, "s", step, {f"k{i}": 1.0 for i in range(20)})
+    assert f"while writing {store.path}" in str(e.value) and "No space left" in str(e.value)
+    assert store.get_run(rid)["status"] == "running"  # the store still works for reads
+
+
+@pytest.mark.parametrize("content", [b"\x00\x01garbage" * 500, b"SQLite format 3\x00" + b"\xff" * 200,
+                                     "meeting notes\n".encode() * 100])
+def test_damaged_store_is_reported_with_the_way_out(tmp_path, content):
+    path = tmp_path / "runs.db"
+    path.write_bytes(content)
+    with pytest.raises(AttarError) as e:
+        with RunStore(path) as s:
+            s.list_runs()
+    msg = str(e.value)
+    assert str(path) in msg and "Move it aside" in msg and "stay intact" in msg and "\n" not in msg
+
+
+def test_home_that_is_a_file(tmp_path):
+    from attar.store import check_home
+
+    f = tmp_path / "f"
+    f.write_text("x")
+    for home in (f, f / "sub" / "deeper"):
+        with pytest.raises(AttarError, match=f"{f} is a file, not a folder"):
+            RunStore(home=home)
+        with pytest.raises(AttarError, match="is a file"):
+            check_home(home)
+    assert check_home(tmp_path / "new" / "home") == tmp_path / "new" / "home"

@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from attar.console import err as _err
+from attar.console import errors_as_messages
 from attar.console import fail as _fail
 from attar.errors import AttarError
 
@@ -52,13 +54,24 @@ def run(
     home: Optional[Path] = typer.Option(None, "--home", help="where runs and runs.db live (default $ATTAR_HOME or ./runs)"),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar, lines or summaries"),
+    allow_optim_change: bool = typer.Option(
+        False, "--allow-optim-change",
+        help="with --resume and a recipe: continue unfinished stages with changed optimiser settings (lr, "
+             "weight_decay, grad_clip, ...); the change is recorded in the run"),
 ):
-    """Run a recipe's stages in order and write report.md / report.html."""
+    """Run a recipe's stages in order and write report.md / report.html.
+
+    SIGTERM or Ctrl-C stops the run at the next training step with a checkpoint and marks it interrupted
+    (exit code 143 or 130); `attar run --resume runs/<id>` continues it.
+    """
+    from attar.lifecycle import RunInterrupted, read_run_json
     from attar.pipeline import run_recipe
     from attar.recipe import builtin_recipe_path
 
     try:
         _start_long_command(threads, quiet)
+        if resume is not None:
+            read_run_json(resume)  # not a run folder: say so before any work
         if recipe is not None:
             path = recipe
         elif resume is not None:
@@ -68,9 +81,15 @@ def run(
         else:
             path = builtin_recipe_path("quickstart")
             out.print(f"No recipe given: running the built-in quickstart ({path}).")
-        run_dir = run_recipe(path, resume_dir=resume, home=home)
+        run_dir = run_recipe(path, resume_dir=resume, home=home, allow_optim_change=allow_optim_change)
     except AttarError as e:
         _fail(e)
+    except RunInterrupted as e:
+        if e.run_dir is None:
+            raise typer.Exit(e.exit_code) from None
+        again = f"attar run --resume {e.run_dir}" + (f" --home {home}" if home is not None else "")
+        _err.print(f"interrupted: {e}. Resume with: {again}", highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
     from attar.train import distributed as dist
 
     if dist.is_main():
@@ -178,18 +197,21 @@ def data_show(
 
 
 def _store(home: Optional[Path]):
-    from attar.pipeline import attar_home
-    from attar.store import RunStore
+    """The run store, after recording runs whose process is gone (killed) as interrupted."""
+    from attar.store import DB_NAME, RunStore, attar_home, check_home
 
-    path = (home or attar_home()) / "runs.db"
+    path = check_home(attar_home(home)) / DB_NAME
     if not path.exists():
-        _fail(AttarError(f"No run store at {path}: run `attar run` first, or pass --home."))
-    return RunStore(path)
+        raise AttarError(f"No run store at {path}: run `attar run` first, or pass --home.")
+    store = RunStore(path)
+    store.mark_gone_runs()
+    return store
 
 
 @runs_app.command("list")
+@errors_as_messages
 def runs_list(limit: int = 20, home: Optional[Path] = typer.Option(None, "--home")):
-    """The most recent runs."""
+    """The most recent runs (a run whose process was killed shows as interrupted)."""
     store = _store(home)
     t = Table("id", "name", "status", "started", "run dir")
     for r in store.list_runs(limit):
@@ -198,14 +220,16 @@ def runs_list(limit: int = 20, home: Optional[Path] = typer.Option(None, "--home
 
 
 @runs_app.command("show")
+@errors_as_messages
 def runs_show(run_id: str, home: Optional[Path] = typer.Option(None, "--home")):
     """One run: stages, final metrics, artifacts."""
+    from rich.markup import escape
+
     store = _store(home)
-    try:
-        r = store.get_run(run_id)
-    except AttarError as e:
-        _fail(e)
+    r = store.get_run(run_id)
     out.print(f"[bold]{r['id']}[/] {r['name']}  status={r['status']}  seed={r.get('seed')}  commit={r.get('git_commit')}")
+    if r.get("error"):
+        out.print(f"  {escape(r['error'])}", highlight=False)
     t = Table("stage", "metric", "value")
     for stage, ms in store.final_metrics(r["id"]).items():
         for k, v in sorted(ms.items()):
@@ -216,13 +240,11 @@ def runs_show(run_id: str, home: Optional[Path] = typer.Option(None, "--home")):
 
 
 @runs_app.command("compare")
+@errors_as_messages
 def runs_compare(run_a: str, run_b: str, home: Optional[Path] = typer.Option(None, "--home")):
     """Final metrics of two runs side by side, with the difference."""
     store = _store(home)
-    try:
-        rows = store.compare(run_a, run_b)
-    except AttarError as e:
-        _fail(e)
+    rows = store.compare(run_a, run_b)
     from attar.report import render_compare_table
 
     out.print(render_compare_table(rows, run_a, run_b))

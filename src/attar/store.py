@@ -28,9 +28,11 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, NamedTuple
 
 from attar.errors import AttarError
+from attar.lifecycle import lock_state, no_space_error
 
 DB_NAME = "runs.db"
-RUN_STATUSES = ("running", "done", "failed")
+# "interrupted": stopped by SIGTERM or Ctrl-C, or found gone (killed) by `attar runs list`; resumable.
+RUN_STATUSES = ("running", "done", "failed", "interrupted")
 ARTIFACT_KINDS = ("model", "data", "report", "checkpoint")
 
 # Each entry migrates the schema from version i to i+1. Append, never edit: stores in
@@ -84,6 +86,44 @@ MIGRATIONS: list[list[str]] = [
             PRIMARY KEY (run_id, stage, name)
         )""",
     ],
+    # v2: runs and stages may be 'interrupted'. SQLite cannot change a CHECK constraint in place, so both
+    # tables are rebuilt (foreign keys are off during migrations, so the rebuild cascades nothing).
+    [
+        """CREATE TABLE runs_v2 (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            recipe TEXT NOT NULL,
+            recipe_sha256 TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed', 'interrupted')),
+            error TEXT,
+            started TEXT NOT NULL,
+            ended TEXT,
+            run_dir TEXT,
+            seed INTEGER,
+            git_commit TEXT,
+            environment TEXT NOT NULL
+        )""",
+        "INSERT INTO runs_v2 SELECT id, name, recipe, recipe_sha256, status, error, started, ended, run_dir, seed,"
+        " git_commit, environment FROM runs",
+        "DROP TABLE runs",
+        "ALTER TABLE runs_v2 RENAME TO runs",
+        "CREATE INDEX runs_started ON runs (started)",
+        """CREATE TABLE stages_v2 (
+            run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+            name TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            idx INTEGER NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed', 'interrupted')),
+            error TEXT,
+            started TEXT NOT NULL,
+            ended TEXT,
+            params TEXT NOT NULL,
+            PRIMARY KEY (run_id, name)
+        )""",
+        "INSERT INTO stages_v2 SELECT run_id, name, kind, idx, status, error, started, ended, params FROM stages",
+        "DROP TABLE stages",
+        "ALTER TABLE stages_v2 RENAME TO stages",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -110,6 +150,20 @@ def default_db_path(home: str | Path | None = None) -> Path:
     return attar_home(home) / DB_NAME
 
 
+def check_home(home: str | Path) -> Path:
+    """``home`` itself, or AttarError when it (or a folder above it) is a file, so no store can live there."""
+    home = Path(home)
+    for p in (home, *home.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise AttarError(
+                    f"The runs folder {home} (ATTAR_HOME or --home) cannot be used: {p} is a file, not a folder. "
+                    "Point ATTAR_HOME or --home at a folder (it is created if missing), or move the file away."
+                )
+            break
+    return home
+
+
 def now_iso() -> str:
     """UTC timestamp with seconds precision: sorts as text and reads well in a table."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -119,6 +173,24 @@ def new_run_id(when: datetime | None = None) -> str:
     """``YYYYMMDD-HHMM-xxxx``: sorts by start time, short enough to type, unique enough with 4 hex."""
     when = when or datetime.now()
     return f"{when:%Y%m%d-%H%M}-{secrets.token_hex(2)}"
+
+
+def make_run_dir(home: str | Path) -> tuple[str, Path]:
+    """A new run id and its freshly created folder ``<home>/<id>``.
+
+    Why the folder before the store row: the run takes its lock in the folder before its row says
+    ``running``, so `attar runs list` never sees a running row without a lock (see attar.lifecycle).
+    ``mkdir`` without ``exist_ok`` is the atomic test that no other run has the id.
+    """
+    check_home(home)
+    for _ in range(50):
+        rid = new_run_id()
+        try:
+            (Path(home) / rid).mkdir(parents=True)
+        except FileExistsError:
+            continue
+        return rid, Path(home) / rid
+    raise AttarError(f"Could not find a free run id in {home}.")  # pragma: no cover
 
 
 def _sha256_file(path: Path, h: Any | None = None) -> tuple[str, int]:
@@ -226,21 +298,22 @@ class RunStore:
     def __init__(self, path: str | Path | None = None, *, home: str | Path | None = None):
         self.path = Path(path) if path is not None else default_db_path(home)
         self._lock = threading.RLock()
+        check_home(self.path.parent)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise AttarError(f"Cannot create the runs folder {self.path.parent}: {e.strerror}. Point ATTAR_HOME or "
+                             "--home at a folder you can write.") from None
+        with self._db_errors():
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a batch is one transaction.
             self._conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
             self._conn.row_factory = sqlite3.Row
             self._conn.execute("PRAGMA journal_mode=WAL")
             # In WAL mode, NORMAL makes commits cheap (no fsync per commit) and stays crash-consistent.
             self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.execute("PRAGMA foreign_keys=ON")
+            self._conn.execute("PRAGMA foreign_keys=OFF")  # a migration may rebuild a table others reference
             self._migrate()
-        except sqlite3.DatabaseError as e:
-            raise AttarError(
-                f"Cannot open the run store {self.path}: {e}. If the file is damaged, move it aside "
-                f"(a fresh store is created on the next run) or point ATTAR_HOME elsewhere."
-            ) from None
+            self._conn.execute("PRAGMA foreign_keys=ON")
 
     # -- plumbing
 
@@ -252,22 +325,52 @@ class RunStore:
 
     def close(self) -> None:
         with self._lock:
-            self._conn.close()
+            if hasattr(self, "_conn"):
+                self._conn.close()
+
+    @contextmanager
+    def _db_errors(self) -> Iterator[None]:
+        """SQLite's errors as one paragraph naming the store file and the way out (IntegrityError passes:
+        callers handle it). Why: a damaged or full store must not end `attar runs list` in a traceback."""
+        try:
+            yield
+        except sqlite3.IntegrityError:
+            raise
+        except sqlite3.DatabaseError as e:
+            code = getattr(e, "sqlite_errorcode", None)
+            if code == sqlite3.SQLITE_FULL:
+                raise no_space_error(self.path) from None
+            if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                raise AttarError(f"The run store {self.path} stayed locked by another process for 30 s ({e}); "
+                                 "try again when that process has finished writing.") from None
+            if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM, sqlite3.SQLITE_CANTOPEN):
+                raise AttarError(f"Cannot write the run store {self.path} ({e}): check that you may write that file "
+                                 "and its folder, or point ATTAR_HOME or --home at a folder you can write.") from None
+            raise AttarError(
+                f"The run store {self.path} cannot be read ({e}): the file is damaged or is not an attar run store. "
+                f"Move it aside (e.g. `mv {self.path} {self.path}.damaged`, and any {self.path.name}-wal and "
+                f"{self.path.name}-shm files next to it) and the next `attar run` starts a fresh store; the run "
+                "folders next to it (models, checkpoints, reports) are separate files and stay intact. Or point "
+                "ATTAR_HOME or --home elsewhere."
+            ) from None
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """One write transaction. IMMEDIATE takes the write lock up front, so it waits rather than deadlocks."""
-        with self._lock:
+        with self._lock, self._db_errors():
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                try:
+                    self._conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # SQLite may have rolled back already (e.g. disk full); report the first error
                 raise
             self._conn.execute("COMMIT")
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        with self._lock:
+        with self._lock, self._db_errors():
             return self._conn.execute(sql, args).fetchall()
 
     def _migrate(self) -> None:
@@ -326,17 +429,70 @@ class RunStore:
         raise AttarError(f"Could not find a free run id in {self.path}.")  # pragma: no cover
 
     def finish_run(self, run_id: str, status: str, error: str | None = None) -> None:
-        """Mark a run ``done`` or ``failed`` (with the error text shown by `attar runs show`)."""
+        """Mark a run ``done``, ``failed`` or ``interrupted`` (with the error text shown by `attar runs show`).
+
+        A stage still ``running`` in a failed or interrupted run gets the run's status: it stopped with it.
+        """
         if status not in RUN_STATUSES:
             raise ValueError(f"run status must be one of {RUN_STATUSES}, got {status!r}")
-        self._update_run(run_id, "status = ?, error = ?, ended = ?", (status, error, now_iso()))
+        when = now_iso()
+        with self._tx() as c:
+            cur = c.execute("UPDATE runs SET status = ?, error = ?, ended = ? WHERE id = ?", (status, error, when, run_id))
+            if status != "done":
+                c.execute("UPDATE stages SET status = ?, error = ?, ended = ? WHERE run_id = ? AND status = 'running'",
+                          (status, error, when, run_id))
+        if cur.rowcount == 0:
+            raise AttarError(f"No run {run_id!r} in {self.path}.")
 
     def set_run_dir(self, run_id: str, run_dir: str | Path) -> None:
         self._update_run(run_id, "run_dir = ?", (str(run_dir),))
 
     def resume_run(self, run_id: str) -> None:
         """Mark a failed or interrupted run as running again (its stages and metrics are kept)."""
+        if not self._query("SELECT 1 FROM runs WHERE id = ?", (run_id,)):
+            raise AttarError(f"Run {run_id!r} is not in the run store {self.path}. Resume with the --home (or "
+                             "ATTAR_HOME) the run was started with: the folder that holds both the run and runs.db.")
         self._update_run(run_id, "status = 'running', error = NULL, ended = NULL", ())
+
+    def _run_folder(self, run_id: str, run_dir: str | None) -> Path:
+        # Runs live in <home>/<id> next to runs.db; a relative run_dir was relative to the runner's cwd, not ours.
+        here = self.path.parent / run_id
+        if not here.is_dir() and run_dir and Path(run_dir).is_absolute():
+            return Path(run_dir)
+        return here
+
+    def mark_gone_runs(self) -> list[str]:
+        """Record ``running`` runs whose process is gone (nobody holds the run folder's lock) as ``interrupted``;
+        returns their ids.
+
+        Why: a process killed with SIGKILL (or by the out-of-memory killer) cannot record that it stopped.
+        The lock is checked again inside the write transaction: a resume takes the run lock before it marks
+        the run running, so a run being resumed right now is never marked.
+        """
+        rows = self._query("SELECT id, run_dir FROM runs WHERE status = 'running'")
+        gone = [(r["id"], self._run_folder(r["id"], r["run_dir"])) for r in rows]
+        gone = [(rid, d) for rid, d in gone if lock_state(d) is False]
+        marked = []
+        if gone:
+            when = now_iso()
+            with self._tx() as c:
+                for rid, d in gone:
+                    if lock_state(d) is not False:
+                        continue
+                    error = (f"the process stopped without recording it (killed, e.g. SIGKILL or out of memory); "
+                             f"resume with `attar run --resume {d}`")
+                    cur = c.execute("UPDATE runs SET status = 'interrupted', error = ?, ended = ? WHERE id = ? AND "
+                                    "status = 'running'", (error, when, rid))
+                    c.execute("UPDATE stages SET status = 'interrupted', ended = ? WHERE run_id = ? AND status = "
+                              "'running'", (when, rid))
+                    if cur.rowcount:
+                        marked.append(rid)
+        return marked
+
+    def update_recipe(self, run_id: str, recipe_text: str) -> None:
+        """Record the recipe a resume continued with (only optimiser settings may differ; see Pipeline.check_resume)."""
+        sha = hashlib.sha256(recipe_text.encode()).hexdigest()
+        self._update_run(run_id, "recipe = ?, recipe_sha256 = ?", (recipe_text, sha))
 
     def _update_run(self, run_id: str, assignments: str, args: tuple[Any, ...]) -> None:
         with self._tx() as c:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from attar import lifecycle
 from attar.checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint
 from attar.errors import AttarError
 from attar.objective import Batch, Objective
@@ -225,6 +227,25 @@ class Trainer:
                 shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
 
+    def _stop_if_asked(self, opt, step: int, epoch: int, micro: int, history: list, t_start: float, seen: int) -> None:
+        """SIGTERM or Ctrl-C arrived (see attar.lifecycle): write a checkpoint at this step boundary, then stop.
+
+        Why here: between steps the model, optimiser and position in the data agree, so this checkpoint is as
+        good as a periodic one and a resumed run ends with the same weights. Under DDP the ranks agree first.
+        """
+        signum = lifecycle.stop_requested() or 0
+        if self.world > 1:
+            flag = torch.tensor([float(signum)], device=next(self.model.parameters()).device)
+            if float(dist.all_reduce_mean(flag)) == 0:
+                return
+            signum = signum or int(signal.SIGTERM)
+        elif not signum:
+            return
+        folder = self.ckpt_dir / f"step-{step:08d}" if self.ckpt_dir else None
+        if folder is not None and latest_checkpoint(self.ckpt_dir) != folder:
+            self._save(opt, step, epoch, micro, history, time.perf_counter() - t_start, seen)
+        raise lifecycle.RunInterrupted(signum, checkpoint=folder)
+
     def _load(self, opt) -> dict | None:
         ckpt = latest_checkpoint(self.ckpt_dir) if self.ckpt_dir else None
         if ckpt is None:
@@ -286,7 +307,8 @@ class Trainer:
         self.model.train()
         t_start = time.perf_counter() - elapsed
         micro_per_epoch = self.steps_per_epoch * cfg.accumulate
-        with StepProgress(self.name, self.total_steps, completed=step, enabled=None if dist.is_main() else False) as bar:
+        with StepProgress(self.name, self.total_steps, completed=step, enabled=None if dist.is_main() else False) as bar, \
+                lifecycle.graceful_stop():  # SIGTERM / Ctrl-C: stop at a step boundary below, with a checkpoint
             for epoch in range(epoch0, cfg.epochs):
                 order = self._epoch_order(epoch)
                 epoch_loss, epoch_n = 0.0, 0
@@ -329,6 +351,8 @@ class Trainer:
                         self._save(opt, step, epoch, micro + 1, history, time.perf_counter() - t_start, seen)
                         last_save = time.perf_counter()
                         last_good = str(self.ckpt_dir / f"step-{step:08d}") if self.ckpt_dir else None
+                    if not end_of_epoch:
+                        self._stop_if_asked(opt, step, epoch, micro + 1, history, t_start, seen)
                 self.objective.on_epoch_end(epoch, cfg.epochs)
                 rec = {"step": step, "epoch": epoch + 1, "train_loss": epoch_loss / max(1, epoch_n),
                        "seconds": time.perf_counter() - t_start}
@@ -344,6 +368,7 @@ class Trainer:
                     self._save(opt, step, epoch + 1, 0, history, now - t_start, seen)
                     last_good = str(self.ckpt_dir / f"step-{step:08d}") if self.ckpt_dir else None
                     last_save = now
+                self._stop_if_asked(opt, step, epoch + 1, 0, history, t_start, seen)
         final = self.objective.finalize(self.model)
         seconds = time.perf_counter() - t_start
         selection = {}

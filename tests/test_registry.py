@@ -1,0 +1,54 @@
+"""The generic registry: one way to validate, build and describe a method of any family."""
+
+import pytest
+from pydantic import Field
+
+from attar.errors import AttarError
+from attar.registry import Params, Registry
+
+TOYS: Registry = Registry("toy")
+
+
+@TOYS.register("scaler")
+class Scaler:
+    class Params(Params):
+        factor: float = Field(2.0, gt=0, description="multiply by this")
+        name_hint: str | None = None
+
+    def __init__(self, p):
+        self.p = p
+
+
+@TOYS.register("plain")
+class Plain:
+    def __init__(self, p):
+        self.p = p
+
+
+def test_build_validates_params_and_passes_them():
+    s = TOYS.build({"name": "scaler", "factor": 3})
+    assert isinstance(s, Scaler) and s.p.factor == 3.0
+    assert TOYS.build("scaler").p.factor == 2.0
+
+
+@pytest.mark.parametrize("spec, words", [
+    ({"name": "scaler", "factr": 3}, ["toy 'scaler'", "unknown field 'factr'", "Accepted fields: factor (float, default 2.0): multiply by this"]),
+    ({"name": "scaler", "factor": -1}, ["field 'factor' = -1", "greater than 0"]),
+    ({"name": "scaler", "factor": float("inf")}, ["field 'factor' = inf", "finite"]),
+    ({"name": "nosuch"}, ["Unknown toy 'nosuch'", "Known toys: plain, scaler"]),
+    ({"factor": 3}, ["mapping with a 'name'", "known toys: plain, scaler"]),
+    ({"name": "plain", "x": 1}, ["toy 'plain' takes no parameters", "'x'"]),
+    ({"name": ["unhashable"]}, ["Unknown toy"]),
+])
+def test_mistakes_name_the_field_and_the_accepted_fields(spec, words):
+    with pytest.raises(AttarError) as e:
+        TOYS.build(spec)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_fields_describe_a_method():
+    assert TOYS.fields("scaler")["factor"] == {"type": "float", "default": 2.0, "required": False,
+                                                 "description": "multiply by this"}
+    assert TOYS.fields("plain") == {}
+    with pytest.raises(ValueError, match="registered twice"):
+        TOYS.register("plain")(Plain)
