@@ -123,7 +123,10 @@ def methods(objective: Optional[str] = typer.Argument(None, help="show the field
     from attar.merge.methods import MERGE_METHODS
     from attar.select import SELECTORS
 
-    families |= {"merge methods": MERGE_METHODS.names(), "condensation methods": CONDENSERS.names(),
+    level = {n: MERGE_METHODS.get(n).level for n in MERGE_METHODS.names()}
+    families |= {"merge methods (attar merge and merge stages)": [n for n, v in level.items() if v == "tensor"],
+                 "data-aware merge methods (merge stages only)": [n for n, v in level.items() if v != "tensor"],
+                 "condensation methods": CONDENSERS.names(),
                  "adapters": ADAPTERS.names(), "selectors": SELECTORS.names()}
     for fam, names in families.items():
         out.print(f"[bold]{fam}[/]: {', '.join(names)}")

@@ -107,6 +107,69 @@ def export_peft(model: nn.Module, folder: str | Path, base_model_name_or_path: s
     return folder
 
 
+# PEFT initialisations that also move the base weights (W_res = W − s·B0@A0 for PiSSA, OLoRA, CorDA and
+# LoRA-GA; a quantised residual for LoftQ): the saved A and B then belong on that residual, so adding
+# their product to the original base gives wrong weights without any error.
+BASE_MOVING_INITS = {"pissa": "PiSSA", "olora": "OLoRA", "corda": "CorDA", "lora_ga": "LoRA-GA", "loftq": "LoftQ"}
+_PLAIN_INITS = {"true", "false", "gaussian", "eva", "orthogonal", "mica"}  # the base weights stay untouched
+
+
+def check_plain_init(cfg: dict[str, Any], label: str | Path) -> None:
+    """Refuse an adapter whose ``init_lora_weights`` moved the base weights, with PEFT's conversion as the fix.
+
+    Why refuse rather than redo PEFT's initialisation: PiSSA's fast SVD, CorDA and LoftQ depend on random
+    state, data or a quantiser that the adapter folder does not record, so the residual cannot be rebuilt
+    exactly; PEFT's own conversion turns the adapter into an ordinary LoRA delta that any base takes.
+    """
+    init = cfg.get("init_lora_weights", True)
+    key = str(init).lower()
+    if key in _PLAIN_INITS:
+        return
+    name = next((v for k, v in BASE_MOVING_INITS.items() if key.startswith(k)), None)
+    if name is None:
+        raise AttarError(
+            f"{label}: adapter_config.json has init_lora_weights {init!r}, an initialisation attar does not know, so it "
+            "cannot tell whether PEFT changed the base weights for it. Convert the adapter into a plain LoRA delta "
+            "with PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...)) or merge it with PEFT's "
+            "merge_and_unload and use the merged model."
+        )
+    if name == "LoftQ":
+        fix = ("LoftQ adapters cannot be converted: merge it with PEFT (`merge_and_unload`) onto the LoftQ-initialised "
+               "base it was trained with, save that model, and use the saved folder instead.")
+    else:
+        fix = (f"Convert it into a plain LoRA delta with PEFT, from the adapter saved right after initialisation "
+               f"(before training): `peft_model.save_pretrained(OUT, path_initial_model_for_weight_conversion=INIT_DIR)`, "
+               f"then use OUT (its config says init_lora_weights: true); or merge it with PEFT (`merge_and_unload`) "
+               f"onto the residual base it was trained on and use the merged model.")
+    raise AttarError(
+        f"{label} is an unconverted {name} adapter (init_lora_weights: {init!r} in adapter_config.json). {name} moves "
+        f"part of each adapted weight into the adapter at initialisation, so the saved A and B belong on that residual "
+        f"base, not on the original weights; adding them to the original base gives wrong weights. {fix}"
+    )
+
+
+def check_saved_modules(cfg: dict[str, Any], keys: list[str], base_names: list[str], label: str | Path) -> None:
+    """Refuse an adapter whose config lists ``modules_to_save`` (a trained head) that the base has, but whose
+    file holds none of them.
+
+    PEFT's PiSSA/OLoRA/CorDA conversion (``path_initial_model_for_weight_conversion``) writes only the LoRA
+    tensors; merging such a file would silently keep the base's untrained head (PEFT itself fails to load it).
+    """
+    modules = [m for m in cfg.get("modules_to_save") or [] if isinstance(m, str)]
+    if not modules:
+        return
+    pattern = re.compile(rf"(^|\.)({'|'.join(re.escape(m) for m in modules)})\.")
+    if any(pattern.search(k) and ".lora_" not in k for k in keys) or not any(pattern.search(n) for n in base_names):
+        return
+    raise AttarError(
+        f"{label}: adapter_config.json lists modules_to_save {modules} (trained whole, usually the task head), but "
+        "adapter_model.safetensors holds none of their weights, so a merge would keep the base's untrained head. "
+        "PEFT's conversion of PiSSA/OLoRA/CorDA adapters (path_initial_model_for_weight_conversion) drops them: copy "
+        "the head's tensors (e.g. base_model.model.classifier.weight and .bias) from the unconverted adapter into the "
+        "converted adapter_model.safetensors, or merge with PEFT (merge_and_unload) before converting."
+    )
+
+
 def adapter_classes(folder: str | Path) -> list[str] | None:
     """Class names stored with an adapter (written by :func:`export_peft`), else ``["0", ..]`` from a saved head."""
     folder = Path(folder)
@@ -148,10 +211,12 @@ def import_peft(model: nn.Module, folder: str | Path, trainable: bool = True) ->
     if str(cfg.get("peft_type", "LORA")).upper() != "LORA" or cfg.get("use_dora"):
         raise AttarError(f"{folder}: only plain LoRA adapters can be imported (peft_type={cfg.get('peft_type')!r}, "
                          f"use_dora={cfg.get('use_dora')}).")
+    check_plain_init(cfg, folder)
     if cfg.get("fan_in_fan_out"):
         raise AttarError(f"{folder}: fan_in_fan_out (Conv1D) adapters are not supported by import_peft.")
     root, pre = _root(model)
     tensors = load_file(str(w_path))
+    check_saved_modules(cfg, list(tensors), list(root.state_dict()), folder)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     replace: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():

@@ -69,18 +69,23 @@ def merge_cli(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="output dtype: float32, float16, bfloat16"),
     shard_size: str = typer.Option(DEFAULT_SHARD_SIZE, "--max-shard-size", help="largest output shard, e.g. 5GB"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace OUT if it exists"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar or summary"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar, progress lines or summary"),
 ) -> None:
     """Merge the models named in CONFIG and write the result to --out."""
     merge_command(config, out, dtype=dtype, shard_size=shard_size, overwrite=overwrite, quiet=quiet)
 
 
 def methods_cli() -> None:
-    """List the merge methods (name, level, summary)."""
-    console = Console()
-    for name in MERGE_METHODS:
-        m = MERGE_METHODS.get(name)
-        console.print(f"{name:18s} {m.level:6s} {m.summary}")
+    """List the methods ``attar merge`` runs, then the data-aware ones that only a recipe ``merge`` stage runs."""
+    console = Console(highlight=False)
+    methods = [MERGE_METHODS.get(n) for n in MERGE_METHODS.names()]
+    for m in methods:
+        if m.level == "tensor":
+            console.print(f"{m.name:18s} {m.summary}")
+    console.print("\nData-aware methods (need held-out data; run them in a recipe `merge` stage, not `attar merge`):")
+    for m in methods:
+        if m.level != "tensor":
+            console.print(f"{m.name:18s} {m.summary}")
 
 
 app.command("merge")(merge_cli)

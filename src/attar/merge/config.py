@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from attar.errors import AttarError
-from attar.merge.methods import MERGE_METHODS, REQUIRED, MergeMethod
+from attar.merge.methods import REQUIRED, MergeMethod, tensor_method
 
 Scalar = Union[bool, int, float, str]
 
@@ -157,7 +157,7 @@ class MergeConfig(_Strict):
         self.slices = None
 
     def method(self) -> MergeMethod:
-        return MERGE_METHODS.get(self.merge_method)
+        return tensor_method(self.merge_method)
 
     def check_parameters(self) -> None:
         """Unknown parameter names are errors (a typo like ``densty`` must not silently do nothing)."""
@@ -182,10 +182,78 @@ class MergeConfig(_Strict):
                     raise AttarError(
                         f"{where}: {key!r} is a shared parameter of {method.name}; put it under the top-level `parameters`."
                     )
+            check_numbers(method.name, where, params)
         for ref in method.model_refs:
             value = (self.parameters or {}).get(ref)
             if not isinstance(value, str):
                 raise AttarError(f"parameters.{ref}: {method.name} needs a model path here (e.g. {ref}: ./old-base).")
+
+
+# ---------------------------------------------------------------- numeric ranges
+
+F32_MAX = 3.4028234663852886e38  # merges run in float32: a larger factor overflows to inf on the first tensor
+
+# Allowed range of each numeric parameter, whichever method takes it: (low, high, low included, high included, meaning).
+# Checked when a config (or a recipe's merge stage) loads, so NaN, inf and nonsense never reach a tensor.
+RANGES: dict[str, tuple[float, float, bool, bool, str]] = {
+    "weight": (-F32_MAX, F32_MAX, True, True, "a model's weight"),
+    "lambda": (-F32_MAX, F32_MAX, True, True, "the factor on the summed task vectors"),
+    "density": (0.0, 1.0, False, True, "the fraction of each task vector kept"),
+    "gamma": (0.0, 1.0, True, False, "the fraction of largest entries dropped as outliers"),
+    "t": (0.0, 1.0, True, True, "the interpolation point, base at 0, other model at 1"),
+    "dot_threshold": (0.0, 1.0, True, True, "the |cosine| above which slerp falls back to linear"),
+    "alpha": (0.0, 1.0, True, True, "the WiSE-FT mixing coefficient"),
+    "alphas": (0.0, 1.0, True, True, "the WiSE-FT mixing coefficients swept"),
+    "fisher_floor": (0.0, F32_MAX, True, True, "the smallest Fisher value used"),
+    "sigma": (0.0, F32_MAX, False, True, "the search's step size"),
+    "iterations": (0, 10**6, True, True, "search iterations (a whole number)"),
+    "population": (1, 10**6, True, True, "children per iteration (a whole number)"),
+    "examples": (1, 10**9, True, True, "rows used for the Fisher estimate (a whole number)"),
+    "batch_size": (1, 10**9, True, True, "rows per Fisher batch (a whole number)"),
+}
+_WHOLE = {"iterations", "population", "examples", "batch_size"}
+
+
+def _leaves(value: Any) -> list[Any]:
+    """Every plain value inside a setting: scalars, gradient lists, ``{filter, value}`` entries (parsed or raw dicts)."""
+    if isinstance(value, Condition):
+        return _leaves(value.value)
+    if isinstance(value, dict) and "value" in value:
+        return _leaves(value["value"])
+    if isinstance(value, (list, tuple)):
+        return [leaf for v in value for leaf in _leaves(v)]
+    return [value]
+
+
+def _range_text(lo: float, hi: float, lo_in: bool, hi_in: bool) -> str:
+    if lo == -F32_MAX and hi == F32_MAX:
+        return "a finite number within float32's range (|x| <= 3.4e38), since merges compute in float32"
+    if hi == F32_MAX:
+        return f"a finite number {'>=' if lo_in else '>'} {lo:g}"
+    return f"in {'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+
+
+def check_numbers(method: str, where: str, params: dict[str, Any] | None) -> None:
+    """Refuse a numeric parameter that is not a number or is outside its range (NaN and inf included), naming it."""
+    for key, setting in (params or {}).items():
+        if key not in RANGES or setting is None:
+            continue
+        lo, hi, lo_in, hi_in, meaning = RANGES[key]
+        rule = _range_text(lo, hi, lo_in, hi_in)
+        for leaf in _leaves(setting):
+            if leaf is None:
+                continue
+            try:
+                if isinstance(leaf, bool):
+                    raise TypeError
+                x = float(leaf)
+            except (TypeError, ValueError):
+                raise AttarError(f"{where}: {key} {leaf!r} is not a number; {method} needs {key} ({meaning}) to be {rule}.") from None
+            ok = math.isfinite(x) and (lo < x or (lo_in and x == lo)) and (x < hi or (hi_in and x == hi))
+            if ok and key in _WHOLE and x != int(x):
+                ok = False
+            if not ok:
+                raise AttarError(f"{where}: {key} {leaf!r} is out of range; {method} needs {key} ({meaning}) to be {rule}.")
 
 
 def load_merge_config(source: str | Path | dict) -> MergeConfig:

@@ -9,21 +9,20 @@ on in-memory state dicts (tests, model-level methods, small PyTorch models).
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 import yaml
 
 from attar.errors import AttarError
-from attar.merge.config import MergeConfig, Setting, layer_index, layer_position, load_merge_config, parse_dtype, resolve_parameters
+from attar.merge.config import MergeConfig, Setting, check_numbers, layer_index, layer_position, load_merge_config, parse_dtype, resolve_parameters
 from attar.merge.io import ShardWriter, TensorSource, open_source, parse_size
-from attar.merge.methods import MERGE_METHODS, MergeMethod, TensorInputs
-from attar.merge.validate import check_inputs
+from attar.merge.methods import MergeMethod, TensorInputs, tensor_method
+from attar.merge.validate import check_finite, check_inputs, check_state_dicts
+from attar.train.progress import StepProgress
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 DEFAULT_SHARD_SIZE = "5GB"
@@ -85,13 +84,7 @@ def merge_tensor(
 
 
 def _method(name: str | MergeMethod) -> MergeMethod:
-    method = name if isinstance(name, MergeMethod) else MERGE_METHODS.get(name)
-    if method.level != "tensor":
-        raise AttarError(
-            f"{method.name} is a model-level method that needs held-out data (an evaluator or Fisher estimates); "
-            f"call attar.merge.methods.{method.name} functions from Python or use a recipe `merge` stage."
-        )
-    return method
+    return tensor_method(name)
 
 
 def merge_state_dicts(
@@ -119,9 +112,17 @@ def merge_state_dicts(
         raise AttarError(f"got {len(settings)} model_parameters for {len(inputs)} models.")
     if m.base == "required" and base is None:
         raise AttarError(f"{m.name} needs a base model.")
+    check_numbers(m.name, "parameters", dict(parameters or {}))
+    for i, ms in enumerate(settings):
+        check_numbers(m.name, f"model_parameters[{i}]", dict(ms or {}))
     if m.base_is_input and base is not None:
         inputs, settings = inputs + [base], settings + [None]
     ref = base if base is not None else inputs[0]
+    check_state_dicts(ref, [sd for sd in inputs if sd is not ref],
+                      [f"models[{i}]" for i, sd in enumerate(models) if sd is not ref],
+                      "the base" if base is not None else "models[0]")
+    for name, sd in (extras or {}).items():
+        check_state_dicts(ref, [sd], [name], "the base" if base is not None else "models[0]")
     n_layers = num_layers
     if n_layers is None:
         idx = [i for i in (layer_index(k) for k in ref) if i is not None]
@@ -142,16 +143,11 @@ def merge_state_dicts(
             t=layer_position(name, n_layers),
             seed=seed,
         )
-        out[name] = merged.to(ref_t.dtype)
+        stored = merged.to(ref_t.dtype)
+        named = {f"models[{i}]": sd for i, sd in enumerate(models)} | ({"the base": base} if base is not None else {})
+        check_finite(name, merged, stored, lambda: {k: sd[name] for k, sd in named.items()})
+        out[name] = stored
     return out
-
-
-def _progress_enabled(flag: bool | None) -> bool:
-    if flag is not None:
-        return flag
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        return False
-    return sys.stderr.isatty()
 
 
 def run_merge(
@@ -207,6 +203,7 @@ def run_merge(
             raise AttarError(f"{method.name} takes {want} model(s) besides the base; got {n}.")
         extras = {ref: get_source(str((cfg.parameters or {})[ref])) for ref in method.model_refs}
         merge_base = None if method.base_is_input else base
+        all_inputs = ([merge_base] if merge_base is not None else []) + inputs + list(extras.values())
         ref = base if base is not None else inputs[0]
         others = [s for s in dict.fromkeys(inputs + list(extras.values())) if s is not ref]
         check_inputs(ref, others)
@@ -230,7 +227,8 @@ def run_merge(
         inputs_desc = [s.label for s in ([base] if base is not None else []) + inputs]
         writer = ShardWriter(out, plan, fmt=fmt, max_shard_bytes=parse_size(shard_size), overwrite=overwrite)
         with writer:
-            with _Progress(_progress_enabled(progress), len(plan), f"{method.name} merge") as bar:
+            with StepProgress(f"{method.name} merge", len(plan), enabled=False if progress is False else None,
+                              unit="tensors") as bar:
                 for name, _shape, target in plan:
                     if not ref.dtype(name).is_floating_point:
                         writer.write(name, ref.get(name))
@@ -246,8 +244,10 @@ def run_merge(
                             t=layer_position(name, n_layers),
                             seed=cfg.seed,
                         )
-                        writer.write(name, merged.to(target))
-                    bar.advance()
+                        stored = merged.to(target)
+                        check_finite(name, merged, stored, lambda: {s.label: s.get(name) for s in dict.fromkeys(all_inputs)})
+                        writer.write(name, stored)
+                    bar.update()
             record = {
                 "method": method.name,
                 "inputs": inputs_desc,
@@ -292,35 +292,3 @@ def _check_out_not_input(out: Path, sources: Sequence[TensorSource]) -> None:
             p = Path(p).resolve()
             if o == p or o in p.parents:
                 raise AttarError(f"output {out} is (or contains) the input {p}; write the merge somewhere else.")
-
-
-class _Progress:
-    """A rich progress bar over tensors, or nothing (not a TTY, CI=true, or --quiet)."""
-
-    def __init__(self, enabled: bool, total: int, label: str):
-        self.enabled = enabled
-        self.total = total
-        self.label = label
-        self._p: Any = None
-        self._task: Any = None
-
-    def __enter__(self) -> "_Progress":
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-            self._p = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                TimeRemainingColumn(), transient=False,
-            )
-            self._p.__enter__()
-            self._task = self._p.add_task(self.label, total=self.total)
-        return self
-
-    def advance(self) -> None:
-        if self._p is not None:
-            self._p.advance(self._task)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._p is not None:
-            self._p.__exit__(*exc)
-

@@ -139,12 +139,7 @@ class SafetensorsSource(TensorSource):
         if f not in self._handles:
             if not f.exists():
                 raise AttarError(f"{self.label}: file {f} is missing.")
-            if looks_pickled(f):
-                raise AttarError(f"{f} is a pickled PyTorch file, not safetensors; attar never unpickles files.")
-            try:
-                self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
-            except (SafetensorError, OSError, ValueError) as e:
-                raise AttarError(f"{f} is not a readable safetensors file ({e}); it is probably truncated.") from None
+            self._handles[f] = open_safetensors(f)
         return self._handles[f]
 
     def names(self) -> list[str]:
@@ -163,8 +158,41 @@ class SafetensorsSource(TensorSource):
         self._handles.clear()
 
 
+def _pickle_like(path: Path) -> bool:
+    """A torch.save zip or a pickle of any protocol: 2-5 start with PROTO (0x80), 0-1 end with STOP ('.')."""
+    if looks_pickled(path):
+        return True
+    try:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"."
+    except OSError:
+        return False
+
+
+def open_safetensors(path: Path):
+    """``safe_open`` a file, or one paragraph saying why it cannot be read (pickled, truncated, not safetensors).
+
+    The header is parsed by safetensors (Rust), so nothing in the file is ever executed; the checks
+    here only choose the words of the error.
+    """
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        if _pickle_like(path):
+            raise AttarError(
+                f"{path} is a pickled PyTorch file (torch.save / pickle), not safetensors, whatever its name says; "
+                "attar never unpickles (it can run arbitrary code). Convert it once, from a source you trust, with "
+                "`attar convert-checkpoint FILE OUT.safetensors`."
+            ) from None
+        raise AttarError(
+            f"{path} is not a readable safetensors file ({e}); it is probably truncated (an interrupted download or "
+            "copy) or not a safetensors file at all. Download or copy it again."
+        ) from None
+
+
 def _single_file(path: Path, label: str) -> SafetensorsSource:
-    with safe_open(str(path), framework="pt", device="cpu") as h:
+    with open_safetensors(path) as h:
         keys = list(h.keys())
     return SafetensorsSource(path, label, {k: path for k in keys}, order=keys)
 
@@ -295,7 +323,11 @@ class LoraSource(TensorSource):
     ``fan_in_fan_out`` layers (GPT-2's Conv1D) and for embeddings; scale is
     alpha/r (alpha/√r with rsLoRA), alpha from ``alpha_pattern`` when it names
     the module. Other tensors in the adapter (``modules_to_save``, trained
-    biases) replace the base's. The adapter file is small, so it is read whole.
+    biases, and the ``X.base_layer.weight`` copies PEFT saves of targeted
+    embeddings and heads) replace the base's, and a LoRA update is added on top,
+    as PEFT does. Adapters whose initialisation moved the base weights (PiSSA,
+    OLoRA, CorDA, LoftQ, LoRA-GA) are refused until converted. The adapter file
+    is small, so it is read whole.
     """
 
     kind = "lora"
@@ -309,24 +341,37 @@ class LoraSource(TensorSource):
             raise AttarError(f"{label}: adapter type {cfg.get('peft_type')!r} is not LoRA; only LoRA adapters can be merged.")
         if cfg.get("use_dora"):
             raise AttarError(f"{label}: DoRA adapters are not supported yet; merge it with PEFT's merge_and_unload first.")
+        from attar.adapt.peft_format import check_plain_init, check_saved_modules
+
+        check_plain_init(cfg, label)
         weights = adapter_dir / "adapter_model.safetensors"
         if not weights.exists():
             if (adapter_dir / "adapter_model.bin").exists():
                 raise AttarError(f"{label}: adapter_model.bin is pickled; attar reads adapter_model.safetensors only.")
             raise AttarError(f"{label}: {weights} is missing.")
-        with safe_open(str(weights), framework="pt", device="cpu") as h:
+        with open_safetensors(weights) as h:
             tensors = {k: h.get_tensor(k) for k in h.keys()}
+        check_saved_modules(cfg, list(tensors), base.names(), label)
         alpha = float(cfg.get("lora_alpha", 8))
         alpha_pattern: dict[str, float] = cfg.get("alpha_pattern") or {}
         fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
         rslora = bool(cfg.get("use_rslora", False))
         base_names = base.names()
         name_set = set(base_names)
+        # Whole tensors the adapter carries (modules_to_save, e.g. a classifier head): when the base lacks
+        # them, say so instead of guessing that the adapter belongs to another model.
+        to_save = [re.escape(m) for m in cfg.get("modules_to_save") or []]
+        saved = {re.sub(r"\.modules_to_save\.[^.]+\.", ".", k.removeprefix("base_model.model."))
+                 for k in tensors if to_save and re.search(rf"(^|\.)({'|'.join(to_save)})\.", k)}
+        absent: list[str] = []
 
         def to_base(key: str) -> str:
             if key in name_set:
                 return key
             hits = [n for n in base_names if n.endswith("." + key) or key.endswith("." + n)]
+            if not hits and key in saved:
+                absent.append(key)
+                return key
             if len(hits) != 1:
                 raise AttarError(
                     f"{label}: adapter tensor for {key!r} matches {len(hits)} tensors of the base "
@@ -350,8 +395,10 @@ class LoraSource(TensorSource):
             elif re.search(r"\.lora_[A-Za-z_]+", k):
                 raise AttarError(f"{label}: adapter tensor {key!r} is of a LoRA variant attar cannot merge yet.")
             else:
-                k = re.sub(r"\.modules_to_save\.[^.]+\.", ".", k)
+                k = re.sub(r"\.modules_to_save\.[^.]+\.", ".", k).replace(".base_layer.", ".")
                 self._replace[to_base(k)] = t
+        if absent:
+            raise AttarError(_missing_head_message(label, adapter_dir, base.label, absent, cfg))
         for module, p in pairs.items():
             if "A" not in p or "B" not in p:
                 raise AttarError(f"{label}: module {module!r} has only one of lora_A / lora_B.")
@@ -402,16 +449,33 @@ class LoraSource(TensorSource):
 
     def get(self, name: str) -> torch.Tensor:
         dtype = self.base.dtype(name)
-        if name in self._replace:
-            return self._replace[name].to(dtype)
-        t = self.base.get(name)
+        t = self._replace[name] if name in self._replace else self.base.get(name)
         d = self._deltas.get(name)
         if d is None:
-            return t
+            return t.to(dtype)
         return (t.float() + self._delta(d, self._fan_in_fan_out)).to(dtype)
 
     def close(self) -> None:
         self.base.close()
+
+
+def _missing_head_message(label: str, adapter_dir: Path, base_label: str, absent: list[str], cfg: dict[str, Any]) -> str:
+    """The adapter carries whole modules (``modules_to_save``, usually a new classification head) its base lacks."""
+    modules = sorted({n.rsplit(".", 1)[0] for n in absent})
+    model_dir = adapter_dir.parent / "model"
+    if (adapter_dir.parent / "metrics.json").is_file() and (model_dir / "config.json").is_file():
+        fix = (f"This is an attar fine-tune's adapter: its merged model, head included, is {model_dir}; use that folder "
+               f"as the merge input instead.")
+    else:
+        fix = (f"Build the full model first, e.g. `attar finetune apply-peft {base_label} {adapter_dir} --out DIR` "
+               "(or PEFT's merge_and_unload on the base loaded with its task head, saved with save_pretrained), "
+               "and use DIR as the merge input.")
+    return (
+        f"{label}: the adapter carries {', '.join(repr(m) for m in modules)} (modules_to_save "
+        f"{cfg.get('modules_to_save')}, tensors {absent[:4]}), which its base {base_label} does not have: the base is "
+        f"the bare model and that module (usually the classification head) was created during fine-tuning, so it "
+        f"has no place to go and the merge would lose it. {fix}"
+    )
 
 
 # ---------------------------------------------------------------- output
@@ -464,6 +528,12 @@ class ShardWriter:
         self.out = Path(out)
         self.fmt = fmt
         self.overwrite = overwrite
+        for parent in self.out.parents:  # the nearest existing ancestor must be a folder, or mkdir fails
+            if parent.exists():
+                if not parent.is_dir():
+                    raise AttarError(f"output {self.out}: {parent} is a file, not a folder, so nothing can be written "
+                                     "under it; choose another --out.")
+                break
         if self.out.exists() and not overwrite and (not self.out.is_dir() or any(self.out.iterdir())):
             raise AttarError(f"output {self.out} already exists and is not empty; choose another folder or pass --overwrite.")
         if fmt == "attar":
@@ -488,10 +558,14 @@ class ShardWriter:
         self.tmp: Path | None = None
 
     def __enter__(self) -> "ShardWriter":
-        self.out.parent.mkdir(parents=True, exist_ok=True)
         from attar.checkpoint import make_temp_dir
 
-        self.tmp = make_temp_dir(self.out.parent, prefix=f".{self.out.name}.", suffix=".tmp")  # becomes --out: umask mode
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = make_temp_dir(self.out.parent, prefix=f".{self.out.name}.", suffix=".tmp")  # becomes --out: umask mode
+        except OSError as e:
+            raise AttarError(f"cannot write the output {self.out}: {e.strerror or e} ({e.filename or self.out.parent}); "
+                             "choose an --out in a folder you can write to.") from None
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

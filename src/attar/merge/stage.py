@@ -16,9 +16,11 @@ from typing import Any, Mapping, Sequence
 from torch import nn
 
 from attar.errors import AttarError
+from attar.merge.config import check_numbers
 from attar.merge.engine import merge_state_dicts
 from attar.merge.evaluators import evaluator_for, fisher_estimator, state_dicts
 from attar.merge.methods import MERGE_METHODS, fisher_merge, greedy_soup, lcsc_search, wise_ft_sweep
+from attar.merge.validate import check_finite, check_state_dicts
 
 FISHER_OPTIONS = {"examples": 256, "labels": "expected", "batch_size": 16}
 
@@ -32,13 +34,15 @@ def merge_models(
     parameters: Mapping[str, Any] | None = None,
     model_parameters: Sequence[Mapping[str, Any] | None] | None = None,
     seed: int = 0,
+    labels: Sequence[str] | None = None,
+    base_label: str = "the base",
 ) -> tuple[nn.Module, dict[str, Any]]:
     """``(merged model, info)``. ``bundle`` (a DataBundle) is needed by the model-level methods.
 
     ``parameters`` are the method's shared parameters (as in a mergekit config's
     global ``parameters``); for ``fisher`` also ``examples``, ``labels`` and
     ``batch_size`` of the Fisher estimate. ``model_parameters[i]`` are per-model
-    (``weight``, ``density``, ...).
+    (``weight``, ``density``, ...). ``labels`` name the models (and ``base_label`` the base) in errors.
     """
     m = MERGE_METHODS.get(method)
     params = dict(parameters or {})
@@ -50,8 +54,14 @@ def merge_models(
         raise AttarError(f"merge method {method!r} takes no base model; list every model under models.")
     ref = base if (base is not None and not m.base_is_input) else models[0]
     out = copy.deepcopy(ref)
+    check_numbers(m.name, "parameters", params)
+    for i, mp in enumerate(model_parameters or []):
+        check_numbers(m.name, f"model_parameters[{i}]", dict(mp or {}))
     sds = state_dicts(models)
     base_sd = None if base is None else state_dicts([base])[0]
+    names = list(labels) if labels is not None else [f"models[{i}]" for i in range(len(models))]
+    everything = ([(base_label, base_sd)] if base_sd is not None else []) + list(zip(names, sds))
+    check_state_dicts(everything[0][1], [sd for _, sd in everything[1:]], [n for n, _ in everything[1:]], everything[0][0])
     if m.level == "tensor":
         merged = merge_state_dicts(m, sds, base_sd, parameters=params, model_parameters=model_parameters, seed=seed)
         out.load_state_dict(merged)
@@ -80,5 +90,7 @@ def merge_models(
             result = lcsc_search(sds, evaluate, **({"seed": seed} | params))
         else:  # a model-level method registered later
             result = m.run(sds, base=base_sd, evaluate=evaluate, **params)
+    for name, t in result.state_dict.items():
+        check_finite(name, t, t, lambda: {n: sd[name] for n, sd in everything})
     out.load_state_dict(result.state_dict)
     return out, {"method": m.name, **result.info}

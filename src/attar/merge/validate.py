@@ -7,7 +7,9 @@ inputs "shape mismatch" alone is useless.
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
+
+import torch
 
 from attar.errors import AttarError
 from attar.merge.io import TensorSource
@@ -98,3 +100,44 @@ def check_tensors(ref: TensorSource, others: Sequence[TensorSource]) -> None:
 def check_inputs(ref: TensorSource, others: Sequence[TensorSource]) -> None:
     check_configs(ref, others)
     check_tensors(ref, others)
+
+
+def check_state_dicts(ref: Mapping[str, torch.Tensor], others: Sequence[Mapping[str, torch.Tensor]],
+                      labels: Sequence[str] | None = None, ref_label: str = "the reference model") -> None:
+    """In-memory inputs (a recipe's merge stage): same tensor names and shapes, or an error naming both shapes."""
+    labels = list(labels) if labels is not None else [f"model #{i + 1}" for i in range(len(others))]
+    for label, sd in zip(labels, others):
+        missing = [n for n in ref if n not in sd]
+        extra = [n for n in sd if n not in ref]
+        if missing or extra:
+            what = f"lacks {missing[:3]}" if missing else f"has extra tensors {extra[:3]}"
+            raise AttarError(f"{label} {what} compared with {ref_label}; merged models must have the same architecture.")
+        for n, t in ref.items():
+            if tuple(sd[n].shape) != tuple(t.shape):
+                raise AttarError(
+                    f"tensor {n!r} has shape {tuple(sd[n].shape)} in {label} but {tuple(t.shape)} in {ref_label}; "
+                    "only models of the same architecture and size can be merged (same widths, depths and classes)."
+                )
+
+
+def check_finite(name: str, merged: torch.Tensor, stored: torch.Tensor,
+                 inputs: Callable[[], Mapping[str, torch.Tensor]]) -> None:
+    """Refuse a merged tensor holding inf or NaN (before anything is committed), saying where it came from.
+
+    ``merged`` is the float32 result, ``stored`` the same cast to the output dtype, ``inputs`` reads the
+    inputs' tensors (only called on failure, to tell a poisoned input from an overflow).
+    """
+    if not stored.is_floating_point() or bool(torch.isfinite(stored).all()):
+        return
+    bad = int((~torch.isfinite(stored)).sum())
+    poisoned = [label for label, t in inputs().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if poisoned:
+        why = f"the input {poisoned[0]} already holds inf/NaN in this tensor; repair or leave out that model"
+    elif bool(torch.isfinite(merged).all()):
+        why = (f"the merged values (largest |x| {float(merged.abs().max()):.3g}) do not fit in {str(stored.dtype).removeprefix('torch.')}; "
+               "store the merge as float32 or bfloat16 (--dtype or out_dtype)")
+    else:
+        why = ("the arithmetic overflowed float32: the weights or lambda are far too large (or the normalized "
+               "weights nearly cancel); use weights of ordinary size")
+    raise AttarError(f"the merged tensor {name!r} has {bad} non-finite value(s) (inf or NaN) out of {stored.numel()}: "
+                     f"{why}. Nothing was written.")

@@ -13,6 +13,7 @@ from attar.merge.methods.base import (
     TensorInputs,
     register,
     stable_seed,
+    tensor_method,
 )
 from attar.merge.methods import (  # noqa: F401  (registration side effects)
     breadcrumbs,
@@ -49,5 +50,6 @@ __all__ = [
     "register",
     "slerp_tensors",
     "stable_seed",
+    "tensor_method",
     "wise_ft_sweep",
 ]

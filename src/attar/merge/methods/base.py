@@ -21,6 +21,7 @@ from typing import Any, Callable, Literal, Mapping, Protocol
 
 import torch
 
+from attar.errors import AttarError
 from attar.registry import Registry
 
 StateDict = Mapping[str, torch.Tensor]
@@ -231,3 +232,31 @@ def combine_deltas(
     if lam != 1:
         mixed = mixed * lam
     return mixed
+
+
+_PYTHON = {"fisher": "fisher_merge", "wise_ft": "wise_ft_sweep", "lcsc": "lcsc_search"}  # model-level method -> function
+
+
+def tensor_method(name: "str | MergeMethod") -> MergeMethod:
+    """The per-tensor method ``name`` (what ``attar merge`` and ``merge_state_dicts`` run), or an error that
+    lists only those and sends the data-aware ones to the recipe ``merge`` stage, which has the data they need."""
+    if isinstance(name, MergeMethod):
+        method = name
+    elif name in MERGE_METHODS:
+        method = MERGE_METHODS.get(name)
+    else:
+        method = None
+    tensor = [n for n in MERGE_METHODS.names() if MERGE_METHODS.get(n).level == "tensor"]
+    data = [n for n in MERGE_METHODS.names() if MERGE_METHODS.get(n).level != "tensor"]
+    elsewhere = f"the data-aware methods ({', '.join(data)}) run in a recipe `merge` stage (see docs/merge.md)"
+    if method is None:
+        raise AttarError(f"Unknown merge method {name!r}. Known merge methods (run per tensor, by `attar merge`): "
+                         f"{', '.join(tensor)}; {elsewhere}.")
+    if method.level != "tensor":
+        raise AttarError(
+            f"{method.name} is a model-level method that needs held-out data (an evaluator or Fisher estimates), "
+            f"which `attar merge` does not have. Use it in a recipe `merge` stage (`kind: merge`, "
+            f"`merge: {{method: {method.name}, models: [...]}}` with `data:`), or call attar.merge.{_PYTHON.get(method.name, method.name)} "
+            f"from Python. `attar merge` runs: {', '.join(tensor)}."
+        )
+    return method
