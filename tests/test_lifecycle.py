@@ -136,6 +136,22 @@ def test_lock_names_its_holder_and_dies_with_it(tmp_path):
     assert lock_state(tmp_path) is False
 
 
+def test_file_system_without_locks_runs_unguarded_and_is_never_marked(tmp_path, monkeypatch):
+    import attar.lifecycle
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(attar.lifecycle.fcntl, "flock", no_locks)
+    with RunStore(tmp_path / "runs.db") as s:
+        rid = s.start_run("r", "", None, seed=0)
+        (tmp_path / rid).mkdir()
+        with run_lock(tmp_path / rid) as info:  # no refusal, no traceback
+            assert info["pid"] == os.getpid()
+        assert lock_state(tmp_path / rid) is None  # cannot be told...
+        assert s.mark_gone_runs() == []  # ...so a running run is left running
+
+
 def test_signals_stop_at_the_next_safe_point_or_at_once():
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with stop_on_signals():

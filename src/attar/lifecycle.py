@@ -36,6 +36,7 @@ from typing import Iterator
 from attar.errors import AttarError
 
 LOCK_NAME = "run.lock"
+_NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # some network file systems
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -74,7 +75,11 @@ def run_lock(run_dir: str | Path, wait_s: float = 1.0) -> Iterator[dict]:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
-            except BlockingIOError:
+            except OSError as e:
+                if e.errno in _NO_FLOCK:  # a file system without locks: run unguarded, as before the lock existed
+                    break
+                if not isinstance(e, BlockingIOError):
+                    raise
                 if time.monotonic() >= deadline:
                     raise AttarError(
                         f"The run folder {run_dir} is in use by {_describe(_read_holder(path))}: its lock file "
