@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from attar.checkpoint import latest_checkpoint
+from attar.checkpoint import latest_checkpoint, read_checkpoint
 from attar.objective import Objective
-from attar.recipe import TrainConfig
+from attar.train.config import TrainConfig
 from attar.train.trainer import Trainer, TrainingDiverged
 
 
@@ -83,3 +83,49 @@ def test_resume_rejects_changed_settings(tmp_path):
     Trainer(_mlp(), CE(), x, y, TrainConfig(epochs=1, batch_size=64), ckpt_dir=tmp_path).fit()
     with pytest.raises(AttarError, match="different training settings"):
         Trainer(_mlp(), CE(), x, y, TrainConfig(epochs=1, batch_size=32), ckpt_dir=tmp_path).fit(resume=True)
+
+
+def test_nan_right_after_a_checkpoint_drops_it_and_names_the_previous_one(tmp_path):
+    """The checkpoint written just before the divergence holds the weights that produced it: it is not 'good'."""
+    x, y = _digits()
+    cfg = TrainConfig(epochs=2, batch_size=64, checkpoint_every=5)
+    with pytest.raises(TrainingDiverged) as e:
+        Trainer(_mlp(), NaNAt(10), x, y, cfg, ckpt_dir=tmp_path).fit()
+    msg = str(e.value)
+    assert "step 10" in msg and "step-00000005" in msg and "step-00000010" not in msg
+    assert latest_checkpoint(tmp_path).name == "step-00000005"
+    assert "--allow-optim-change" in msg
+
+
+def test_nan_before_any_checkpoint_says_so_in_words(tmp_path):
+    x, y = _digits()
+    with pytest.raises(TrainingDiverged) as e:
+        Trainer(_mlp(), NaNAt(0), x, y, TrainConfig(epochs=1, batch_size=64), ckpt_dir=tmp_path).fit()
+    msg = str(e.value)
+    assert "No checkpoint was written yet" in msg and "None" not in msg
+
+
+def test_resume_with_changed_optimiser_settings_only_on_request(tmp_path):
+    from attar.errors import AttarError
+
+    x, y = _digits()
+    cfg = TrainConfig(epochs=2, batch_size=64, checkpoint_every=5, optimizer="sgd", schedule="constant")
+    with pytest.raises(TrainingDiverged):
+        Trainer(_mlp(), NaNAt(12), x, y, cfg, ckpt_dir=tmp_path).fit()
+    lower = cfg.model_copy(update={"lr": 1e-4, "weight_decay": 0.0, "momentum": 0.5})
+    with pytest.raises(AttarError, match="different training settings"):
+        Trainer(_mlp(), CE(), x, y, lower, ckpt_dir=tmp_path).fit(resume=True)
+    seen = []
+
+    class Spy(CE):
+        def forward(self, batch, logits):
+            seen.append(1)
+            return super().forward(batch, logits)
+
+    tr = Trainer(_mlp(), Spy(), x, y, lower, ckpt_dir=tmp_path, accept_changed_config=True)
+    res = tr.fit(resume=True)
+    assert res.steps == tr.total_steps and len(seen) == tr.total_steps - 10  # continued from step 10, not 0
+    # the resumed checkpoint's hyper-parameters yield to the new config
+    state = read_checkpoint(latest_checkpoint(tmp_path))[1]
+    groups = state["optimizer"]["param_groups"]
+    assert all(g["lr"] == 1e-4 and g["weight_decay"] == 0.0 and g["momentum"] == 0.5 for g in groups)

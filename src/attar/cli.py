@@ -178,7 +178,7 @@ def data_show(
 ):
     """Render a data set's training images (or a condensed set) as a PNG grid, one row per class."""
     from attar.condense.api import render_grid
-    from attar.condense.artifact import SyntheticSet, is_condensed_artifact
+    from attar.data.artifact import SyntheticSet, is_condensed_artifact
 
     try:
         if Path(source).is_dir() and is_condensed_artifact(source):
@@ -269,8 +269,21 @@ _mount_merge()
 _mount_subapps()
 
 
-def main() -> None:  # pragma: no cover
-    app()
+def main() -> None:
+    """The ``attar`` command: the Typer app, with file-system refusals on a user's paths (an --out under a
+    file, a read-only folder, a full disk) printed as one paragraph, whatever command hit them."""
+    from attar.console import path_error
+
+    try:
+        app()
+    except OSError as e:
+        msg = path_error(e)
+        if msg is None:
+            raise
+        try:
+            _fail(msg)
+        except typer.Exit as ex:
+            sys.exit(ex.exit_code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,6 +16,13 @@ from pathlib import Path
 
 from attar.errors import AttarError
 
+def home(explicit: str | Path | None = None) -> Path:
+    """Where runs, ``runs.db`` and shared caches live: ``explicit`` (``--home``), else ``$ATTAR_HOME``, else ``./runs``.
+
+    The one reader of ``ATTAR_HOME``, so every command agrees on it."""
+    return Path(explicit) if explicit else Path(os.environ.get("ATTAR_HOME") or "runs")
+
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 

@@ -11,7 +11,6 @@ import contextlib
 import copy
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,13 +22,10 @@ from attar.checkpoint import atomic_write_json
 from attar.errors import AttarError
 from attar.lifecycle import NO_SPACE, RunInterrupted, no_space_error, read_run_json, run_lock, stop_on_signals
 from attar.paths import check_no_symlinks
+from attar.paths import home as runs_home
 from attar.recipe import Recipe, StageSpec, TrainConfig, is_optim_field, load_recipe, parse_recipe, recipe_diff, stage_index
 from attar.specs import DataSpec, ModelSpec
 from attar.train import distributed as dist
-
-
-def attar_home() -> Path:
-    return Path(os.environ.get("ATTAR_HOME", "runs"))
 
 
 @dataclass
@@ -52,7 +48,7 @@ class Pipeline:
     def __init__(self, recipe: Recipe, recipe_text: str, home: Path | None = None, log=print):
         self.recipe = recipe
         self.text = recipe_text
-        self.home = Path(home) if home else attar_home()
+        self.home = runs_home(home)
         self.log = log if dist.is_main() else (lambda *a, **k: None)
         self._bundles: dict[str, object] = {}
         self._teacher_models: dict[str, nn.Module] = {}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import statistics
 import time
@@ -22,6 +21,7 @@ from attar.checkpoint import atomic_write_json
 from attar.data.artifact import SyntheticSet, data_hash, load_synthetic, save_synthetic
 from attar.condense.base import CONDENSERS, DEFAULT_MODEL, CondenseContext, gen, seed_of
 from attar.errors import AttarError
+from attar.paths import home
 from attar.specs import DataSpec, ModelSpec
 
 
@@ -355,7 +355,7 @@ def evaluate_condensed(
 
 
 def _cache_path(kind: str, key: dict, cache_dir) -> Path:
-    cache = Path(cache_dir or Path(os.environ.get("ATTAR_HOME", "runs")) / "cache")
+    cache = Path(cache_dir or home() / "cache")
     blob = json.dumps(key, sort_keys=True, default=str)
     return cache / f"condense-{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:20]}.json"
 

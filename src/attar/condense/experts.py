@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from attar.checkpoint import atomic_save_safetensors, atomic_write_json, load_safetensors
 from attar.condense.base import CondenseContext, gen, seed_of
 from attar.errors import AttarError
+from attar.paths import home
 
 FORMAT = "attar-experts/1"
 META = "experts.json"
@@ -239,8 +240,7 @@ def open_store(folder: str | Path, ctx: CondenseContext, cfg: ExpertConfig,
 def default_store_dir(ident: dict[str, Any], cfg: ExpertConfig) -> Path:
     """``$ATTAR_HOME/cache/experts-<hash>``: one folder per (identity, training settings), so runs share experts."""
     import hashlib
-    import os
 
     key = json.dumps(ident | cfg.settings(), sort_keys=True, default=str)
-    root = Path(os.environ.get("ATTAR_HOME", "runs")) / "cache"
+    root = home() / "cache"
     return root / f"experts-{hashlib.sha256(key.encode()).hexdigest()[:16]}"

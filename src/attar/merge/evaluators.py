@@ -181,7 +181,7 @@ def finetune(
     """
     from attar.data import make_augment
     from attar.distill.objectives import build_objective
-    from attar.recipe import TrainConfig
+    from attar.train.config import TrainConfig
     from attar.train.trainer import Trainer
 
     cfg = train if isinstance(train, TrainConfig) else TrainConfig.model_validate(dict(train))

@@ -26,7 +26,7 @@ from attar import lifecycle
 from attar.checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint
 from attar.errors import AttarError
 from attar.objective import Batch, Objective
-from attar.recipe import TrainConfig
+from attar.train.config import TrainConfig
 from attar.train import distributed as dist
 from attar.train.progress import StepProgress
 from attar.train.schedule import lr_at
@@ -119,8 +119,10 @@ class Trainer:
         name: str = "train",
         num_classes: int | None = None,
         selector=None,
+        accept_changed_config: bool = False,
     ):
         self.model = model
+        self.accept_changed_config = accept_changed_config  # the pipeline checked that only optimiser settings differ
         self.objective = objective
         self.cfg = config
         self.seed = seed
@@ -251,7 +253,7 @@ class Trainer:
         if ckpt is None:
             return None
         tensors, state = read_checkpoint(ckpt)
-        if state.get("config_hash") != self._config_hash():
+        if state.get("config_hash") != self._config_hash() and not self.accept_changed_config:
             raise AttarError(
                 f"{ckpt} was written with different training settings (or data, seed, world size); "
                 "resume needs the same recipe. Start a fresh run or restore the original recipe."
@@ -259,11 +261,30 @@ class Trainer:
         self.model.load_state_dict(tensors["model"])
         self.objective.load_state_dict(tensors["objective"])
         opt.load_state_dict(optimizer_from_tensors(tensors.get("optimizer", {}), state["optimizer"]))
+        for g in opt.param_groups:  # the saved hyper-parameters yield to the config (they differ only on request)
+            g["weight_decay"] = self.cfg.weight_decay
+            if "momentum" in g:
+                g["momentum"] = self.cfg.momentum
         if self.selector is not None:
             self.selector.load_state_tensors(tensors.get("selector", {}))
             self.selector.stats.update(state.get("selector_stats", {}))
         state["path"] = str(ckpt)
         return state
+
+    def _diverged(self, lval: float, step: int, epoch: int, poisoned: str | None) -> str:
+        """Drop the checkpoint whose very next loss was not finite; name the newest remaining one in words."""
+        if poisoned is not None and dist.is_main():
+            shutil.rmtree(poisoned, ignore_errors=True)
+        dist.barrier()
+        good = latest_checkpoint(self.ckpt_dir) if self.ckpt_dir else None
+        if good is not None:
+            where = (f"The last good checkpoint (its next loss was finite) is {good}; continue from it with a lower "
+                     "train.lr or a train.grad_clip by resuming with the changed recipe and --allow-optim-change.")
+        else:
+            where = ("No checkpoint was written yet, so there is nothing to resume: start again with a lower "
+                     "train.lr or a train.grad_clip.")
+        return (f"stage {self.name!r}: the loss became {lval} at step {step} (epoch {epoch + 1}); training stopped. "
+                f"{where} Also check the inputs for NaN/Inf.")
 
     def _make_optimizer(self, params) -> torch.optim.Optimizer:
         c = self.cfg
@@ -297,12 +318,15 @@ class Trainer:
         runner: nn.Module = DDP(step_mod) if self.world > 1 else step_mod
 
         step, epoch0, micro0, history, elapsed, seen = 0, 0, 0, [], 0.0, 0
+        state = None
         if resume:
             state = self._load(opt)
             if state is not None:
                 step, epoch0, micro0 = state["step"], state["epoch"], state["micro"]
                 history, elapsed, seen = state["history"], state["elapsed"], state["seen"]
-        last_good = None
+        # A checkpoint counts as good once the loss of the step after it was finite: the one written just before
+        # a divergence may already hold the weights that produce it, and resuming it would only repeat the NaN.
+        pending = (state or {}).get("path") if resume else None
         last_save = time.perf_counter()
         self.model.train()
         t_start = time.perf_counter() - elapsed
@@ -326,12 +350,8 @@ class Trainer:
                     loss = losses["loss"]
                     lval = float(dist.all_reduce_mean(loss.detach()))
                     if not math.isfinite(lval):
-                        where = last_good or (str(latest_checkpoint(self.ckpt_dir)) if self.ckpt_dir else None)
-                        raise TrainingDiverged(
-                            f"stage {self.name!r}: the loss became {lval} at step {step} (epoch {epoch + 1}). "
-                            f"Training stopped; the last good checkpoint is {where or 'none (no checkpoint was written yet)'}. "
-                            "Lower the learning rate, set train.grad_clip, or check the inputs for NaN/Inf."
-                        )
+                        raise TrainingDiverged(self._diverged(lval, step, epoch, pending))
+                    pending = None  # the newest checkpoint's next loss was finite: it is good
                     (loss / cfg.accumulate).backward()
                     seen += len(batch.y) * self.world
                     epoch_loss += lval
@@ -350,7 +370,7 @@ class Trainer:
                     if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not end_of_epoch:
                         self._save(opt, step, epoch, micro + 1, history, time.perf_counter() - t_start, seen)
                         last_save = time.perf_counter()
-                        last_good = str(self.ckpt_dir / f"step-{step:08d}") if self.ckpt_dir else None
+                        pending = str(self.ckpt_dir / f"step-{step:08d}") if self.ckpt_dir else None
                     if not end_of_epoch:
                         self._stop_if_asked(opt, step, epoch, micro + 1, history, t_start, seen)
                 self.objective.on_epoch_end(epoch, cfg.epochs)
@@ -366,7 +386,7 @@ class Trainer:
                 now = time.perf_counter()
                 if epoch + 1 == cfg.epochs or (not cfg.checkpoint_every and now - last_save >= 30.0):
                     self._save(opt, step, epoch + 1, 0, history, now - t_start, seen)
-                    last_good = str(self.ckpt_dir / f"step-{step:08d}") if self.ckpt_dir else None
+                    pending = str(self.ckpt_dir / f"step-{step:08d}") if self.ckpt_dir else None
                     last_save = now
                 self._stop_if_asked(opt, step, epoch + 1, 0, history, t_start, seen)
         final = self.objective.finalize(self.model)
