@@ -1,5 +1,7 @@
 """The generic registry: one way to validate, build and describe a method of any family."""
 
+from typing import Literal
+
 import pytest
 from pydantic import Field
 
@@ -14,6 +16,8 @@ class Scaler:
     class Params(Params):
         factor: float = Field(2.0, gt=0, description="multiply by this")
         name_hint: str | None = None
+        mode: Literal["fast", "exact"] = "fast"
+        share: float = Field(0.5, ge=0, le=1)
 
     def __init__(self, p):
         self.p = p
@@ -32,7 +36,7 @@ def test_build_validates_params_and_passes_them():
 
 
 @pytest.mark.parametrize("spec, words", [
-    ({"name": "scaler", "factr": 3}, ["toy 'scaler'", "unknown field 'factr'", "Accepted fields: factor (float, default 2.0): multiply by this"]),
+    ({"name": "scaler", "factr": 3}, ["toy 'scaler'", "unknown field 'factr'", "Accepted fields: factor (float > 0, default 2.0): multiply by this"]),
     ({"name": "scaler", "factor": -1}, ["field 'factor' = -1", "greater than 0"]),
     ({"name": "scaler", "factor": float("inf")}, ["field 'factor' = inf", "finite"]),
     ({"name": "nosuch"}, ["Unknown toy 'nosuch'", "Known toys: plain, scaler"]),
@@ -47,8 +51,17 @@ def test_mistakes_name_the_field_and_the_accepted_fields(spec, words):
 
 
 def test_fields_describe_a_method():
-    assert TOYS.fields("scaler")["factor"] == {"type": "float", "default": 2.0, "required": False,
+    assert TOYS.fields("scaler")["factor"] == {"type": "float > 0", "default": 2.0, "required": False,
                                                  "description": "multiply by this"}
     assert TOYS.fields("plain") == {}
     with pytest.raises(ValueError, match="registered twice"):
         TOYS.register("plain")(Plain)
+
+
+def test_fields_show_choices_bounds_and_optional_types_as_users_write_them():
+    rows = TOYS.fields("scaler")
+    assert rows["mode"]["type"] == "'fast' | 'exact'"
+    assert rows["share"]["type"] == "float >= 0 and <= 1"
+    assert rows["name_hint"]["type"] == "str | None"
+    with pytest.raises(AttarError, match=r"field 'mode' = 'slow'.*mode \('fast' \| 'exact', default 'fast'\)"):
+        TOYS.build({"name": "scaler", "mode": "slow"})

@@ -9,7 +9,7 @@ lists a method's fields for ``attar methods`` and the docs, and words every mist
 
 from __future__ import annotations
 
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from typing import Any, Callable, Generic, Iterator, Literal, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -24,14 +24,26 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+def _type_text(info: Any) -> str:
+    """``float >= 0 and <= 1``, ``'mse' | 'cosine'``, ``int | None``: the type with its bounds, as users write it."""
+    ann = info.annotation
+    if get_origin(ann) is Literal:
+        text = " | ".join(repr(a) for a in get_args(ann))
+    elif isinstance(ann, type) and not get_args(ann):
+        text = ann.__name__
+    else:
+        text = str(ann).replace("typing.", "")
+    bounds = [f"{sym} {getattr(m, attr)}" for m in info.metadata
+              for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")) if getattr(m, attr, None) is not None]
+    return text + (" " + " and ".join(bounds) if bounds else "")
+
+
 def field_rows(model: type[BaseModel] | None) -> dict[str, dict[str, Any]]:
     """``{field: {type, default, required, description}}`` of a ``Params`` model (for listings and docs)."""
     rows: dict[str, dict[str, Any]] = {}
     for name, info in (model.model_fields if model is not None else {}).items():
-        ann = info.annotation
-        typ = getattr(ann, "__name__", None) if isinstance(ann, type) else None
         rows[name] = {
-            "type": typ or str(ann).replace("typing.", ""),
+            "type": _type_text(info),
             "default": None if info.is_required() else info.get_default(call_default_factory=True),
             "required": info.is_required(),
             "description": info.description or "",
@@ -111,7 +123,8 @@ class Registry(Generic[T]):
         if isinstance(spec, str):
             spec = {"name": spec}
         if not isinstance(spec, dict) or "name" not in spec:
-            raise AttarError(f"a {self.family} is given as a mapping with a 'name' (e.g. {{name: {self._example()}}}); "
+            article = "an" if self.family[:1] in "aeiou" else "a"
+            raise AttarError(f"{article} {self.family} is given as a mapping with a 'name' (e.g. {{name: {self._example()}}}); "
                              f"known {self.family}s: {', '.join(self.names()) or '(none)'}.")
         params = dict(spec)
         return params.pop("name"), params
