@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import attar.checkpoint
+import attar.io
 from attar.cli import app
 from attar.errors import AttarError
 from attar.lifecycle import (LOCK_NAME, RunInterrupted, graceful_stop, lock_holder, lock_state, read_run_json, run_lock,
@@ -317,7 +317,7 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path, monkeypatch):
         def write(self, data):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    class FullDiskOs:  # attar.checkpoint's view of `os`: writes of the step-20 checkpoint fail
+    class FullDiskOs:  # attar.io's view of `os`: writes of the step-20 checkpoint fail
         def __getattr__(self, name):
             return getattr(os, name)
 
@@ -327,7 +327,7 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path, monkeypatch):
 
     home = tmp_path / "home"
     with monkeypatch.context() as m:
-        m.setattr(attar.checkpoint, "os", FullDiskOs())
+        m.setattr(attar.io, "os", FullDiskOs())
         res = _cli("run", str(recipe), home=home)
     out = _one_paragraph(res)
     run_dir = _run_dir(home)

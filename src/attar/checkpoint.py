@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import secrets
 import struct
 from pathlib import Path
 from typing import Any
@@ -22,105 +19,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from attar.errors import AttarError
+from attar.io import (  # noqa: F401  (re-exported: checkpoint writers are io writers)
+    _fsync_dir,
+    apply_umask,
+    atomic_write_bytes,
+    atomic_write_json,
+    make_temp_dir,
+    make_temp_file,
+    sha256_file,
+    staged_folder,
+)
 
 MANIFEST = "manifest.json"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fresh_name(parent: Path, prefix: str, suffix: str, create) -> Path:
-    for _ in range(100):
-        p = parent / f"{prefix}{secrets.token_hex(6)}{suffix}"
-        try:
-            create(p)
-            return p
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free temporary name like {prefix}*{suffix} in {parent}")
-
-
-def make_temp_file(parent: str | Path, prefix: str, suffix: str = ".tmp") -> tuple[int, Path]:
-    """``tempfile.mkstemp`` with the mode every artifact should have: ``0o666 & ~umask``.
-
-    Why: mkstemp creates files 0600 and a rename keeps that mode, so reports and models written
-    through a temp file were unreadable to anyone sharing the runs folder. ``os.open(..., 0o666)``
-    lets the kernel apply the umask (and default ACLs); nothing reads or changes the process umask.
-    Returns an open write descriptor and the path.
-    """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    flags |= getattr(os, "O_BINARY", 0)
-    fds: list[int] = []
-    path = _fresh_name(Path(parent), prefix, suffix, lambda p: fds.append(os.open(p, flags, 0o666)))
-    return fds[0], path
-
-
-def make_temp_dir(parent: str | Path, prefix: str, suffix: str = ".tmp") -> Path:
-    """``tempfile.mkdtemp`` with mode ``0o777 & ~umask`` instead of 0700 (see :func:`make_temp_file`)."""
-    return _fresh_name(Path(parent), prefix, suffix, lambda p: os.mkdir(p, 0o777))
-
-
-def apply_umask(*paths: str | Path) -> None:
-    """Give ``paths`` (folders: with everything in them) the modes a plain write would:
-    files ``0o666 & ~umask``, folders ``0o777 & ~umask``.
-
-    Why: third-party writers (safetensors' ``save_file``, hence ``save_pretrained``) create files 0600
-    through their own temp files. Call this on what they wrote, before a staging folder is renamed into place.
-    The modes come from a probe file and folder made beside the first path, so the umask is never changed.
-    """
-    if not paths:
-        return
-    first = Path(paths[0])
-    where = first if first.is_dir() else first.parent
-    fd, probe = make_temp_file(where, ".umask-probe.")
-    os.close(fd)
-    try:
-        file_mode = probe.stat().st_mode & 0o777
-    finally:
-        probe.unlink()
-    probe = make_temp_dir(where, ".umask-probe.")
-    try:
-        dir_mode = probe.stat().st_mode & 0o777
-    finally:
-        probe.rmdir()
-    for top in map(Path, paths):
-        for p in [top, *(top.rglob("*") if top.is_dir() and not top.is_symlink() else ())]:
-            if not p.is_symlink():
-                os.chmod(p, dir_mode if p.is_dir() else file_mode)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one.
-
-    The file gets the user's umask mode (:func:`make_temp_file`), like a plain ``open(path, "wb")``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = make_temp_file(path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.filename is None:
-            e.filename = str(path)  # a failed write (e.g. disk full) says which file it was writing
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> str:
@@ -129,14 +39,6 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, 
     data = save(clean, metadata=metadata)
     atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def looks_pickled(path: Path) -> bool:
@@ -190,9 +92,7 @@ def write_checkpoint(folder: str | Path, tensor_files: dict[str, dict[str, torch
     so a crash mid-write leaves only a ``.tmp`` folder that readers ignore.
     """
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(folder.parent, prefix=f".{folder.name}.", suffix=".tmp")  # umask mode, not mkdtemp's 0700
-    try:
+    with staged_folder(folder) as tmp:
         files: dict[str, str] = {}
         for name, tensors in tensor_files.items():
             files[f"{name}.safetensors"] = atomic_save_safetensors(tensors, tmp / f"{name}.safetensors")
@@ -200,13 +100,6 @@ def write_checkpoint(folder: str | Path, tensor_files: dict[str, dict[str, torch
         atomic_write_bytes(tmp / "state.json", state_bytes)
         files["state.json"] = hashlib.sha256(state_bytes).hexdigest()
         atomic_write_json(tmp / MANIFEST, {"format": "attar-checkpoint/1", "files": files})
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-        _fsync_dir(folder.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

@@ -42,7 +42,6 @@ other method. This loop is deliberately small: seeded data order (``seed``, epoc
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -62,7 +61,9 @@ from attar.distill.lm_objectives import (
     token_kd_loss,
 )
 from attar.errors import AttarError
+from attar.rng import generator, seed_of
 from attar.text.charlm import LMData, LMSplit
+from attar.train.schedule import lr_at
 
 __all__ = ["LMDistillConfig", "LMResult", "distill_lm", "train_lm", "perplexity", "sample_continuations",
            "teacher_generations", "sequence_kd"]
@@ -123,19 +124,6 @@ def _config(config: LMDistillConfig | dict | None, overrides: dict) -> LMDistill
             "ground-truth text; that guard limits teacher hacking (the student over-fitting the teacher on its own "
             "samples). Lower on_policy, or lower min_ground_truth deliberately.")
     return cfg
-
-
-def _gen(*parts: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(int(hashlib.sha256(repr(parts).encode()).hexdigest()[:15], 16))
-    return g
-
-
-def _lr(step: int, total: int, base: float, warmup: int) -> float:
-    if warmup and step < warmup:
-        return base * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
 def _trim(ids: Tensor, mask: Tensor, pad_id: int) -> tuple[Tensor, Tensor]:
@@ -288,14 +276,14 @@ def distill_lm(student: nn.Module, data: LMData, teacher: nn.Module | None = Non
     for step in range(cfg.steps):
         epoch, micro = divmod(step, steps_per_epoch)
         if micro == 0:
-            order = torch.randperm(n, generator=_gen(cfg.seed, 1, epoch))
+            order = torch.randperm(n, generator=generator(cfg.seed, 1, epoch))
         rows = order[micro * bs : (micro + 1) * bs]
         batch = train.rows(rows)
         ids, mask = batch.ids, batch.mask
         n_on = int(round(cfg.on_policy * len(rows))) if cfg.on_policy > 0 else 0
         on_rows = torch.zeros(len(rows), dtype=torch.bool)
         if n_on:
-            g = _gen(cfg.seed, 2, step)
+            g = generator(cfg.seed, 2, step)
             pick = torch.randperm(len(rows), generator=g)[:n_on]
             on_rows[pick] = True
             gen = sample_continuations(student, batch.rows(pick), pad, data.eos_id, cfg.sample_temperature, g,
@@ -305,8 +293,8 @@ def distill_lm(student: nn.Module, data: LMData, teacher: nn.Module | None = Non
             n_on_total += n_on
         ids, mask = _trim(ids, mask, pad)
         for gp in opt.param_groups:
-            gp["lr"] = _lr(step, cfg.steps, cfg.lr, cfg.warmup_steps)
-        torch.manual_seed(int(hashlib.sha256(repr((cfg.seed, 4, step)).encode()).hexdigest()[:15], 16))  # dropout
+            gp["lr"] = lr_at(step, cfg.steps, cfg.steps, cfg.lr, "cosine", cfg.warmup_steps)
+        torch.manual_seed(seed_of(cfg.seed, 4, step))  # dropout
         logits = lm_logits(student, ids.to(dev), pad)
         if v_student is not None:
             logits = logits[..., :v_student]
@@ -358,7 +346,7 @@ def distill_lm(student: nn.Module, data: LMData, teacher: nn.Module | None = Non
                 rec["val_ppl"] = perplexity(student, val, pad, vocab_size=v_student)
             if mon is not None:
                 smp = sample_continuations(student, mon, pad, data.eos_id, cfg.sample_temperature,
-                                           _gen(cfg.seed, 3), vocab_size=v_student)
+                                           generator(cfg.seed, 3), vocab_size=v_student)
                 with torch.no_grad():
                     tz = teacher_lm_logits(teacher, smp.ids, vmap, pad, teacher_pad_id)
                 rec["teacher_nll_of_samples"] = float(token_ce_loss(tz, smp.ids, smp.mask))
@@ -403,7 +391,7 @@ def teacher_generations(teacher: nn.Module, split: LMSplit, pad_id: int, eos_id:
                         seed: int = 0, batch_size: int = 256, vocab_size: int | None = None) -> LMSplit:
     """The training prompts with responses sampled once from ``teacher`` (sequence-level KD data)."""
     parts = []
-    g = _gen(seed, 6)
+    g = generator(seed, 6)
     for i in range(0, len(split), batch_size):
         parts.append(sample_continuations(teacher, split.rows(torch.arange(i, min(i + batch_size, len(split)))), pad_id,
                                           eos_id, temperature, g, vocab_size=vocab_size))

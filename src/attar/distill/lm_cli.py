@@ -24,9 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator, List, Optional
@@ -77,23 +74,10 @@ def _check_out(dest: Path, overwrite: bool) -> Path:
 @contextlib.contextmanager
 def _staged(dest: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary folder beside ``dest``; on success it replaces ``dest``, on failure it is removed."""
-    dest = _check_out(dest, overwrite)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    from attar.checkpoint import make_temp_dir
+    from attar.io import staged_folder
 
-    tmp = make_temp_dir(dest.parent, prefix=f".{dest.name}.", suffix=".partial")  # becomes --out: umask mode
-    try:
+    with staged_folder(_check_out(dest, overwrite)) as tmp:
         yield tmp
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
-            os.replace(dest, old / "x")
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_metrics(folder: Path, metrics: dict[str, Any]) -> None:

@@ -1,28 +1,71 @@
-"""What every recipe stage kind shares: the registry, the context a stage runs in and what it returns.
+"""What every recipe stage kind shares: the registry, the inputs a stage gets, the context it runs in, what it returns.
 
-A stage kind is one class in one file, registered in :data:`STAGES` under the ``kind`` recipes use.
-The pipeline only loops: for each stage it asks the kind to check itself before any work starts
-(``check`` at recipe load, ``preflight`` once data is readable), then to ``run``, and records what
-comes back. Kind-specific settings live under a key named after the kind (``merge: {...}``) and are
-validated by the kind's ``Options`` model, so a typo fails at load time with the field's name.
+A stage kind is one class in one file, registered in :data:`STAGES` under the ``kind`` recipes use. It never
+sees the pipeline or the recipe: the pipeline resolves a stage into :class:`StageInputs` (data, model, teachers,
+objective, selector, earlier stages' outputs, parsed options), asks the kind to ``preflight`` on untrained
+stand-ins before any run folder exists, then to ``run``, and records what comes back. Kind-specific settings
+live under a key named after the kind (``merge: {...}``) and are validated by the kind's ``Options`` model at
+recipe load, so a typo fails with the field's name. Kinds can be unit-tested with hand-made inputs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 from pydantic import BaseModel, ValidationError
 from torch import nn
 
+from attar.errors import AttarError
 from attar.registry import Registry
 
-if TYPE_CHECKING:  # pragma: no cover
-    from attar.pipeline import Pipeline
-    from attar.recipe import StageSpec
-
 STAGES: Registry[type["StageKind"]] = Registry("stage kind")
+
+
+@dataclass
+class EarlierStage:
+    """What an earlier stage left for later ones: its model (trained, or an untrained stand-in during
+    preflight), how to rebuild it (``spec``), the classes it predicts and the data set it wrote."""
+
+    name: str
+    kind: str
+    model: nn.Module | None = None
+    spec: dict = field(default_factory=dict)
+    classes: int | None = None
+    data: Path | None = None
+
+
+@dataclass
+class StageInputs:
+    """A stage resolved by the pipeline. During preflight ``model``/``teachers``/``earlier`` hold untrained
+    stand-ins (``preflight`` is True); when it runs they are the real ones."""
+
+    name: str
+    kind: str
+    index: int
+    seed: int
+    spec: Any = None  # the stage's recipe entry, for the few fields a kind reads itself (e.g. ``init``)
+    options: BaseModel | None = None  # the parsed ``<kind>: {...}`` block
+    train: Any = None  # attar.train.config.TrainConfig of training kinds
+    data: Any = None  # attar.data.DataBundle of kinds that read a data set
+    data_spec: Any = None  # that data set's spec, ``{stage: X}`` resolved to X's artifact
+    classes: int | None = None  # classes of the stage's data (or its output, for kinds without data)
+    model: nn.Module | None = None  # the starting model (``model`` spec, or a copy of the ``init`` stage's)
+    model_spec: dict = field(default_factory=dict)
+    teachers: list[nn.Module] = field(default_factory=list)
+    objective: Any = None
+    selector: Any = None
+    earlier: dict[str, EarlierStage] = field(default_factory=dict)
+    cache_dir: Path = Path("runs/cache")
+    log: Callable[..., None] = print
+    teacher_cache: Callable[[], Any] = lambda: None  # built on first call (a teacher pass over the train split)
+    preflight: bool = False
+
+    def error(self, msg: str, fld: str | None = None) -> AttarError:
+        """``stage 'x' (stages[1].objective): msg`` or ``stage 'x' (distill): msg``: where the mistake is."""
+        where = f"stages[{self.index}].{fld}" if fld else self.kind
+        return AttarError(f"stage {self.name!r} ({where}): {msg}")
 
 
 @dataclass
@@ -80,17 +123,23 @@ class StageKind:
             raise ValueError(f"{msgs} (the '{kind}:' options accept: {fields})") from None
 
     @classmethod
-    def check(cls, st: "StageSpec") -> None:
-        """Structural checks at recipe load (raise ValueError naming the field)."""
+    def check(cls, st: Any) -> None:
+        """Structural checks of the recipe entry at load (raise ValueError naming the field)."""
 
     @classmethod
-    def references(cls, st: "StageSpec") -> list[str]:
+    def references(cls, st: Any) -> list[str]:
         """Names of earlier stages this stage uses, besides ``teacher`` / ``init`` / ``data: {stage: ...}``."""
         return []
 
-    def preflight(self, pipe: "Pipeline", st: "StageSpec", index: int) -> int | None:
-        """Cheap checks once data can be read; returns the number of classes the stage's output predicts."""
+    @classmethod
+    def produces_model_like(cls, st: Any) -> str | None:
+        """The earlier stage whose architecture this stage's model has (a merge: its base), for preflight
+        stand-ins; None when unknown before running."""
         return None
 
-    def run(self, pipe: "Pipeline", st: "StageSpec", ctx: StageContext) -> StageResult:  # pragma: no cover
+    def preflight(self, inputs: StageInputs) -> int | None:
+        """Cheap checks on stand-ins; returns the number of classes the stage's output predicts (None: its data's)."""
+        return None
+
+    def run(self, inputs: StageInputs, ctx: StageContext) -> StageResult:  # pragma: no cover
         raise NotImplementedError

@@ -20,7 +20,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from attar.specs import ModelSpec
-from attar.stages.base import STAGES, StageContext, StageKind, StageResult
+from attar.errors import AttarError
+from attar.stages.base import STAGES, StageContext, StageInputs, StageKind, StageResult
 
 
 class CondenseOptions(BaseModel):
@@ -45,35 +46,32 @@ class CondenseStage(StageKind):
         o = cls.parse_options("condense", st.options)
         return [o.soft_labels] if o.soft_labels else []
 
-    def preflight(self, pipe, st, index):
+    def preflight(self, inputs: StageInputs):
         from attar.condense import check_request
 
-        o = self.parse_options("condense", st.options)
-        bundle = pipe.bundle(pipe.recipe.stage_data(st))
+        o, bundle = inputs.options, inputs.data
         try:
             check_request(o.method, o.ipc, bundle.train.y, bundle.classes, bundle.name, o.params, o.init)
-        except Exception as e:  # AttarError from the condense checks: say which stage
-            raise pipe.error(st, str(e)) from None
+        except AttarError as e:  # from the condense checks: say which stage
+            raise inputs.error(str(e)) from None
         return len(bundle.classes)
 
-    def run(self, pipe, st, ctx: StageContext) -> StageResult:
+    def run(self, inputs: StageInputs, ctx: StageContext) -> StageResult:
         from attar.condense import condense, evaluate_condensed
         from attar.data.artifact import is_condensed_artifact
-        from attar.specs import DataSpec
 
-        o = self.parse_options("condense", st.options)
+        o = inputs.options
         out = ctx.stage_dir / "data"
-        src: DataSpec = pipe.resolve_data(pipe.recipe.stage_data(st))
         if ctx.resume and is_condensed_artifact(out):
-            pipe.log(f"  finished earlier: {out}")
+            inputs.log(f"  finished earlier: {out}")
         else:
             soft = str(ctx.run_dir / o.soft_labels / "model") if o.soft_labels else None
-            condense(src, o.method, o.ipc, out, o.iterations, pipe.recipe.stage_seed(st), model=o.model, init=o.init,
+            condense(inputs.data_spec, o.method, o.ipc, out, o.iterations, inputs.seed, model=o.model, init=o.init,
                      params=o.params, soft_labels=soft, overwrite=True)
-        metrics: dict[str, Any] = {"images": o.ipc * pipe.stage_classes.get(st.name, 0), "ipc": o.ipc, "method": o.method}
+        metrics: dict[str, Any] = {"images": o.ipc * len(inputs.data.classes), "ipc": o.ipc, "method": o.method}
         if o.evaluate:
-            r = evaluate_condensed(out, nets=o.evaluate, seed=pipe.recipe.stage_seed(st), full_data=False,
-                                   cache_dir=pipe.home / "cache", log=pipe.log)
+            r = evaluate_condensed(out, nets=o.evaluate, seed=inputs.seed, full_data=False,
+                                   cache_dir=inputs.cache_dir, log=inputs.log)
             metrics["accuracy"] = r["condensed"]["mean"]
             metrics["accuracy_std"] = r["condensed"]["std"]
             metrics["random_subset_accuracy"] = r["random_subset"]["mean"]

@@ -11,7 +11,8 @@ for LoRA, ``<run>/<stage>/adapter`` (PEFT format)::
 
 from __future__ import annotations
 
-from attar.stages.base import STAGES, StageContext, StageKind, StageResult
+from attar.errors import AttarError
+from attar.stages.base import STAGES, StageContext, StageInputs, StageKind, StageResult
 
 
 @STAGES.register("finetune")
@@ -24,20 +25,19 @@ class FinetuneStage(StageKind):
 
         return FinetuneSpec
 
-    def preflight(self, pipe, st, index):
+    def preflight(self, inputs: StageInputs):
         from attar.adapt.api import check_finetune
 
         try:
-            check_finetune(self.parse_options("finetune", st.options))
-        except Exception as e:  # AttarError from the adapter / data / model checks: say which stage
-            raise pipe.error(st, str(e)) from None
+            check_finetune(inputs.options)
+        except AttarError as e:  # from the adapter / data / model checks: say which stage
+            raise inputs.error(str(e)) from None
         return None
 
-    def run(self, pipe, st, ctx: StageContext) -> StageResult:
+    def run(self, inputs: StageInputs, ctx: StageContext) -> StageResult:
         from attar.adapt.api import finetune_spec
 
-        spec = self.parse_options("finetune", st.options)
-        r = finetune_spec(spec, out_dir=ctx.stage_dir, resume=ctx.resume, on_metrics=ctx.on_metrics)
+        r = finetune_spec(inputs.options, out_dir=ctx.stage_dir, resume=ctx.resume, on_metrics=ctx.on_metrics)
         m = r.metrics
         metrics = {"accuracy": m["test_accuracy"], "nll": m.get("test_nll"), "params": m.get("total_params"),
                    "trainable": m.get("trainable_params"), "train_s": round(float(m.get("train_seconds", 0.0)), 1)}

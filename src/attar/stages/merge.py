@@ -14,7 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from attar.stages.base import STAGES, StageContext, StageKind, StageResult
+from attar.errors import AttarError
+from attar.stages.base import STAGES, StageContext, StageInputs, StageKind, StageResult
 from attar.train import distributed as dist
 
 
@@ -42,8 +43,7 @@ class MergeStage(StageKind):
 
     @classmethod
     def check(cls, st) -> None:
-        from attar.errors import AttarError
-        from attar.merge.config import check_numbers
+        from attar.merge.config import check_settings as check_numbers
 
         o = cls.parse_options("merge", st.options)
         if o.model_parameters is not None and len(o.model_parameters) != len(o.models):
@@ -60,84 +60,54 @@ class MergeStage(StageKind):
         o = cls.parse_options("merge", st.options)
         return list(o.models) + ([o.base] if o.base else [])
 
-    def preflight(self, pipe, st, index):
-        o = self.parse_options("merge", st.options)
-        counts = {n: pipe.stage_classes.get(n) for n in o.models + ([o.base] if o.base else [])}
+    @classmethod
+    def produces_model_like(cls, st) -> str | None:
+        o = cls.parse_options("merge", st.options)
+        return o.base or o.models[0]
+
+    def preflight(self, inputs: StageInputs):
+        o = inputs.options
+        names = ([o.base] if o.base else []) + list(o.models)
+        counts = {n: inputs.earlier[n].classes for n in names}
         if len({c for c in counts.values() if c is not None}) > 1:
-            raise pipe.error(st, f"the merged models predict different numbers of classes ({counts}); merge models of one task, "
-                                 "or merge backbones with `attar merge` and keep each task's head.")
-        self._check_shapes(pipe, st, ([o.base] if o.base else []) + list(o.models))
+            raise inputs.error(f"the merged models predict different numbers of classes ({counts}); merge models of "
+                               "one task, or merge backbones with `attar merge` and keep each task's head.")
+        self._check_shapes(inputs, names)
         return next((c for c in counts.values() if c is not None), None)
 
     @staticmethod
-    def _built_by(pipe, name: str):
-        """(stage that builds the model stage ``name`` outputs, its model spec), following init and merge inputs;
-        (None, None) when that is not known before running (pretrained, artifacts, other kinds)."""
-        seen: set[str] = set()
-        while name not in seen:
-            seen.add(name)
-            src = next((s for s in pipe.recipe.stages if s.name == name), None)
-            if src is None:
-                break
-            if src.init:
-                name = src.init
-            elif src.model is not None:
-                return (src, src.model) if src.model.arch else (None, None)
-            elif src.kind == "merge":
-                so = MergeStage.parse_options("merge", src.options)
-                name = so.base or so.models[0]
-            else:
-                break
-        return None, None
-
-    def _check_shapes(self, pipe, st, names: list[str]) -> None:
-        """Build each input's architecture on the meta device (no memory, no weights) and compare tensor shapes,
-        so two stages of different widths fail before any run folder exists, naming the tensor and both shapes."""
-        import torch
-
-        from attar.errors import AttarError
+    def _check_shapes(inputs: StageInputs, names: list[str]) -> None:
+        """Compare the tensor shapes of the inputs' untrained stand-ins, so two stages of different widths fail
+        before any run folder exists, naming the tensor and both shapes."""
         from attar.merge.validate import check_state_dicts
-        from attar.models import build_model
 
-        shapes: dict[str, dict] = {}
-        for name in dict.fromkeys(names):
-            src, spec = self._built_by(pipe, name)
-            if spec is None:
-                continue
-            bundle = pipe.bundle(pipe.recipe.stage_data(src))
-            try:
-                with torch.random.fork_rng(devices=[]), torch.device("meta"):
-                    model = build_model(spec, bundle.input_shape, len(bundle.classes))
-            except Exception:  # noqa: BLE001 - an architecture that cannot build on meta is checked when the stage runs
-                continue
-            shapes[f"stage {name!r}"] = {k: v for k, v in model.state_dict().items()}
+        shapes = {f"stage {n!r}": inputs.earlier[n].model.state_dict() for n in dict.fromkeys(names)
+                  if inputs.earlier[n].model is not None}
         if len(shapes) > 1:
             (ref_name, ref), *rest = shapes.items()
             try:
                 check_state_dicts(ref, [sd for _, sd in rest], [n for n, _ in rest], ref_name)
             except AttarError as e:
-                raise pipe.error(st, str(e)) from None
+                raise inputs.error(str(e)) from None
 
-    def run(self, pipe, st, ctx: StageContext) -> StageResult:
-        from attar.errors import AttarError
+    def run(self, inputs: StageInputs, ctx: StageContext) -> StageResult:
         from attar.merge.stage import merge_models
         from attar.models import save_model
 
-        o = self.parse_options("merge", st.options)
-        bundle = pipe.bundle(pipe.recipe.stage_data(st))
-        models = [pipe.outputs[n].model for n in o.models]
-        base = pipe.outputs[o.base].model if o.base else None
+        o, bundle = inputs.options, inputs.data
+        models = [inputs.earlier[n].model for n in o.models]
+        base = inputs.earlier[o.base].model if o.base else None
         try:
             model, info = merge_models(o.method, models, base=base, bundle=bundle, parameters=o.parameters,
-                                       model_parameters=o.model_parameters, seed=pipe.recipe.stage_seed(st),
+                                       model_parameters=o.model_parameters, seed=inputs.seed,
                                        labels=[f"stage {n!r}" for n in o.models], base_label=f"stage {o.base!r}")
         except AttarError as e:
-            raise pipe.error(st, str(e)) from None
-        spec = pipe.outputs[o.base or o.models[0]].spec  # all inputs share one architecture
+            raise inputs.error(str(e)) from None
+        spec = inputs.earlier[o.base or o.models[0]].spec  # all inputs share one architecture
         if dist.is_main():
             save_model(ctx.stage_dir / "model", model, spec, bundle.input_shape, len(bundle.classes), bundle.mean, bundle.std,
-                       extra={"stage": st.name, "classes": bundle.classes, "merge": {"method": o.method, "models": o.models,
-                                                                                      "base": o.base}})
+                       extra={"stage": inputs.name, "classes": bundle.classes,
+                              "merge": {"method": o.method, "models": o.models, "base": o.base}})
         extra = {"merge": o.method, "inputs": ", ".join(o.models)}
         if "ingredients" in info:  # greedy soup: which inputs it kept
             extra["kept"] = ", ".join(o.models[i] for i in info["ingredients"])

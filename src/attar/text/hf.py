@@ -199,16 +199,12 @@ def save_hf_classifier(model: HFClassifier, folder: str | Path, extra: dict[str,
     Written into a temporary sibling folder and renamed, so a crash leaves no half-written model.
     The model must be a plain one: merge adapters first (:func:`attar.adapt.merge_adapters`).
     """
-    import shutil
-
-    from attar.checkpoint import apply_umask, make_temp_dir
+    from attar.io import staged_folder
 
     if any(getattr(m, "attar_adapter", False) for m in model.modules()):  # see attar.adapt.base.AdapterModule
         raise AttarError("save_hf_classifier: the model still holds adapter modules; call attar.adapt.merge_adapters(model) first.")
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(folder.parent, prefix=f".{folder.name}.", suffix=".tmp")  # umask mode, not 0700
-    try:
+    with staged_folder(folder) as tmp:
         hf = model.hf
         hf.config.id2label = {i: c for i, c in enumerate(model.classes)}
         hf.config.label2id = {c: i for i, c in enumerate(model.classes)}
@@ -218,11 +214,4 @@ def save_hf_classifier(model: HFClassifier, folder: str | Path, extra: dict[str,
         meta = {"format": "attar-hf-classifier/1", "classes": model.classes, "pad_id": model.pad_id,
                 "source": model.source} | (extra or {})
         (tmp / ATTAR_JSON).write_text(json.dumps(meta, indent=2, default=str))
-        apply_umask(tmp)  # safetensors writes 0600
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
