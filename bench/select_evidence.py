@@ -445,7 +445,7 @@ Reproduce: `{CMD} --part kd`
 # ------------------------------------------------------------------------------------------------ overhead
 def overhead(cfg: dict, doc: Path, write: bool) -> str:
     """Per-step selection cost at batch 256 against one training step, in CPU time (medians)."""
-    from attar.objective import Batch
+    from attar.train.objective import Batch
     from attar.select import build_selector
 
     torch.set_num_threads(1)

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 from torch import nn
 
-from attar.objective import Objective
+from attar.train.objective import Objective
 from attar.train.config import TrainConfig
 from attar.train import distributed as dist
 from attar.train.trainer import Trainer

@@ -411,3 +411,19 @@ def test_signature_is_introspectable():
 
     params = inspect.signature(DIVERGENCES.get("gjsd")).parameters
     assert list(params) == ["student_logits", "teacher_logits", "temperature", "reduction", "beta"]
+
+
+def test_divergence_fields_come_from_the_signature_like_any_method_family():
+    from attar.distill.divergences import check_divergence_args
+
+    assert DIVERGENCES.fields("kl") == {}
+    rows = DIVERGENCES.fields("sinkhorn")
+    assert list(rows) == ["epsilon", "n_iters", "cost"]
+    assert rows["n_iters"] == {"type": "int", "default": 20, "required": False, "description": ""}
+    assert {k: r["default"] for k, r in rows.items()} == divergence_params("sinkhorn")
+    assert DIVERGENCES.parse("gjsd", {"beta": 0.3}).beta == 0.3
+    check_divergence_args("sinkhorn", {"cost": torch.ones(3, 3), "n_iters": 5})  # a tensor cost is a valid value
+    with pytest.raises(AttarError, match=r"divergence 'sinkhorn': field 'n_iters' = 'many'"):
+        check_divergence_args("sinkhorn", {"n_iters": "many"})
+    with pytest.raises(AttarError, match=r"does not accept 'beta'\. Accepted parameters: epsilon \(float, default 0.1\)"):
+        divergence("sinkhorn_batch", torch.zeros(2, 3), torch.zeros(2, 3), beta=0.1)

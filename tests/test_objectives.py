@@ -18,7 +18,7 @@ from attar.distill.objectives import (
     objective_fields,
 )
 from attar.errors import AttarError
-from attar.objective import Batch
+from attar.train.objective import Batch
 
 C = 3
 
@@ -416,3 +416,52 @@ def test_objective_fields_for_docs():
     assert objective_fields("pskd")["alpha_T"]["default"] == 0.8
     assert objective_fields("feature")["loss"]["type"] == "'mse' | 'cosine'"
     assert objective_fields("feature")["student_layer"]["required"]
+
+
+# ------------------------------------------------------------------------------------ one way to configure
+
+
+def test_objectives_are_built_through_the_one_registry_from_their_own_files():
+    from attar.distill import dho, feature, kd, pskd
+    from attar.train.objective import CE, OBJECTIVES as TRAIN_OBJECTIVES
+
+    assert TRAIN_OBJECTIVES is OBJECTIVES
+    where = {"ce": CE, "kd": kd.KD, "label_free": kd.LabelFree, "ensemble": kd.Ensemble, "pskd": pskd.PSKD,
+             "dho": dho.DHO, "feature": feature.FeatureKD, "nd": feature.ND}
+    for name, cls in where.items():
+        assert OBJECTIVES.get(name) is cls and cls.name == name
+    # feature and nd share one hooked base; both need the teacher live, DHO (a student-side hook) does not
+    assert issubclass(feature.FeatureKD, feature.HookedKD) and issubclass(feature.ND, feature.HookedKD)
+    assert feature.FeatureKD.needs_live_teacher and feature.ND.needs_live_teacher
+    assert not dho.DHO.needs_live_teacher
+    a = OBJECTIVES.build({"name": "kd", "alpha": 0.2, "divergence": "gjsd", "beta": 0.3})
+    b = build_objective({"name": "kd", "alpha": 0.2, "divergence_args": {"beta": 0.3}, "divergence": "gjsd"})
+    assert type(a) is type(b) is kd.KD and a.p == b.p and a.p.divergence_args == {"beta": 0.3}
+    assert OBJECTIVES.fields("kd") == objective_fields("kd")
+    assert list(objective_fields("kd"))[:2] == ["alpha", "temperature"]  # the listing leads with the weight
+
+
+def test_divergence_args_are_checked_at_configuration_naming_the_field():
+    with pytest.raises(AttarError) as e:
+        build_objective({"name": "kd", "divergence": "sinkhorn", "n_iters": 2.5})
+    msg = str(e.value)
+    assert "field 'divergence_args'" in msg and "divergence 'sinkhorn': field 'n_iters' = 2.5" in msg
+    assert "Accepted fields: alpha" in msg
+    with pytest.raises(AttarError, match=r"divergence 'gjsd' does not accept 'epsilon'\. Accepted parameters: beta"):
+        build_objective({"name": "label_free", "divergence": "gjsd", "divergence_args": {"epsilon": 1.0}})
+    # a flat key that is the objective's own field stays there; label_free has no alpha, so skew_kl's is flat
+    lf = build_objective({"name": "label_free", "divergence": "skew_kl", "alpha": 0.3})
+    assert lf.p.divergence_args == {"alpha": 0.3}
+    with pytest.raises(AttarError, match=r"field 'temperature' = nan"):
+        build_objective({"name": "kd", "temperature": float("nan")})
+
+
+def test_an_objective_subclass_needs_no_params_and_no_registration():
+    from attar.train.objective import Objective
+
+    class Plain(Objective):
+        def forward(self, batch, logits):
+            return {"loss": logits.sum()}
+
+    p = Plain()
+    assert p.p.model_dump() == {} and p.name == ""

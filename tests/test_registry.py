@@ -65,3 +65,27 @@ def test_fields_show_choices_bounds_and_optional_types_as_users_write_them():
     assert rows["name_hint"]["type"] == "str | None"
     with pytest.raises(AttarError, match=r"field 'mode' = 'slow'.*mode \('fast' \| 'exact', default 'fast'\)"):
         TOYS.build({"name": "scaler", "mode": "slow"})
+
+
+def test_every_method_family_configures_through_the_generic_registry():
+    """Objectives, divergences, selectors and condensers: a strict Params per method, fields for the listing,
+    and build from {"name": ...} (methods with required fields excepted)."""
+    from pydantic import BaseModel
+
+    from attar import registry
+    from attar.condense import CONDENSERS
+    from attar.distill.divergences import DIVERGENCES
+    from attar.distill.objectives import OBJECTIVES
+    from attar.select import SELECTORS
+
+    for family in (OBJECTIVES, DIVERGENCES, SELECTORS, CONDENSERS):
+        for name in family:
+            model = family.params_model(name)
+            assert issubclass(model, registry.Params), (family.family, name)
+            with pytest.raises(Exception):
+                model.model_validate({"no_such_field": 1})
+            rows = family.fields(name)
+            if family is DIVERGENCES or any(r["required"] for r in rows.values()):
+                continue
+            built = family.build({"name": name})
+            assert isinstance(built.p, BaseModel) and built.p == model()

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from attar.errors import AttarError
-from attar.objective import Batch, Objective
+from attar.train.objective import Batch, Objective
 from attar.train.config import TrainConfig
 from attar.select import build_selector
 from attar.select.efficienttrain import low_pass
@@ -451,14 +451,14 @@ def _recipe(selector, kind="train", data="{name: digits}"):
 
 BAD = [
     ("{name: nope}", "train", None,
-     r"stages\[1\]\.selector\): name: unknown selector 'nope'\. Known selectors: disagreement, efficienttrain, "
+     r"stages\[1\]\.selector\): Unknown selector 'nope'\. Known selectors: disagreement, efficienttrain, "
      r"high_loss, prune, rs2, uds, uniform"),
-    ("{name: rs2, keep: 0}", "train", None, r"stages\[1\]\.selector.*keep: Input should be greater than 0.*Accepted "
-                                            r"fields: keep"),
-    ("{name: uds, keep: 1.5}", "train", None, r"keep: Input should be less than or equal to 1.*Accepted fields: keep, "
-                                              r"weight"),
-    ("{name: high_loss, delta: 3}", "train", None, r"delta: Extra inputs are not permitted.*Accepted fields: keep, level"),
-    ("{name: high_loss, level: rows}", "train", None, r"level: Input should be 'batch' or 'row'"),
+    ("{name: rs2, keep: 0}", "train", None, r"stages\[1\]\.selector.*field 'keep' = 0: Input should be greater than 0"
+                                            r".*Accepted fields: keep"),
+    ("{name: uds, keep: 1.5}", "train", None, r"field 'keep' = 1.5: Input should be less than or equal to 1"
+                                              r".*Accepted fields: keep .*; weight"),
+    ("{name: high_loss, delta: 3}", "train", None, r"unknown field 'delta'.*Accepted fields: keep .*; level"),
+    ("{name: high_loss, level: rows}", "train", None, r"field 'level' = 'rows': Input should be 'batch' or 'row'"),
     ("{name: disagreement}", "train", None, r"stages\[1\]\.selector\): name: selector 'disagreement' compares the student "
                                             r"with its teacher.*no teacher.*needs no teacher: efficienttrain, high_loss"),
     ("{name: disagreement, divergence: nope}", "distill", None, r"divergence.*Known divergences"),

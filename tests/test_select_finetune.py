@@ -33,8 +33,8 @@ def test_finetune_with_a_selector_trains_on_its_part_and_reports_the_cost(sentim
 
 
 @pytest.mark.parametrize("spec,kw,match", [
-    ({"name": "nope"}, {}, r"selector: name: unknown selector 'nope'. Known selectors: .*rs2"),
-    ({"name": "rs2", "keep": 0}, {}, r"selector: .*keep: Input should be greater than 0"),
+    ({"name": "nope"}, {}, r"selector: Unknown selector 'nope'. Known selectors: .*rs2"),
+    ({"name": "rs2", "keep": 0}, {}, r"selector: .*field 'keep' = 0: Input should be greater than 0"),
     ({"name": "disagreement"}, {}, r"selector: name: selector 'disagreement' .*no teacher"),
     ({"name": "efficienttrain"}, {}, r"selector: selector 'efficienttrain' filters images"),
     ({"name": "rs2", "keep": 0.5}, {"optimizer": "mezo"}, r"selector: 'rs2' needs optimizer backprop"),

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from attar.objective import Objective
+from attar.train.objective import Objective
 from attar.train.config import TrainConfig
 from attar.select import build_selector
 from attar.train.trainer import Trainer

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from attar.checkpoint import latest_checkpoint, read_checkpoint
-from attar.objective import Objective
+from attar.train.objective import Objective
 from attar.train.config import TrainConfig
 from attar.train.trainer import Trainer, TrainingDiverged
 

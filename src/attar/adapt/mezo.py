@@ -24,7 +24,7 @@ from torch import nn
 
 from attar.checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint
 from attar.errors import AttarError
-from attar.objective import Objective
+from attar.train.objective import Objective
 from attar.train.config import TrainConfig
 from attar.train.progress import StepProgress
 from attar.train.schedule import lr_at

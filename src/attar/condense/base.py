@@ -11,16 +11,17 @@ are held as ``[C, ipc, ...]``.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ValidationError
 from torch import nn
 
-from attar.errors import AttarError
-from attar.registry import Registry
+from attar.registry import Params as _Params
+from attar.registry import Registry, validation_error
+from attar.rng import generator as gen
+from attar.rng import seed_of
 from attar.specs import ModelSpec
 
 CONDENSERS: Registry[type["Condenser"]] = Registry("condensation method")
@@ -28,19 +29,8 @@ CONDENSERS: Registry[type["Condenser"]] = Registry("condensation method")
 DEFAULT_MODEL = ModelSpec(arch="convnet", width=128, depth=3)
 
 
-class Params(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-def seed_of(*parts: Any) -> int:
-    """A 60-bit seed derived from ``parts`` (stable across runs and platforms)."""
-    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:15], 16)
-
-
-def gen(*parts: Any) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(seed_of(*parts))
-    return g
+class Params(_Params):
+    """Base of every condensation method's ``Params`` (strict: unknown fields and NaN/Inf refused)."""
 
 
 class ClassIndex:
@@ -176,13 +166,15 @@ class Condenser:
     class Params(Params):
         pass
 
-    def __init__(self, params: dict[str, Any] | None = None):
+    def __init__(self, params: dict[str, Any] | BaseModel | None = None):
+        """``params``: validated ``Params`` (``CONDENSERS.build({"name": ..., **params})``) or a plain mapping."""
+        if isinstance(params, BaseModel):
+            self.p = params
+            return
         try:
-            self.p = self.Params(**(params or {}))
+            self.p = self.Params.model_validate(params or {})
         except ValidationError as e:
-            fields = ", ".join(f"{k} (default {v.default!r})" for k, v in self.Params.model_fields.items()) or "(none)"
-            probs = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'params'}: {err['msg']}" for err in e.errors())
-            raise AttarError(f"condensation method {self.name!r}: {probs}. Accepted fields: {fields}.") from None
+            raise validation_error(f"condensation method {self.name!r}", e, self.Params) from None
 
     def preflight(self, *, model: ModelSpec, data_name: str, data_hash: str, input_shape: tuple[int, ...],
                   num_classes: int, zca_eps: float | None) -> None:

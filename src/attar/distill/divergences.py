@@ -34,15 +34,16 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from typing import Any, Callable
+from typing import Any, Callable, get_type_hints
 
 import torch
+from pydantic import ConfigDict, ValidationError, create_model
 from torch import Tensor
 
 from attar.errors import AttarError
-from attar.registry import Registry
+from attar.registry import Params, Registry, fields_text, validation_error
 
-__all__ = ["DIVERGENCES", "divergence", "divergence_params", "is_batchwise"]
+__all__ = ["DIVERGENCES", "divergence", "divergence_params", "check_divergence_args", "is_batchwise"]
 
 DIVERGENCES: Registry[Callable[..., Tensor]] = Registry("divergence")
 
@@ -63,7 +64,8 @@ def _register(name: str, *, batchwise: bool = False, t2: bool = True):
     ``core`` gets the softened, floored log-probabilities of the student (``log_q``) and the
     detached teacher (``log_p``), both ``[B, C]``, and returns per-sample values ``[B]`` (or a
     scalar when ``batchwise``). Its keyword-only parameters, with defaults, are the divergence's
-    extra params reported by :func:`divergence_params`.
+    extra params: reported by :func:`divergence_params` and, as a ``Params`` model built from the
+    signature, by ``DIVERGENCES.fields(name)`` like any other method family.
     """
 
     def deco(core: Callable[..., Tensor]) -> Callable[..., Tensor]:
@@ -71,6 +73,9 @@ def _register(name: str, *, batchwise: bool = False, t2: bool = True):
         defaults = {
             k: p.default for k, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
         }
+        hints = get_type_hints(core)
+        params_model = create_model(f"{name}_params", __base__=_DivergenceParams,
+                                    **{k: (hints.get(k, Any), v) for k, v in defaults.items()})
 
         @functools.wraps(core)
         def fn(
@@ -80,7 +85,7 @@ def _register(name: str, *, batchwise: bool = False, t2: bool = True):
             reduction: str = "mean",
             **params: Any,
         ) -> Tensor:
-            _check_params(name, params, defaults)
+            check_divergence_args(name, params)
             if reduction not in _REDUCTIONS:
                 raise AttarError(
                     f"divergence {name!r}: reduction={reduction!r} is not supported; use 'mean' or 'none'."
@@ -99,6 +104,7 @@ def _register(name: str, *, batchwise: bool = False, t2: bool = True):
             return out.mean()
 
         fn.params = dict(defaults)  # type: ignore[attr-defined]
+        fn.Params = params_model  # type: ignore[attr-defined]
         fn.batchwise = batchwise  # type: ignore[attr-defined]
         fn.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
             [
@@ -116,14 +122,24 @@ def _register(name: str, *, batchwise: bool = False, t2: bool = True):
     return deco
 
 
-def _check_params(name: str, params: dict[str, Any], accepted: dict[str, Any]) -> None:
-    unknown = sorted(set(params) - set(accepted))
+class _DivergenceParams(Params):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, arbitrary_types_allowed=True)  # cost: a tensor
+
+
+def check_divergence_args(name: str, args: dict[str, Any]) -> None:
+    """Refuse parameters divergence ``name`` does not take (naming them and the ones it does) or of the wrong
+    type: one wording for a call and for an objective's or selector's ``divergence_args``. Ranges (``beta`` in
+    [0, 1], a cost matrix's shape) are the divergence's own checks, made when it runs."""
+    model = DIVERGENCES.get(name).Params  # type: ignore[attr-defined]
+    unknown = sorted(set(args) - set(model.model_fields))
     if unknown:
-        acc = ", ".join(f"{k} (default {v!r})" for k, v in accepted.items()) or "none"
-        raise AttarError(
-            f"divergence {name!r} got unknown parameter(s) {', '.join(map(repr, unknown))}. "
-            f"Accepted parameters: {acc}."
-        )
+        accepted = fields_text(model) if model.model_fields else "none"
+        raise AttarError(f"divergence {name!r} does not accept {', '.join(map(repr, unknown))}. "
+                         f"Accepted parameters: {accepted}")
+    try:
+        model.model_validate(args)
+    except ValidationError as e:
+        raise validation_error(f"divergence {name!r}", e) from None
 
 
 def _soften(name: str, s: Tensor, t: Tensor, temperature: float) -> tuple[Tensor, Tensor]:

@@ -10,30 +10,24 @@ spent, so comparisons can be made at matched compute.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 from typing import Any, Callable
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 from torch import nn
 
 from attar.errors import AttarError
-from attar.objective import Batch
-from attar.registry import Registry
+from attar.train.objective import Batch
+from attar.registry import Params, Registry
+from attar.rng import generator as generator_for
 
 SELECTORS: Registry[type["Selector"]] = Registry("selector")
 
 
-def generator_for(*parts: Any) -> torch.Generator:
-    """A CPU generator seeded from ``parts`` (e.g. ``(seed, "rs2", round)``): same parts, same draws."""
-    g = torch.Generator()
-    g.manual_seed(int(hashlib.sha256(repr(parts).encode()).hexdigest()[:15], 16))
-    return g
-
-
-class SelectorParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class SelectorParams(Params):
     keep: float = Field(1.0, gt=0, le=1, description="fraction of candidate rows (or of the epoch) trained on")
 
 
@@ -166,27 +160,9 @@ class Uniform(Selector):
 
 
 def build_selector(spec: dict[str, Any] | None) -> Selector | None:
-    """A selector from its recipe spec ``{name: ..., keep: ..., ...}``; ``None`` for no spec.
-
-    Errors name the field and list the valid choices: an unknown ``name`` lists the registered selectors,
-    a bad or unknown parameter lists the fields the selector accepts."""
-    if not spec:
-        return None
-    if not isinstance(spec, dict):
-        raise AttarError(f"a selector is a mapping such as {{name: uniform, keep: 0.5}}, got {spec!r}; "
-                         f"known selectors: {', '.join(SELECTORS.names())}.")
-    if "name" not in spec:
-        raise AttarError(f"a selector needs a 'name'; known selectors: {', '.join(SELECTORS.names())}.")
-    if not isinstance(spec["name"], str) or spec["name"] not in SELECTORS:
-        raise AttarError(f"name: unknown selector {spec['name']!r}. Known selectors: {', '.join(SELECTORS.names())}.")
-    cls = SELECTORS.get(spec["name"])
-    try:
-        params = cls.Params.model_validate({k: v for k, v in spec.items() if k != "name"})
-    except ValidationError as e:
-        fields = ", ".join(cls.Params.model_fields)
-        msgs = "; ".join(f"{'.'.join(map(str, er['loc']))}: {er['msg']}" for er in e.errors())
-        raise AttarError(f"selector {spec['name']!r}: {msgs}. Accepted fields: {fields}.") from None
-    return cls(params)
+    """A selector from its recipe spec ``{name: ..., keep: ..., ...}`` (``SELECTORS.build``); ``None`` for no
+    spec. An unknown ``name`` lists the registered selectors, a bad or unknown parameter the accepted fields."""
+    return SELECTORS.build(spec) if spec else None
 
 
 def check_selector(selector: Selector | None, *, stage: Any = None, objective: Any = None,
@@ -209,6 +185,4 @@ def selector_spec_hash(spec: dict[str, Any] | None) -> str | None:
     sel = build_selector(spec)
     if sel is None:
         return None
-    import json
-
     return hashlib.sha256(json.dumps(sel.spec(), sort_keys=True).encode()).hexdigest()[:16]

@@ -18,7 +18,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from attar.errors import AttarError
-from attar.objective import Batch
+from attar.train.objective import Batch
 from attar.select.base import SELECTORS, Selector, SelectorParams
 
 

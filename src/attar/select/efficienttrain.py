@@ -32,7 +32,7 @@ import torch
 from pydantic import Field
 
 from attar.errors import AttarError
-from attar.objective import Batch
+from attar.train.objective import Batch
 from attar.select.base import SELECTORS, SelectorParams, Uniform
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from attar.objective import Batch
+from attar.train.objective import Batch
 from attar.select.base import SELECTORS, Selector, SelectorParams
 
 

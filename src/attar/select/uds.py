@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from attar.errors import AttarError
-from attar.objective import Batch
+from attar.train.objective import Batch
 from attar.select.base import SELECTORS, Selector, SelectorParams, generator_for
 
 _MAX_GRAM = 256  # logits wider than this are randomly projected first (one c x c eigh per step)

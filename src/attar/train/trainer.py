@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from attar import lifecycle
 from attar.checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint
 from attar.errors import AttarError
-from attar.objective import Batch, Objective
+from attar.train.objective import Batch, Objective
 from attar.train.config import TrainConfig
 from attar.train import distributed as dist
 from attar.train.progress import StepProgress
