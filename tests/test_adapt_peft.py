@@ -121,7 +121,7 @@ def test_exported_adapter_feeds_attar_merge(setup, tmp_path):
     m = _trained(base_dir, {"name": "lora", "rank": 2, "init": "pissa"}, tokenize(TEXTS, load_hf_classifier(base_dir).tokenizer, 12))
     export_peft(m, tmp_path / "adapter")
     merged = merge_adapters(copy.deepcopy(m))
-    from attar.merge.io import open_source
+    from attar.merge.sources import open_source
 
     src = open_source(f"{base_dir}+{tmp_path / 'adapter'}")
     name = "bert.encoder.layer.0.attention.self.query.weight"

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from attar.checkpoint import load_model_artifact, save_model_artifact
 from attar.errors import AttarError
 from attar.merge import merge_state_dicts, open_source, run_merge
-from attar.merge.io import ShardWriter, parse_size
+from attar.merge.writer import ShardWriter, parse_size
 
 
 @pytest.fixture(autouse=True)

@@ -42,7 +42,7 @@ def field_rows(model: type[BaseModel] | None) -> dict[str, dict[str, Any]]:
     """``{field: {type, default, required, description}}`` of a ``Params`` model (for listings and docs)."""
     rows: dict[str, dict[str, Any]] = {}
     for name, info in (model.model_fields if model is not None else {}).items():
-        rows[name] = {
+        rows[info.alias or name] = {  # the name users write (`lambda`, not the attribute `lambda_`)
             "type": _type_text(info),
             "default": None if info.is_required() else info.get_default(call_default_factory=True),
             "required": info.is_required(),

@@ -15,7 +15,9 @@ from attar.merge.logit_fusion import EmulatedFineTune, LogitArithmetic, eft_log_
 from attar.merge.stage import merge_models
 from attar.merge.test_time import TestTimeMerge, js_divergence, static_interpolation, t3_coefficients
 from attar.merge.engine import MergeResult, merge_state_dicts, merge_tensor, run_merge
-from attar.merge.io import ShardWriter, TensorSource, open_source
+from attar.merge.sources import open_source
+from attar.merge.tensor_source import TensorSource
+from attar.merge.writer import ShardWriter
 from attar.merge.methods import (
     MERGE_METHODS,
     Evaluator,

@@ -14,16 +14,20 @@ name and the first match wins.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Mapping, Union, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, model_validator
+from pydantic.fields import FieldInfo
 
 from attar.errors import AttarError
-from attar.merge.methods import REQUIRED, MergeMethod, tensor_method
+from attar.merge.methods import MERGE_METHODS, REQUIRED, MergeMethod, tensor_method
+from attar.merge.methods.params import bounds, is_per_model, param_fields, range_text
+from attar.registry import Params, validation_error
 
 Scalar = Union[bool, int, float, str]
 
@@ -160,58 +164,24 @@ class MergeConfig(_Strict):
         return tensor_method(self.merge_method)
 
     def check_parameters(self) -> None:
-        """Unknown parameter names are errors (a typo like ``densty`` must not silently do nothing)."""
+        """Every parameter against the method's ``Params`` (see :func:`check_settings`); a model path where the
+        method needs one (``old_base``)."""
         method = self.method()
-        known = method.known_params()
-        scopes = [("parameters", self.parameters)] + [
-            (f"models[{i}].parameters ({m.model})", m.parameters) for i, m in enumerate(self.models or [])
+        scopes = [("parameters", self.parameters, True)] + [
+            (f"models[{i}].parameters ({m.model})", m.parameters, False) for i, m in enumerate(self.models or [])
         ]
-        for where, params in scopes:
-            for key in params or {}:
-                if key in IGNORED_PARAMS:
-                    note = IGNORED_PARAMS[key] + "."
-                    if note not in self.notes:
-                        self.notes.append(note)
-                    continue
-                if key not in known:
-                    raise AttarError(
-                        f"{where}: {method.name} has no parameter {key!r}. "
-                        f"Known: {', '.join(sorted(known)) or '(none)'}."
-                    )
-                if key in method.options and where != "parameters":
-                    raise AttarError(
-                        f"{where}: {key!r} is a shared parameter of {method.name}; put it under the top-level `parameters`."
-                    )
-            check_numbers(method.name, where, params)
+        for where, params, shared in scopes:
+            for note in check_settings(method, where, params, shared=shared):
+                if note not in self.notes:
+                    self.notes.append(note)
+        fields = param_fields(method.Params)
         for ref in method.model_refs:
             value = (self.parameters or {}).get(ref)
-            if not isinstance(value, str):
+            if not isinstance(value, str) and (value is not None or fields[ref].is_required()):
                 raise AttarError(f"parameters.{ref}: {method.name} needs a model path here (e.g. {ref}: ./old-base).")
 
 
-# ---------------------------------------------------------------- numeric ranges
-
-F32_MAX = 3.4028234663852886e38  # merges run in float32: a larger factor overflows to inf on the first tensor
-
-# Allowed range of each numeric parameter, whichever method takes it: (low, high, low included, high included, meaning).
-# Checked when a config (or a recipe's merge stage) loads, so NaN, inf and nonsense never reach a tensor.
-RANGES: dict[str, tuple[float, float, bool, bool, str]] = {
-    "weight": (-F32_MAX, F32_MAX, True, True, "a model's weight"),
-    "lambda": (-F32_MAX, F32_MAX, True, True, "the factor on the summed task vectors"),
-    "density": (0.0, 1.0, False, True, "the fraction of each task vector kept"),
-    "gamma": (0.0, 1.0, True, False, "the fraction of largest entries dropped as outliers"),
-    "t": (0.0, 1.0, True, True, "the interpolation point, base at 0, other model at 1"),
-    "dot_threshold": (0.0, 1.0, True, True, "the |cosine| above which slerp falls back to linear"),
-    "alpha": (0.0, 1.0, True, True, "the WiSE-FT mixing coefficient"),
-    "alphas": (0.0, 1.0, True, True, "the WiSE-FT mixing coefficients swept"),
-    "fisher_floor": (0.0, F32_MAX, True, True, "the smallest Fisher value used"),
-    "sigma": (0.0, F32_MAX, False, True, "the search's step size"),
-    "iterations": (0, 10**6, True, True, "search iterations (a whole number)"),
-    "population": (1, 10**6, True, True, "children per iteration (a whole number)"),
-    "examples": (1, 10**9, True, True, "rows used for the Fisher estimate (a whole number)"),
-    "batch_size": (1, 10**9, True, True, "rows per Fisher batch (a whole number)"),
-}
-_WHOLE = {"iterations", "population", "examples", "batch_size"}
+# ---------------------------------------------------------------- checking settings against a method's Params
 
 
 def _leaves(value: Any) -> list[Any]:
@@ -225,35 +195,54 @@ def _leaves(value: Any) -> list[Any]:
     return [value]
 
 
-def _range_text(lo: float, hi: float, lo_in: bool, hi_in: bool) -> str:
-    if lo == -F32_MAX and hi == F32_MAX:
-        return "a finite number within float32's range (|x| <= 3.4e38), since merges compute in float32"
-    if hi == F32_MAX:
-        return f"a finite number {'>=' if lo_in else '>'} {lo:g}"
-    return f"in {'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+@functools.cache
+def _one_field(model: type[Params], key: str) -> type[Params]:
+    """``model`` cut down to field ``key``, to validate one value of a setting with that field's type and range."""
+    name, info = next((n, i) for n, i in model.model_fields.items() if (i.alias or n) == key)
+    return create_model(f"{model.__name__}_{name}", __base__=Params, **{name: (info.annotation, info)})
 
 
-def check_numbers(method: str, where: str, params: dict[str, Any] | None) -> None:
-    """Refuse a numeric parameter that is not a number or is outside its range (NaN and inf included), naming it."""
-    for key, setting in (params or {}).items():
-        if key not in RANGES or setting is None:
+def check_settings(method: str | MergeMethod, where: str, settings: Mapping[str, Any] | None, *,
+                   shared: bool | None = None) -> list[str]:
+    """Refuse what the method's ``Params`` does not accept, naming the field: an unknown name (a typo such as
+    ``densty`` must not silently do nothing), a shared option given per model (``shared=False``), or a value
+    of the wrong type or outside its range (NaN and inf included), checking every value of a gradient or
+    ``{filter, value}`` list. Returns the notes for keys attar accepts and ignores (``int8_mask``)."""
+    m = method if isinstance(method, MergeMethod) else MERGE_METHODS.get(method)
+    fields = param_fields(m.Params)
+    notes = []
+    for key, setting in (settings or {}).items():
+        if key in IGNORED_PARAMS:
+            notes.append(IGNORED_PARAMS[key] + ".")
             continue
-        lo, hi, lo_in, hi_in, meaning = RANGES[key]
-        rule = _range_text(lo, hi, lo_in, hi_in)
-        for leaf in _leaves(setting):
-            if leaf is None:
-                continue
-            try:
-                if isinstance(leaf, bool):
-                    raise TypeError
-                x = float(leaf)
-            except (TypeError, ValueError):
-                raise AttarError(f"{where}: {key} {leaf!r} is not a number; {method} needs {key} ({meaning}) to be {rule}.") from None
-            ok = math.isfinite(x) and (lo < x or (lo_in and x == lo)) and (x < hi or (hi_in and x == hi))
-            if ok and key in _WHOLE and x != int(x):
-                ok = False
-            if not ok:
-                raise AttarError(f"{where}: {key} {leaf!r} is out of range; {method} needs {key} ({meaning}) to be {rule}.")
+        info = fields.get(key)
+        if info is None:
+            raise AttarError(f"{where}: {m.name} has no parameter {key!r}; an unknown parameter would silently do "
+                             f"nothing. Known: {', '.join(sorted(fields)) or '(none)'}.")
+        if shared is False and not is_per_model(info):
+            raise AttarError(f"{where}: {key!r} is a shared parameter of {m.name}; put it under the top-level `parameters`.")
+        whole = get_origin(info.annotation) is list  # a list-valued field, not a gradient of scalars
+        for leaf in [setting] if whole else _leaves(setting):
+            _check_value(m, where, key, leaf, info)
+    return notes
+
+
+def _check_value(method: MergeMethod, where: str, key: str, value: Any, info: FieldInfo) -> None:
+    if value is None:
+        return
+    span = bounds(info)
+    if span is not None and isinstance(value, bool):  # pydantic would read true as 1
+        raise AttarError(f"{where}: {key} {value!r} is not a number; {method.name} needs {key} ({info.description}) "
+                         f"to be {range_text(*span)}.")
+    try:
+        _one_field(method.Params, key).model_validate({key: value})
+    except ValidationError as e:
+        if span is None:
+            raise validation_error(f"{where}: {method.name}", e, method.Params) from None
+        err = e.errors()[0]
+        what = "is not a number" if err["type"].endswith(("_parsing", "_type")) else "is out of range"
+        raise AttarError(f"{where}: {key} {err.get('input', value)!r} {what}; {method.name} needs {key} "
+                         f"({info.description}) to be {range_text(*span)}.") from None
 
 
 def load_merge_config(source: str | Path | dict) -> MergeConfig:

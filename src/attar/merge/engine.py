@@ -18,8 +18,10 @@ import torch
 import yaml
 
 from attar.errors import AttarError
-from attar.merge.config import MergeConfig, Setting, check_numbers, layer_index, layer_position, load_merge_config, parse_dtype, resolve_parameters
-from attar.merge.io import ShardWriter, TensorSource, open_source, parse_size
+from attar.merge.config import MergeConfig, Setting, check_settings, layer_index, layer_position, load_merge_config, parse_dtype, resolve_parameters
+from attar.merge.sources import open_source
+from attar.merge.tensor_source import TensorSource
+from attar.merge.writer import ShardWriter, parse_size
 from attar.merge.methods import MergeMethod, TensorInputs, tensor_method
 from attar.merge.validate import check_finite, check_inputs, check_state_dicts
 from attar.train.progress import StepProgress
@@ -112,9 +114,9 @@ def merge_state_dicts(
         raise AttarError(f"got {len(settings)} model_parameters for {len(inputs)} models.")
     if m.base == "required" and base is None:
         raise AttarError(f"{m.name} needs a base model.")
-    check_numbers(m.name, "parameters", dict(parameters or {}))
+    check_settings(m, "parameters", parameters, shared=True)
     for i, ms in enumerate(settings):
-        check_numbers(m.name, f"model_parameters[{i}]", dict(ms or {}))
+        check_settings(m, f"model_parameters[{i}]", ms, shared=False)
     if m.base_is_input and base is not None:
         inputs, settings = inputs + [base], settings + [None]
     ref = base if base is not None else inputs[0]
@@ -201,7 +203,8 @@ def run_merge(
         if n < method.min_models or (method.max_models is not None and n > method.max_models):
             want = f"exactly {method.min_models}" if method.min_models == method.max_models else f"at least {method.min_models}"
             raise AttarError(f"{method.name} takes {want} model(s) besides the base; got {n}.")
-        extras = {ref: get_source(str((cfg.parameters or {})[ref])) for ref in method.model_refs}
+        refs = {ref: (cfg.parameters or {}).get(ref) for ref in method.model_refs}
+        extras = {ref: get_source(str(path)) for ref, path in refs.items() if path is not None}
         merge_base = None if method.base_is_input else base
         all_inputs = ([merge_base] if merge_base is not None else []) + inputs + list(extras.values())
         ref = base if base is not None else inputs[0]

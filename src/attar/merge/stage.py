@@ -16,13 +16,11 @@ from typing import Any, Mapping, Sequence
 from torch import nn
 
 from attar.errors import AttarError
-from attar.merge.config import check_numbers
+from attar.merge.config import IGNORED_PARAMS, check_settings
 from attar.merge.engine import merge_state_dicts
 from attar.merge.evaluators import evaluator_for, fisher_estimator, state_dicts
 from attar.merge.methods import MERGE_METHODS, fisher_merge, greedy_soup, lcsc_search, wise_ft_sweep
 from attar.merge.validate import check_finite, check_state_dicts
-
-FISHER_OPTIONS = {"examples": 256, "labels": "expected", "batch_size": 16}
 
 
 def merge_models(
@@ -54,9 +52,9 @@ def merge_models(
         raise AttarError(f"merge method {method!r} takes no base model; list every model under models.")
     ref = base if (base is not None and not m.base_is_input) else models[0]
     out = copy.deepcopy(ref)
-    check_numbers(m.name, "parameters", params)
+    check_settings(m, "parameters", params, shared=True)
     for i, mp in enumerate(model_parameters or []):
-        check_numbers(m.name, f"model_parameters[{i}]", dict(mp or {}))
+        check_settings(m, f"model_parameters[{i}]", mp, shared=False)
     sds = state_dicts(models)
     base_sd = None if base is None else state_dicts([base])[0]
     names = list(labels) if labels is not None else [f"models[{i}]" for i in range(len(models))]
@@ -66,18 +64,18 @@ def merge_models(
         merged = merge_state_dicts(m, sds, base_sd, parameters=params, model_parameters=model_parameters, seed=seed)
         out.load_state_dict(merged)
         return out, {"method": m.name}
-    known = m.known_params() | (set(FISHER_OPTIONS) if m.name == "fisher" else set())
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise AttarError(f"merge method {m.name!r} got unknown parameter(s) {unknown}; it accepts {sorted(known) or 'none'}.")
+    # Model-level methods take plain values (no gradients or filters): the validated ones, defaults left to the method.
+    params = {k: v for k, v in params.items() if k not in IGNORED_PARAMS}
+    params = MERGE_METHODS.parse(m.name, params).model_dump(by_alias=True, exclude_unset=True)
     if bundle is None:
         raise AttarError(f"merge method {m.name!r} needs data (held-out scores or Fisher estimates); give the stage data.")
     if m.name == "fisher":
-        opts = {k: params.pop(k, d) for k, d in FISHER_OPTIONS.items()}
-        est = fisher_estimator(bundle.train.x, bundle.train.y, labels=opts["labels"], max_examples=int(opts["examples"]),
-                               batch_size=int(opts["batch_size"]), seed=seed)
-        weights = [float((mp or {}).get("weight", 1.0)) for mp in (model_parameters or [None] * len(models))]
-        result = fisher_merge(sds, [est(x) for x in models], weights=weights, **params)
+        opts = m.options | params
+        est = fisher_estimator(bundle.train.x, bundle.train.y, labels=opts["labels"], max_examples=opts["examples"],
+                               batch_size=opts["batch_size"], seed=seed)
+        default = params.get("weight", 1.0)
+        weights = [float((mp or {}).get("weight", default)) for mp in (model_parameters or [None] * len(models))]
+        result = fisher_merge(sds, [est(x) for x in models], weights=weights, fisher_floor=opts["fisher_floor"])
     else:
         evaluate = evaluator_for(ref, bundle, "val")
         if m.name == "greedy_soup":

@@ -12,7 +12,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from attar.errors import AttarError
-from attar.merge.io import TensorSource
+from attar.merge.tensor_source import TensorSource
 
 # Tensors whose first dimension is the vocabulary (input embeddings, output heads).
 _VOCAB_RE = re.compile(

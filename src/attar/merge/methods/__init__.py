@@ -1,11 +1,10 @@
-"""Merge methods, one file each, all registered in ``MERGE_METHODS``.
+"""Merge methods, one file each (the task-vector presets share ``task_vector.py``), all registered in ``MERGE_METHODS``.
 
 Importing this package registers every built-in method.
 """
 
 from attar.merge.methods.base import (
     MERGE_METHODS,
-    REQUIRED,
     Evaluator,
     FisherEstimator,
     MergeMethod,
@@ -16,18 +15,15 @@ from attar.merge.methods.base import (
     tensor_method,
 )
 from attar.merge.methods import (  # noqa: F401  (registration side effects)
-    breadcrumbs,
-    dare,
     fisher,
-    ft_transfer,
     lcsc,
     linear,
     slerp,
     soup,
-    task_arithmetic,
-    ties,
+    task_vector,
     wise_ft,
 )
+from attar.merge.methods.params import REQUIRED
 from attar.merge.methods.fisher import diagonal_fisher, fisher_merge
 from attar.merge.methods.lcsc import lcsc_search
 from attar.merge.methods.slerp import slerp_tensors

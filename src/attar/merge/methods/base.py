@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable, Literal, Mapping, Protocol
 
 import torch
 
 from attar.errors import AttarError
-from attar.registry import Registry
+from attar.merge.methods.params import defaults, param_fields
+from attar.registry import Params as ParamsModel, Registry
 
 StateDict = Mapping[str, torch.Tensor]
-
-REQUIRED: Any = object()  # sentinel: a parameter the user must give
 
 
 class Evaluator(Protocol):
@@ -71,12 +71,13 @@ class TensorInputs:
 
 @dataclass(frozen=True)
 class MergeMethod:
-    """A registered method and the parameters it accepts (with defaults).
+    """A registered method and the parameters it accepts.
 
-    ``model_params`` are per-model (``models[i].parameters`` in the config, or
-    given globally as a default for every model); ``options`` are shared
-    (global ``parameters``). ``model_refs`` name options whose values are model
-    paths that the engine opens as extra inputs.
+    ``Params`` (a strict :class:`attar.registry.Params`, see ``methods/params.py``) names, defaults and
+    range-checks them; from it come ``model_params``, the per-model ones (``models[i].parameters`` in the
+    config, or given globally as a default for every model), and ``options``, the shared ones (global
+    ``parameters``). ``model_refs`` name options whose values are model paths that the engine opens as
+    extra inputs (when given).
     """
 
     name: str
@@ -88,13 +89,20 @@ class MergeMethod:
     base_is_input: bool = False
     min_models: int = 1
     max_models: int | None = None
-    model_params: dict[str, Any] = field(default_factory=dict)
-    options: dict[str, Any] = field(default_factory=dict)
+    Params: type[ParamsModel] | None = None
     model_refs: tuple[str, ...] = ()
     reference: str = ""
 
+    @cached_property
+    def model_params(self) -> dict[str, Any]:
+        return defaults(self.Params, per_model=True)
+
+    @cached_property
+    def options(self) -> dict[str, Any]:
+        return {k: v for k, v in defaults(self.Params, per_model=False).items() if k not in self.model_refs}
+
     def known_params(self) -> set[str]:
-        return set(self.model_params) | set(self.options) | set(self.model_refs)
+        return set(param_fields(self.Params))
 
 
 MERGE_METHODS: Registry[MergeMethod] = Registry("merge method")
@@ -111,7 +119,7 @@ def stable_seed(seed: int, name: str, index: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-# ---------------------------------------------------------------- shared building blocks
+# ---------------------------------------------------------------- task-vector building blocks (methods/task_vector.py)
 
 
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:

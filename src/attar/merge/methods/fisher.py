@@ -13,11 +13,14 @@ from typing import Any, Iterable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from attar.errors import AttarError
 from attar.merge.methods._state import check_same_keys
 from attar.merge.methods.base import FisherEstimator, MergeMethod, StateDict, register
+from attar.merge.methods.params import F32_MAX, Weight
 from attar.merge.methods.soup import ModelMergeResult
+from attar.registry import Params
 
 
 def fisher_merge(
@@ -146,6 +149,16 @@ def _run(
     return fisher_merge(state_dicts, fishers, weights=weights, fisher_floor=fisher_floor)
 
 
+class FisherParams(Params):
+    """``examples``, ``labels`` and ``batch_size`` are read by a recipe's merge stage, which estimates the Fishers."""
+
+    weight: Weight = 1.0
+    fisher_floor: float = Field(1e-6, ge=0.0, le=F32_MAX, description="the smallest Fisher value used")
+    examples: int = Field(256, ge=1, le=10**9, description="rows used for the Fisher estimate (a whole number)")
+    labels: Literal["expected", "sampled", "empirical"] = Field("expected", description="which labels the Fisher uses")
+    batch_size: int = Field(16, ge=1, le=10**9, description="rows per Fisher batch (a whole number)")
+
+
 register(
     MergeMethod(
         name="fisher",
@@ -154,8 +167,7 @@ register(
         run=_run,
         base="none",
         min_models=1,
-        model_params={"weight": 1.0},
-        options={"fisher_floor": 1e-6},
+        Params=FisherParams,
         reference="https://arxiv.org/abs/2111.09832",
     )
 )

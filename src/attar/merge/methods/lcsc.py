@@ -12,11 +12,14 @@ from __future__ import annotations
 from typing import Any, Literal, Sequence
 
 import torch
+from pydantic import Field
 
 from attar.errors import AttarError
 from attar.merge.methods._state import check_same_keys, weighted_average
 from attar.merge.methods.base import Evaluator, MergeMethod, StateDict, register
+from attar.merge.methods.params import F32_MAX
 from attar.merge.methods.soup import ModelMergeResult
+from attar.registry import Params
 
 
 def lcsc_search(
@@ -66,6 +69,15 @@ def _run(state_dicts: Sequence[StateDict], *, evaluate: Evaluator, **opts: Any) 
     return lcsc_search(state_dicts, evaluate, **opts)
 
 
+class LcscParams(Params):
+    iterations: int = Field(20, ge=0, le=10**6, description="search iterations (a whole number)")
+    population: int = Field(4, ge=1, le=10**6, description="children per iteration (a whole number)")
+    sigma: float = Field(0.2, gt=0.0, le=F32_MAX, description="the search's step size")
+    init: Literal["last", "uniform"] = Field("last", description="start from the last checkpoint or the uniform average")
+    sum_to_one: bool = Field(True, description="renormalise the coefficients to sum to 1")
+    seed: int = Field(0, description="seeds the search (a merge stage uses the stage's seed)")
+
+
 register(
     MergeMethod(
         name="lcsc",
@@ -74,7 +86,7 @@ register(
         run=_run,
         base="none",
         min_models=2,
-        options={"iterations": 20, "population": 4, "sigma": 0.2, "init": "last", "sum_to_one": True, "seed": 0},
+        Params=LcscParams,
         reference="https://arxiv.org/abs/2404.02241",
     )
 )

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
 from attar.errors import AttarError
 from attar.merge.methods.base import MergeMethod, TensorInputs, register
+from attar.merge.methods.params import Weight
+from attar.registry import Params
 
 
 def linear(x: TensorInputs) -> torch.Tensor:
@@ -24,6 +27,11 @@ def linear(x: TensorInputs) -> torch.Tensor:
     return out
 
 
+class LinearParams(Params):
+    weight: Weight = 1.0
+    normalize: bool = Field(True, description="divide by the summed weights")
+
+
 register(
     MergeMethod(
         name="linear",
@@ -32,8 +40,7 @@ register(
         base="optional",
         base_is_input=True,
         min_models=1,
-        model_params={"weight": 1.0},
-        options={"normalize": True},
+        Params=LinearParams,
         reference="https://arxiv.org/abs/2203.05482",
     )
 )

@@ -12,8 +12,10 @@ from __future__ import annotations
 import math
 
 import torch
+from pydantic import Field
 
 from attar.merge.methods.base import MergeMethod, TensorInputs, register
+from attar.registry import Params
 
 
 def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
@@ -34,6 +36,11 @@ def slerp(x: TensorInputs) -> torch.Tensor:
     return slerp_tensors(float(x.options["t"]), x.base, x.models[0], float(x.options["dot_threshold"]))
 
 
+class SlerpParams(Params):
+    t: float = Field(0.5, ge=0.0, le=1.0, description="the interpolation point, base at 0, other model at 1")
+    dot_threshold: float = Field(0.9995, ge=0.0, le=1.0, description="the |cosine| above which slerp falls back to linear")
+
+
 register(
     MergeMethod(
         name="slerp",
@@ -41,7 +48,7 @@ register(
         fn=slerp,
         min_models=1,
         max_models=1,
-        options={"t": 0.5, "dot_threshold": 0.9995},
+        Params=SlerpParams,
         reference="https://en.wikipedia.org/wiki/Slerp",
     )
 )

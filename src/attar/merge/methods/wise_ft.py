@@ -7,12 +7,16 @@ in-distribution accuracy is usually not the best under distribution shift.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
+
+from pydantic import Field
 
 from attar.errors import AttarError
 from attar.merge.methods._state import weighted_average
 from attar.merge.methods.base import Evaluator, MergeMethod, StateDict, register
+from attar.merge.methods.params import Unit
 from attar.merge.methods.soup import ModelMergeResult
+from attar.registry import Params
 
 DEFAULT_ALPHAS = tuple(i / 10 for i in range(11))
 
@@ -52,6 +56,11 @@ def _run(state_dicts: Sequence[StateDict], *, base: StateDict | None = None, eva
     return wise_ft(base, state_dicts[0], evaluate=evaluate, **opts)
 
 
+class WiseFtParams(Params):
+    alpha: Optional[Unit] = Field(None, description="the WiSE-FT mixing coefficient, fixed (no sweep)")
+    alphas: list[Unit] = Field(list(DEFAULT_ALPHAS), description="the WiSE-FT mixing coefficients swept")
+
+
 register(
     MergeMethod(
         name="wise_ft",
@@ -61,7 +70,7 @@ register(
         base="required",
         min_models=1,
         max_models=1,
-        options={"alpha": None, "alphas": list(DEFAULT_ALPHAS)},
+        Params=WiseFtParams,
         reference="https://arxiv.org/abs/2109.01903",
     )
 )
