@@ -133,6 +133,42 @@ def test_condense_refuses_a_foreign_store_before_any_work(tmp_path, digits, monk
     assert calls == [] and not (tmp_path / "out").exists()
 
 
+def test_expert_interrupted_mid_epoch_resumes_to_the_uninterrupted_trajectory(tmp_path, digits, monkeypatch):
+    """An expert is an ordinary Trainer run: SIGTERM mid-epoch leaves a checkpoint in the store, the next
+    open_store resumes it, and the stored trajectory equals an uninterrupted build (with DSA on)."""
+    import os
+    import signal
+
+    import attar.condense.experts as ex
+    from attar.lifecycle import RunInterrupted, stop_on_signals
+
+    cfg = ExpertConfig(num_experts=1, epochs=3, batch_size=64, dsa=True)
+    ref = open_store(tmp_path / "ref", _ctx(digits), cfg).trajectory(0)
+
+    class TermAt(ex.Trajectory):
+        def on_batch_end(self, trainer, batch, outputs, losses):
+            self.n = getattr(self, "n", 0) + 1
+            if self.n == 7:  # 300 rows in batches of 64: 5 per epoch, so epoch 2's second batch
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(ex, "Trajectory", TermAt)
+    with stop_on_signals(), pytest.raises(RunInterrupted) as e:
+        open_store(tmp_path / "ex", _ctx(digits), cfg)
+    assert ".expert-000.partial" in e.value.checkpoint
+    assert json.loads((tmp_path / "ex" / "experts.json").read_text())["experts"] == []
+    batches = []
+
+    class Count(ex.Trajectory):
+        def on_batch_end(self, trainer, batch, outputs, losses):
+            batches.append(len(batch.y))
+
+    monkeypatch.setattr(ex, "Trajectory", Count)
+    s = open_store(tmp_path / "ex", _ctx(digits), cfg)
+    assert s.trained == [0] and torch.equal(s.trajectory(0), ref)
+    assert len(batches) == 15 - 7 and sum(batches) == 3 * 300 - (300 + 2 * 64)  # resumed after step 7, not redone
+    assert not (tmp_path / "ex" / ".expert-000.partial").exists()
+
+
 def test_params_validate_the_start_window():
     with pytest.raises(AttarError, match="exceeds expert_train_epochs"):
         CONDENSERS.get("mtt")({"expert_train_epochs": 5, "max_start_epoch": 5, "expert_epochs": 2})

@@ -129,3 +129,193 @@ def test_resume_with_changed_optimiser_settings_only_on_request(tmp_path):
     state = read_checkpoint(latest_checkpoint(tmp_path))[1]
     groups = state["optimizer"]["param_groups"]
     assert all(g["lr"] == 1e-4 and g["weight_decay"] == 0.0 and g["momentum"] == 0.5 for g in groups)
+
+
+# ------------------------------------------------------------------ extension points: strategy, callbacks, task
+
+
+class Stop(Exception):
+    pass
+
+
+def _stop_at(step_to_stop):
+    def cb(step, metrics):
+        if step == step_to_stop:
+            raise Stop  # like SIGKILL: everything after the newest checkpoint is lost
+
+    return cb
+
+
+def _mezo():
+    from attar.adapt.mezo import MeZOConfig, MeZOStep
+
+    return MeZOStep(MeZOConfig(eps=1e-3))
+
+
+def _same_weights(a, b):
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+MEZO_CFG = TrainConfig(epochs=2, batch_size=64, lr=1e-2, weight_decay=1e-3, checkpoint_every=5)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_mezo_strategy_resumed_after_a_kill_matches_uninterrupted(tmp_path):
+    x, y = _digits()
+    ref = Trainer(_mlp(), CE(), x, y, MEZO_CFG, seed=2, strategy=_mezo()).fit()
+    with pytest.raises(Stop):
+        Trainer(_mlp(), CE(), x, y, MEZO_CFG, seed=2, strategy=_mezo(), ckpt_dir=tmp_path, on_metrics=_stop_at(20)).fit()
+    assert latest_checkpoint(tmp_path).name == "step-00000015"
+    from attar.train.callbacks import Callback
+
+    class Count(Callback):
+        n = 0
+
+        def on_batch_end(self, trainer, batch, outputs, losses):
+            Count.n += 1
+
+    res = Trainer(_mlp(), CE(), x, y, MEZO_CFG, seed=2, strategy=_mezo(), ckpt_dir=tmp_path,
+                  callbacks=[Count()]).fit(resume=True)
+    assert res.steps == ref.steps == 2 * (len(y) // 64) and res.samples_seen == ref.samples_seen
+    assert Count.n == ref.steps - 15  # it continued from the checkpoint
+    assert res.history[-1]["train_loss"] == ref.history[-1]["train_loss"]  # (epoch 1 averages only what ran after)
+    _same_weights(ref.model, res.model)
+    assert not torch.equal(ref.model[0].weight, _mlp()[0].weight)  # it trained
+    # a backprop run cannot resume a MeZO checkpoint (nor the reverse): the strategy is part of the config hash
+    from attar.errors import AttarError
+
+    with pytest.raises(AttarError, match="different training settings"):
+        Trainer(_mlp(), CE(), x, y, MEZO_CFG, seed=2, ckpt_dir=tmp_path).fit(resume=True)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_mezo_strategy_stops_on_sigterm_with_a_checkpoint_and_resumes_exactly(tmp_path):
+    import os
+    import signal
+
+    from attar.lifecycle import RunInterrupted, stop_on_signals
+    from attar.train.callbacks import Callback
+
+    class TermAt(Callback):
+        def __init__(self):
+            self.n, self.outputs = 0, set()
+
+        def on_batch_end(self, trainer, batch, outputs, losses):
+            self.n += 1
+            self.outputs.add(outputs is None)  # MeZO's passes are perturbed: no clean outputs to show
+            if self.n == 8:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    x, y = _digits()
+    cfg = MEZO_CFG.model_copy(update={"checkpoint_every": 0})
+    ref = Trainer(_mlp(), CE(), x, y, cfg, seed=2, strategy=_mezo()).fit()
+    term = TermAt()
+    with stop_on_signals(), pytest.raises(RunInterrupted) as e:
+        Trainer(_mlp(), CE(), x, y, cfg, seed=2, strategy=_mezo(), ckpt_dir=tmp_path, callbacks=[term]).fit()
+    assert e.value.checkpoint.endswith("step-00000008") and term.outputs == {True}
+    res = Trainer(_mlp(), CE(), x, y, cfg, seed=2, strategy=_mezo(), ckpt_dir=tmp_path).fit(resume=True)
+    _same_weights(ref.model, res.model)
+
+
+def test_mezo_strategy_has_the_nan_guard_and_refuses_teacher_objectives(tmp_path):
+    from attar.errors import AttarError
+
+    x, y = _digits()
+    with pytest.raises(TrainingDiverged) as e:  # two forward passes per MeZO step: call 25 is step 12's first
+        Trainer(_mlp(), NaNAt(24), x, y, MEZO_CFG, strategy=_mezo(), ckpt_dir=tmp_path).fit()
+    assert "step 12" in str(e.value) and "step-00000010" in str(e.value)
+
+    class KD(CE):
+        needs_teacher = True
+
+    with pytest.raises(AttarError, match="teacher-free objectives"):
+        Trainer(_mlp(), KD(), x, y, MEZO_CFG, strategy=_mezo())
+
+
+def test_mezo_fit_is_the_trainer_with_the_mezo_strategy():
+    from attar.adapt.mezo import MeZOConfig, mezo_fit
+
+    x, y = _digits()
+    a = mezo_fit(_mlp(), CE(), x, y, MEZO_CFG, MeZOConfig(eps=1e-3), seed=2)
+    b = Trainer(_mlp(), CE(), x, y, MEZO_CFG, seed=2, name="finetune", strategy=_mezo()).fit()
+    _same_weights(a.model, b.model)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_callbacks_see_every_batch_and_epoch_and_resume_with_their_state(tmp_path):
+    """A trajectory callback (one row per epoch) resumed from a periodic checkpoint records what an
+    uninterrupted run does; on_batch_end sees the model's outputs on the exact batch."""
+    from attar.train.callbacks import Callback, ForgettingCounter, Trajectory, flatten_params
+
+    class Count(Callback):
+        def __init__(self):
+            self.batches, self.epochs = 0, []
+
+        def on_batch_end(self, trainer, batch, outputs, losses):
+            assert outputs.shape == (len(batch.y), 10) and "loss" in losses
+            self.batches += 1
+
+        def on_epoch_end(self, trainer, epoch):
+            self.epochs.append(epoch)
+
+    x, y = _digits()
+    cfg = TrainConfig(epochs=3, batch_size=64, checkpoint_every=10, lr=3e-3)
+    count, traj, forget = Count(), Trajectory(m := _mlp()), ForgettingCounter(len(y))
+    ref = Trainer(m, CE(), x, y, cfg, seed=1, callbacks=[count, traj, forget]).fit()
+    assert count.batches == ref.steps and count.epochs == [0, 1, 2]
+    t = traj.stack()
+    assert t.shape == (4, sum(p.numel() for p in m.parameters())) and torch.equal(t[-1], flatten_params(ref.model))
+    assert torch.equal(t[0], flatten_params(_mlp()))
+    assert forget.scores().shape == (len(y),) and bool(forget.ever.any())
+
+    m2 = _mlp()
+    with pytest.raises(Stop):
+        Trainer(m2, CE(), x, y, cfg, seed=1, ckpt_dir=tmp_path, on_metrics=_stop_at(50),
+                callbacks=[Trajectory(m2), ForgettingCounter(len(y))]).fit()  # newest checkpoint: step 40, epoch 2
+    m3 = _mlp()
+    traj3, forget3 = Trajectory(m3), ForgettingCounter(len(y))
+    count3 = Count()
+    res = Trainer(m3, CE(), x, y, cfg, seed=1, ckpt_dir=tmp_path, callbacks=[traj3, forget3, count3]).fit(resume=True)
+    assert count3.batches == ref.steps - 40 and count3.epochs == [1, 2]  # continued from the checkpoint
+    _same_weights(ref.model, res.model)
+    assert torch.equal(traj3.stack(), t)
+    assert torch.equal(forget3.forgets, forget.forgets) and torch.equal(forget3.ever, forget.ever)
+
+
+def test_a_task_turns_rows_into_batches_and_batches_into_losses():
+    """The seam a new kind of data plugs into: here rows become (x, y) with noise and the loss is the task's own."""
+    from attar.train.objective import Batch
+    from attar.train.task import Task
+
+    class NoisyRows(Task):
+        calls = 0
+
+        def batch(self, trainer, rows, epoch, micro):
+            NoisyRows.calls += 1
+            g = trainer.generator(9, epoch, micro)
+            return Batch(x=trainer.x[rows] + 0.01 * torch.randn(len(rows), 64, generator=g), y=trainer.y[rows], idx=rows)
+
+        def forward(self, model, objective, batch):
+            logits = model(batch.x)
+            l2 = logits.pow(2).mean()
+            return {"loss": objective(batch, logits)["loss"] + 1e-3 * l2, "logit_l2": l2.detach()}, logits
+
+    x, y = _digits()
+    seen = []
+    res = Trainer(_mlp(), CE(), x, y, TrainConfig(epochs=3, batch_size=64, lr=3e-3), val=(x, y), task=NoisyRows(),
+                  on_metrics=lambda step, m: seen.append(m)).fit()
+    assert NoisyRows.calls == res.steps and res.history[-1]["val_accuracy"] > 0.8
+    assert any("train_logit_l2" in m for m in seen)
+
+
+def test_inner_runs_see_every_row_and_leave_the_global_rng_alone():
+    x, y = _digits()
+    tr = Trainer(_mlp(), CE(), x, y, TrainConfig(epochs=2, batch_size=64), drop_last=False, inner=True)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    res = tr.fit()
+    assert res.samples_seen == 2 * len(y) and res.steps == 2 * 29  # 28 batches of 64 and one of 5, per epoch
+    assert torch.equal(torch.get_rng_state(), before)  # an ordinary run reseeds it at every step
+    with pytest.raises(ValueError, match="drop_last"):
+        Trainer(_mlp(), CE(), x, y, TrainConfig(epochs=1, batch_size=32, accumulate=2), drop_last=False)

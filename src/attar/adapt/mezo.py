@@ -7,28 +7,26 @@ update). The projected gradient ``g = (L₊ − L₋)/(2ε)`` gives the update `
 No autograd graph is built, so peak memory is the model plus one forward pass's activations plus
 the largest single parameter (one ``z`` at a time): inference level.
 
-:class:`MeZO` is the optimizer (any closure that returns a loss); :func:`mezo_fit` trains like
-:class:`attar.train.trainer.Trainer` (same data order, schedule, validation, checkpoints and
-resume) with MeZO steps. The loss can be non-differentiable.
+:class:`MeZO` is the optimizer (any closure that returns a loss). :class:`MeZOStep` is the Trainer's
+step strategy for it, so a MeZO run has the Trainer's data order, schedule, validation, NaN guard,
+checkpoints, resume, SIGTERM stop and progress; :func:`mezo_fit` is that run in one call. The loss
+can be non-differentiable.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from typing import Callable
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from attar.checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint
 from attar.errors import AttarError
-from attar.train.objective import Objective
 from attar.train.config import TrainConfig
-from attar.train.progress import StepProgress
-from attar.train.schedule import lr_at
-from attar.train.trainer import Trainer, TrainingDiverged, TrainResult, _seed_for
+from attar.train.objective import Objective
+from attar.train.strategy import StepStrategy
+from attar.train.trainer import Trainer, TrainResult
 
 
 class MeZOConfig(BaseModel):
@@ -36,14 +34,22 @@ class MeZOConfig(BaseModel):
     eps: float = Field(1e-3, gt=0, description="perturbation scale ε")
 
 
-class MeZO:
-    """Zeroth-order SGD over ``params`` (the ones with ``requires_grad``, or all given)."""
+class MeZO(torch.optim.Optimizer):
+    """Zeroth-order SGD over ``params`` (the ones with ``requires_grad``, or all given).
+
+    An ``Optimizer`` (one param group holding ``lr``, ``eps``, ``weight_decay``) so the Trainer schedules its
+    learning rate and checkpoints it like any other; it keeps no per-parameter state.
+    """
 
     def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0):
-        self.params = [p for p in params]
-        if not self.params:
+        params = list(params)
+        if not params:
             raise AttarError("MeZO got no parameters to train.")
-        self.lr, self.eps, self.weight_decay = float(lr), float(eps), float(weight_decay)
+        super().__init__(params, {"lr": float(lr), "eps": float(eps), "weight_decay": float(weight_decay)})
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
 
     def _z_stream(self, seed: int):
         gens: dict[torch.device, torch.Generator] = {}
@@ -62,18 +68,51 @@ class MeZO:
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor | float], seed: int) -> tuple[float, float]:
         """One MeZO step; ``closure`` evaluates the loss at the current parameters. Returns (loss, projected grad)."""
-        self._perturb(seed, self.eps)
+        group = self.param_groups[0]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        self._perturb(seed, eps)
         l_plus = float(closure())
-        self._perturb(seed, -2 * self.eps)
+        self._perturb(seed, -2 * eps)
         l_minus = float(closure())
-        self._perturb(seed, self.eps)
-        g = (l_plus - l_minus) / (2 * self.eps)
+        self._perturb(seed, eps)
+        g = (l_plus - l_minus) / (2 * eps)
         if math.isfinite(g):
             for p, z in self._z_stream(seed):
-                if self.weight_decay:
-                    p.mul_(1 - self.lr * self.weight_decay)
-                p.add_(z, alpha=-self.lr * g)
+                if wd:
+                    p.mul_(1 - lr * wd)
+                p.add_(z, alpha=-lr * g)
         return 0.5 * (l_plus + l_minus), g
+
+
+class MeZOStep(StepStrategy):
+    """The Trainer's step as one MeZO step per micro-batch (``train.optimizer``/``momentum``/``grad_clip``/
+    ``accumulate`` do not apply: plain zeroth-order SGD). ``z`` is drawn from ``(seed, 5, step)`` and both
+    perturbed passes see the dropout masks of ``(seed, 4, step)``, so a resumed run takes the same steps."""
+
+    accumulates = False
+
+    def __init__(self, config: MeZOConfig | None = None):
+        self.config = config or MeZOConfig()
+
+    def check(self, objective: Objective) -> None:
+        if objective.needs_teacher:
+            raise AttarError("MeZO fine-tuning takes teacher-free objectives (e.g. ce).")
+
+    def spec(self) -> dict:
+        return {"strategy": "mezo", "eps": self.config.eps}
+
+    def optimizer(self, cfg: TrainConfig, params) -> MeZO:
+        return MeZO(params, cfg.lr, self.config.eps, cfg.weight_decay)
+
+    def micro_step(self, trainer, runner, batch, opt, step):
+        dropout = trainer.rng_seed(4, step)
+
+        def closure() -> float:
+            torch.manual_seed(dropout)  # the same dropout masks for both perturbations
+            return float(trainer.reduce(runner(batch)[0]["loss"].detach()))
+
+        loss, _g = opt.step(closure, seed=trainer.rng_seed(5, step))
+        return {"loss": torch.tensor(loss, dtype=torch.float64)}, None
 
 
 def mezo_fit(
@@ -91,71 +130,7 @@ def mezo_fit(
     resume: bool = False,
     num_classes: int | None = None,
 ) -> TrainResult:
-    """Train with MeZO steps; data order, learning-rate schedule and validation as in the Trainer.
-
-    ``config.optimizer``/``momentum``/``grad_clip``/``accumulate`` do not apply (one batch per step,
-    plain zeroth-order SGD). Checkpoints hold the model and the position only: MeZO has no state.
-    """
-    mezo = mezo or MeZOConfig()
-    if objective.needs_teacher:
-        raise AttarError("MeZO fine-tuning takes teacher-free objectives (e.g. ce).")
-    tr = Trainer(model, objective, train_x, train_y, config, seed=seed, val=val, ckpt_dir=ckpt_dir, name=name,
-                 num_classes=num_classes)
-    objective.setup(model, [], num_classes or 0, len(tr.x))
-    params = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
-    opt = MeZO(params, config.lr, mezo.eps, config.weight_decay)
-    step, epoch0, micro0, history, elapsed, seen = 0, 0, 0, [], 0.0, 0
-    if resume and tr.ckpt_dir is not None and (ck := latest_checkpoint(tr.ckpt_dir)) is not None:
-        tensors, state = read_checkpoint(ck)
-        if state.get("config_hash") != tr._config_hash():
-            raise AttarError(f"{ck} was written with different training settings; resume needs the same ones.")
-        model.load_state_dict(tensors["model"])
-        step, epoch0, micro0, history, elapsed, seen = (state[k] for k in ("step", "epoch", "micro", "history", "elapsed", "seen"))
-    per_epoch = tr.steps_per_epoch * config.accumulate  # micro-batches; each is one MeZO step here
-    total = per_epoch * config.epochs
-    t0 = time.perf_counter() - elapsed
-    model.train()
-
-    def save(epoch: int, micro: int) -> None:
-        if tr.ckpt_dir is None:
-            return
-        write_checkpoint(tr.ckpt_dir / f"step-{step:08d}", {"model": model.state_dict()},
-                         {"kind": "mezo-state", "step": step, "epoch": epoch, "micro": micro, "history": history,
-                          "config_hash": tr._config_hash(), "elapsed": time.perf_counter() - t0, "seen": seen})
-        for old in sorted(tr.ckpt_dir.glob("step-*"))[:-2]:
-            import shutil
-
-            shutil.rmtree(old, ignore_errors=True)
-
-    with StepProgress(name, total, completed=step) as bar:
-        for epoch in range(epoch0, config.epochs):
-            order = tr._epoch_order(epoch)
-            eloss, en = 0.0, 0
-            for micro in range(micro0 if epoch == epoch0 else 0, per_epoch):
-                batch = tr._micro_batch(order, epoch, micro)
-                lr = lr_at(step, total, per_epoch, config.lr, config.schedule, config.warmup_steps,
-                           config.step_every, config.step_gamma)
-                opt.lr = lr
-                dseed = _seed_for(seed, 4, step)
-
-                def closure() -> float:
-                    torch.manual_seed(dseed)  # the same dropout masks for both perturbations
-                    return float(objective(batch, model(batch.x))["loss"])
-
-                loss, _g = opt.step(closure, seed=_seed_for(seed, 5, step))
-                if not math.isfinite(loss):
-                    raise TrainingDiverged(f"stage {name!r}: the MeZO loss became {loss} at step {step}; lower lr or eps.")
-                step += 1
-                seen += len(batch.y)
-                eloss, en = eloss + loss, en + 1
-                bar.update(1, loss=loss, lr=lr)
-                if on_metrics and (step % 10 == 0 or step == 1):
-                    on_metrics(step, {"train_loss": loss, "lr": lr})
-            rec = {"step": step, "epoch": epoch + 1, "train_loss": eloss / max(1, en), "seconds": time.perf_counter() - t0}
-            if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
-                rec |= tr.evaluate()
-            history.append(rec)
-            if on_metrics:
-                on_metrics(step, {k: float(v) for k, v in rec.items() if k != "step"})
-            save(epoch + 1, 0)
-    return TrainResult(model=model, history=history, steps=step, seconds=time.perf_counter() - t0, samples_seen=seen)
+    """Train ``model`` with MeZO steps: a :class:`~attar.train.trainer.Trainer` run with :class:`MeZOStep`."""
+    return Trainer(model, objective, train_x, train_y, config, seed=seed, val=val, ckpt_dir=ckpt_dir,
+                   on_metrics=on_metrics, name=name, num_classes=num_classes,
+                   strategy=MeZOStep(mezo)).fit(resume=resume)

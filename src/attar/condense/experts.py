@@ -10,8 +10,10 @@ expert's parameters are saved, flattened, after every epoch (epoch 0 = the initi
     STORE/expert-001.safetensors     ...
 
 Every file is written atomically (temporary name, fsync, rename) and ``experts.json`` is rewritten
-after each expert, so an interrupted build keeps the finished experts and resumes with the next.
-Loading verifies each file's sha256 against the metadata.
+after each expert, so an interrupted build keeps the finished experts and resumes with the next; the
+expert in training is an ordinary Trainer run that checkpoints into ``STORE/.expert-KKK.partial``, so
+it resumes where it stopped and ends with the trajectory of an uninterrupted build. Loading verifies
+each file's sha256 against the metadata.
 
 Reuse: :func:`open_store` reads ``experts.json`` first. A store trained on a different
 *identity* (architecture, data set / data hash, input shape, classes, input space (ZCA or pixels))
@@ -24,18 +26,24 @@ more is used as it is.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from attar.checkpoint import atomic_save_safetensors, atomic_write_json, load_safetensors
+from attar.condense.augment import DSA
 from attar.condense.base import CondenseContext, gen, seed_of
 from attar.errors import AttarError
+from attar.models import build_model
 from attar.paths import home
+from attar.train.callbacks import Trajectory
+from attar.train.config import TrainConfig
+from attar.train.objective import CE
+from attar.train.trainer import Trainer
 
 FORMAT = "attar-experts/1"
 META = "experts.json"
@@ -83,10 +91,6 @@ def param_layout(model: torch.nn.Module) -> tuple[list[str], list[list[int]]]:
         names.append(n)
         shapes.append(list(p.shape))
     return names, shapes
-
-
-def flatten_params(model: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
 @dataclass
@@ -167,39 +171,32 @@ def check_store(folder: str | Path, ident: dict[str, Any], cfg: ExpertConfig) ->
     return meta
 
 
-def train_expert(ctx: CondenseContext, cfg: ExpertConfig, k: int, log: Callable[[str], None] | None = None) -> torch.Tensor:
-    """Train expert ``k`` on ``ctx``'s real rows; returns its trajectory ``[epochs + 1, P]`` (CPU, float32)."""
-    from attar.condense.augment import DSA
+def train_expert(ctx: CondenseContext, cfg: ExpertConfig, k: int, log: Callable[[str], None] | None = None,
+                 ckpt_dir: Path | None = None) -> torch.Tensor:
+    """Train expert ``k`` on ``ctx``'s labeled rows; returns its trajectory ``[epochs + 1, P]`` (CPU, float32).
 
-    from attar.models import build_model
-
+    An ordinary Trainer run (SGD without momentum or weight decay, constant lr, every row once per epoch in an
+    order of ``(seed, "expert", k, epoch)``) with a :class:`~attar.train.callbacks.Trajectory` callback that
+    snapshots the parameters after every epoch; with ``ckpt_dir`` an interrupted expert resumes where it stopped.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed_of(cfg.seed, "expert", k))
         net = build_model(ctx.model, ctx.input_shape, ctx.num_classes, ctx.mean, ctx.std).to(ctx.device)
-    net.train()
-    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=0.0, weight_decay=0.0)
     dsa = DSA(mean=ctx.mean, std=ctx.std) if cfg.dsa and ctx.x.dim() == 4 else None
-    labeled = torch.nonzero(ctx.y >= 0).flatten()
-    traj = [flatten_params(net).cpu()]
-    for epoch in range(cfg.epochs):
-        g = gen(cfg.seed, "expert", k, epoch)
-        order = labeled[torch.randperm(len(labeled), generator=g)]
-        correct = 0
-        for i in range(0, len(order), cfg.batch_size):
-            rows = order[i:i + cfg.batch_size]
-            xb, yb = ctx.x[rows].to(ctx.device), ctx.y[rows].to(ctx.device)
-            if dsa is not None:
-                xb = dsa(xb, g)
-            out = net(xb)
-            loss = F.cross_entropy(out, yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            correct += int((out.argmax(1) == yb).sum())
-        traj.append(flatten_params(net).cpu())
-        if log:
-            log(f"expert {k} epoch {epoch + 1}/{cfg.epochs}: train accuracy {correct / max(1, len(order)):.3f}")
-    return torch.stack(traj)
+    n = int((ctx.y >= 0).sum())
+    traj = Trajectory(net)
+    train = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer="sgd", lr=cfg.lr, momentum=0.0,
+                        weight_decay=0.0, schedule="constant")
+
+    def epoch_line(step: int, m: dict[str, float]) -> None:
+        if log and "epoch" in m:
+            log(f"expert {k} epoch {int(m['epoch'])}/{cfg.epochs}: train loss {m['train_loss']:.3f}")
+
+    Trainer(net, CE(), ctx.x, ctx.y, train, seed=seed_of(cfg.seed, "expert", k), ckpt_dir=ckpt_dir,
+            on_metrics=epoch_line, augment=dsa, name=f"expert {k}", num_classes=ctx.num_classes,
+            callbacks=[traj], order=lambda e: torch.randperm(n, generator=gen(cfg.seed, "expert", k, e)),
+            drop_last=False, inner=True).fit(resume=True)
+    return traj.stack()
 
 
 def open_store(folder: str | Path, ctx: CondenseContext, cfg: ExpertConfig,
@@ -225,13 +222,17 @@ def open_store(folder: str | Path, ctx: CondenseContext, cfg: ExpertConfig,
     store = ExpertStore(folder, meta)
     for k in range(len(meta["experts"]), cfg.num_experts):
         folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / META).exists():  # the folder's identity is fixed before any expert checkpoint lands in it
+            atomic_write_json(folder / META, meta)
         t0 = time.perf_counter()
-        traj = train_expert(ctx, cfg, k, log)
+        partial = folder / f".expert-{k:03d}.partial"  # the expert's Trainer checkpoints while it trains
+        traj = train_expert(ctx, cfg, k, log, ckpt_dir=partial)
         fname = f"expert-{k:03d}.safetensors"
         sha = atomic_save_safetensors({"trajectory": traj.float().contiguous()}, folder / fname,
                                       metadata={"format": FORMAT, "expert": str(k)})
         meta["experts"].append({"file": fname, "sha256": sha, "seconds": round(time.perf_counter() - t0, 2)})
         atomic_write_json(folder / META, meta)  # rewritten after every expert: an interrupted build resumes here
+        shutil.rmtree(partial, ignore_errors=True)
         store._cache[k] = traj.float()
         store.trained.append(k)
     return store

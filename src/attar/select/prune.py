@@ -21,7 +21,8 @@ classes, and an unbalanced cut can drop whole classes at small fractions. Unlabe
 of their own.
 
 The probe is a copy of the stage's *initial* model trained with AdamW at the stage's learning rate and
-batch size, on labeled rows, without touching the real model or the global RNG. Its cost is accounted:
+batch size, on labeled rows, without touching the real model or the global RNG: an inner Trainer run that
+sees every row once per epoch, with a :class:`~attar.train.callbacks.ForgettingCounter` callback. Its cost is accounted:
 ``probe_train_rows`` (forward+backward rows), ``scoring_forward_rows`` (the final scoring pass),
 ``probe_seconds`` (also included in ``select_seconds``). The kept rows are checkpointed, so a resumed
 run neither repeats the probe nor changes the subset.
@@ -42,7 +43,12 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from attar.errors import AttarError
+from attar.rng import seed_of
 from attar.select.base import SELECTORS, Selector, SelectorParams, generator_for
+from attar.train.callbacks import ForgettingCounter
+from attar.train.config import TrainConfig
+from attar.train.objective import CE
+from attar.train.trainer import Trainer, predict
 
 
 class PruneParams(SelectorParams):
@@ -114,43 +120,23 @@ class Prune(Selector):
 
     # -- scoring -------------------------------------------------------------------------------
     def _probe_scores(self) -> torch.Tensor:
+        """Train the probe (an ordinary inner Trainer run; forgetting events are read by a callback), then score."""
         tr = self._trainer
-        model, x, y, bs = self._probe_model, tr.x, tr.y, tr.cfg.batch_size
-        n = len(y)
-        forgets = torch.zeros(n)
-        prev = torch.zeros(n, dtype=torch.bool)
-        ever = torch.zeros(n, dtype=torch.bool)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(generator_for(self.seed, "prune-probe").initial_seed()) % (2**62))
-            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tr.cfg.lr,
-                                    weight_decay=tr.cfg.weight_decay)
-            model.train()
-            for e in range(self.p.probe_epochs):
-                order = torch.randperm(n, generator=generator_for(self.seed, "prune-probe", e))
-                for i in range(0, n, bs):
-                    rows = order[i : i + bs]
-                    xb = x[rows]
-                    if tr.augment is not None:
-                        xb = tr.augment(xb, generator_for(self.seed, "prune-probe-aug", e, i))
-                    logits = model(xb)
-                    loss = F.cross_entropy(logits, y[rows])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    correct = (logits.detach().argmax(1) == y[rows]).cpu()
-                    forgets[rows] += (prev[rows] & ~correct).float()
-                    prev[rows] = correct
-                    ever[rows] |= correct
-                    self.stats["probe_train_rows"] += len(rows)
+        model, x, y, n = self._probe_model, tr.x, tr.y, len(tr.y)
+        cfg = TrainConfig(epochs=self.p.probe_epochs, batch_size=tr.cfg.batch_size, optimizer="adamw", lr=tr.cfg.lr,
+                          weight_decay=tr.cfg.weight_decay, schedule="constant")
+        counter = ForgettingCounter(n)
+        res = Trainer(model, CE(), x, y, cfg, seed=seed_of(self.seed, "prune-probe"), augment=tr.augment,
+                      name=f"{tr.name}: prune probe", callbacks=[counter], drop_last=False, inner=True,
+                      order=lambda e: torch.randperm(n, generator=generator_for(self.seed, "prune-probe", e))).fit()
+        self.stats["probe_train_rows"] += res.samples_seen
         if self.p.score == "forgetting":
-            return torch.where(ever, forgets, forgets.max() + 1)
-        from attar.train.trainer import predict
-
+            return counter.scores()
         logits = predict(model, x).float().cpu()
         self.stats["scoring_forward_rows"] += n
         if self.p.score == "loss":
-            return F.cross_entropy(logits, y, reduction="none")
-        err = torch.softmax(logits, 1) - F.one_hot(y, logits.shape[1]).float()
+            return F.cross_entropy(logits, y.cpu(), reduction="none")
+        err = torch.softmax(logits, 1) - F.one_hot(y.cpu(), logits.shape[1]).float()
         return err.norm(dim=1)
 
     def compute_kept(self, n: int) -> torch.Tensor:

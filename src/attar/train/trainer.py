@@ -4,6 +4,11 @@ Every source of randomness is derived from ``(seed, epoch)`` for the data order
 and ``(seed, step)`` for augmentation and dropout, so the position in the data
 and the RNG state are just two integers: a run killed at any step and resumed
 from its checkpoint ends with exactly the weights of an uninterrupted run.
+
+Three extension points, so nothing else that trains a network needs a loop of its own:
+a **task** (:mod:`attar.train.task`: rows -> batch, model + batch -> losses), a **step
+strategy** (:mod:`attar.train.strategy`: backprop by default, MeZO in :mod:`attar.adapt.mezo`)
+and **callbacks** (:mod:`attar.train.callbacks`: expert trajectories, forgetting counters).
 """
 
 from __future__ import annotations
@@ -16,20 +21,23 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from attar import lifecycle
+from attar import lifecycle, rng
 from attar.checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint
 from attar.errors import AttarError
-from attar.train.objective import Batch, Objective
+from attar.train.callbacks import Callback
+from attar.train.objective import Batch, Objective, device_of
 from attar.train.config import TrainConfig
 from attar.train import distributed as dist
 from attar.train.progress import StepProgress
 from attar.train.schedule import lr_at
+from attar.train.strategy import Backprop, StepStrategy, optimizer_from_tensors, optimizer_to_tensors
+from attar.train.task import Classification, Task
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
 
@@ -49,47 +57,17 @@ class TrainResult:
     selection: dict = field(default_factory=dict)
 
 
-def _gen(*parts: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(int(hashlib.sha256(repr(parts).encode()).hexdigest()[:15], 16))
-    return g
-
-
-def _seed_for(*parts: int) -> int:
-    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:15], 16)
-
-
-def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{pid}/{k}"] = v
-            else:
-                scalars[f"{pid}/{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
-    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
-        pid, k = key.split("/", 1)
-        state.setdefault(int(pid), {})[k] = v
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
 class _Step(nn.Module):
     """Student + objective as one module, so DDP synchronises the objective's learnable parts too."""
 
-    def __init__(self, student: nn.Module, objective: Objective):
+    def __init__(self, student: nn.Module, objective: Objective, task: Task):
         super().__init__()
         self.student = student
         self.objective = objective
+        self.task = task
 
     def forward(self, batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        logits = self.student(batch.x)
-        return self.objective(batch, logits), logits
+        return self.task.forward(self.student, self.objective, batch)
 
 
 @torch.inference_mode()
@@ -102,6 +80,11 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.
 
 
 class Trainer:
+    """``task``, ``strategy``, ``callbacks``: the extension points. ``order(epoch)``: another row order (a function
+    of the epoch only, or resume is not exact). ``drop_last=False``: also train on an epoch's last, smaller batch
+    (plain steps only). ``inner=True``: a run inside other work (a pruning probe, an MTT expert): no progress
+    display, not split across DDP ranks (each runs it alike), the caller's global RNG left as it was."""
+
     def __init__(
         self,
         model: nn.Module,
@@ -120,22 +103,26 @@ class Trainer:
         num_classes: int | None = None,
         selector=None,
         accept_changed_config: bool = False,
+        *,
+        task: Task | None = None,
+        strategy: StepStrategy | None = None,
+        callbacks: Sequence[Callback] = (),
+        order: Callable[[int], torch.Tensor] | None = None,
+        drop_last: bool = True,
+        inner: bool = False,
     ):
-        self.model = model
+        self.strategy = strategy or Backprop()
+        self.strategy.check(objective)
+        self.task, self.callbacks, self.order, self.inner = task or Classification(), list(callbacks), order, inner
+        self.model, self.objective, self.cfg, self.seed = model, objective, config, seed
+        self.device = device_of(model)
         self.accept_changed_config = accept_changed_config  # the pipeline checked that only optimiser settings differ
-        self.objective = objective
-        self.cfg = config
-        self.seed = seed
+        self.accumulate = config.accumulate if self.strategy.accumulates else 1
         self.teachers = list(teachers or [])
-        self.val = val
+        self.val, self.on_metrics, self.augment, self.teacher_cache = val, on_metrics, augment, teacher_cache
         self.ckpt_dir = Path(ckpt_dir) if ckpt_dir else None
-        self.on_metrics = on_metrics
-        self.augment = augment
-        self.teacher_cache = teacher_cache
-        self.name = name
+        self.name, self.num_classes, self.selector = name, num_classes, selector
         self.x, self.y = train_x, train_y
-        self.num_classes = num_classes
-        self.selector = selector
         if objective.needs_teacher and not self.teachers and teacher_cache is None:
             raise AttarError(f"stage {name!r}: objective {type(objective).__name__} needs a teacher, but none was given.")
         if not objective.needs_teacher:
@@ -145,27 +132,45 @@ class Trainer:
                 self.x, self.y = self.x[keep], self.y[keep]
         if len(self.x) == 0:
             raise AttarError(f"stage {name!r}: the training split has no usable rows.")
+        if not drop_last and (self.accumulate > 1 or selector is not None):
+            raise ValueError("drop_last=False trains plain one-batch steps: no accumulation, no selector")
         labeled = torch.nonzero(self.y >= 0).flatten()
         self.labeled_idx = labeled if (config.labeled_batch_size and len(labeled) < len(self.y)) else None
         if config.labeled_batch_size and self.labeled_idx is None:
             self.labeled_idx = labeled if len(labeled) else None
-        self.world = dist.world_size()
-        self.rank = dist.rank()
+        self.world = 1 if inner else dist.world_size()
+        self.rank = 0 if inner else dist.rank()
         # With a selector, each micro-batch draws `candidates` rows and trains on `batch_size` of them,
         # and an epoch covers the rows the selector keeps for it.
         self.candidates = selector.candidates(config.batch_size) if selector else config.batch_size
         n_rows = selector.rows_per_epoch(len(self.x)) if selector else len(self.x)
-        micro = max(1, n_rows // self.candidates)
-        self.steps_per_epoch = max(1, micro // config.accumulate)
+        micro = max(1, n_rows // self.candidates if drop_last else math.ceil(n_rows / self.candidates))
+        self.steps_per_epoch = max(1, micro // self.accumulate)
         self.total_steps = self.steps_per_epoch * config.epochs
         if selector is not None:
             selector.setup(self)  # rows, model, seed and schedule length (static pruning, curricula)
 
+    # ------------------------------------------------------------------ randomness and ranks
+    def generator(self, *parts: int) -> torch.Generator:
+        """A CPU generator of ``(seed, *parts)``: the same parts draw the same numbers in a resumed run."""
+        return rng.generator(self.seed, *parts)
+
+    def rng_seed(self, *parts: int) -> int:
+        return rng.seed_of(self.seed, *parts)
+
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """The mean of ``t`` over this run's ranks."""
+        return dist.all_reduce_mean(t) if self.world > 1 else t
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
     # ------------------------------------------------------------------ data order
     def _epoch_order(self, epoch: int) -> torch.Tensor:
-        order = torch.randperm(len(self.x), generator=_gen(self.seed, 1, epoch))
+        order = self.order(epoch) if self.order else torch.randperm(len(self.x), generator=self.generator(1, epoch))
         if self.selector is not None:
-            order = self.selector.epoch_rows(order, epoch, _gen(self.seed, 5, epoch))
+            order = self.selector.epoch_rows(order, epoch, self.generator(5, epoch))
         return order
 
     def _labeled_rows(self, micro_index: int) -> torch.Tensor:
@@ -176,7 +181,7 @@ class Trainer:
         out = []
         while len(out) < b:
             cycle, off = divmod(start + len(out), n)
-            perm = torch.randperm(n, generator=_gen(self.seed, 2, cycle))
+            perm = torch.randperm(n, generator=self.generator(2, cycle))
             take = min(b - len(out), n - off)
             out.extend(lab[perm[off : off + take]].tolist())
         return torch.tensor(out, dtype=torch.long)
@@ -185,19 +190,9 @@ class Trainer:
         bs = self.candidates
         rows = order[micro * bs : (micro + 1) * bs]
         if self.labeled_idx is not None:
-            rows = torch.cat([self._labeled_rows(epoch * self.steps_per_epoch * self.cfg.accumulate + micro), rows])
+            rows = torch.cat([self._labeled_rows(epoch * self.steps_per_epoch * self.accumulate + micro), rows])
         rows = rows[self.rank :: self.world]  # each rank takes its shard of the global batch
-        x = self.x[rows]
-        if self.augment is not None:
-            x = self.augment(x, _gen(self.seed, 3, epoch, micro, self.rank))
-        teacher_logits = None
-        if self.teacher_cache is not None:
-            teacher_logits = self.teacher_cache.logits(rows)
-        elif self.objective.needs_teacher:
-            with torch.no_grad():
-                outs = [t(x) for t in self.teachers]
-            teacher_logits = outs[0] if len(outs) == 1 else torch.stack(outs)
-        batch = Batch(x=x, y=self.y[rows], idx=rows, teacher_logits=teacher_logits)
+        batch = self.task.batch(self, rows, epoch, micro)
         if self.selector is not None:
             self.selector.begin_micro(epoch, micro)
             keep_n = max(1, self.cfg.batch_size // self.world)
@@ -209,32 +204,43 @@ class Trainer:
         parts = [self.cfg.model_dump(), self.seed, len(self.x), self.world]
         if self.selector is not None:  # a resume with another selector (or other selector settings) is refused
             parts.append(self.selector.spec())
+        if self.strategy.spec() is not None:  # likewise another step strategy (backprop adds nothing: old hashes hold)
+            parts.append(self.strategy.spec())
         blob = json.dumps(parts, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-    def _save(self, opt, step: int, epoch: int, micro: int, history: list, elapsed: float, seen: int) -> None:
+    def _save(self, opt, step: int, epoch: int, micro: int, history: list, elapsed: float, seen: int) -> str | None:
+        """Write the checkpoint of this step boundary (rank 0); returns its folder (None without a ckpt_dir)."""
         if self.ckpt_dir is None:
-            return
-        if dist.is_main():
+            return None
+        folder = self.ckpt_dir / f"step-{step:08d}"
+        if self.rank == 0:
             opt_t, opt_meta = optimizer_to_tensors(opt)
+            tensors = {"model": self.model.state_dict(), "objective": self.objective.state_dict(), "optimizer": opt_t,
+                       "selector": self.selector.state_tensors() if self.selector else {}}
+            if self.callbacks:
+                tensors["callbacks"] = {f"{i}/{k}": v for i, cb in enumerate(self.callbacks)
+                                        for k, v in cb.state_tensors().items()}
             write_checkpoint(
-                self.ckpt_dir / f"step-{step:08d}",
-                {"model": self.model.state_dict(), "objective": self.objective.state_dict(), "optimizer": opt_t,
-                 "selector": self.selector.state_tensors() if self.selector else {}},
+                folder, tensors,
                 {"kind": "train-state", "step": step, "epoch": epoch, "micro": micro, "history": history,
                  "optimizer": opt_meta, "config_hash": self._config_hash(), "elapsed": elapsed, "seen": seen,
                  "selector_stats": self.selector.stats if self.selector else {}},
             )
             for old in sorted(self.ckpt_dir.glob("step-*"))[:-2]:  # keep the two newest
                 shutil.rmtree(old, ignore_errors=True)
-        dist.barrier()
+        self._barrier()
+        return str(folder)
 
     def _stop_if_asked(self, opt, step: int, epoch: int, micro: int, history: list, t_start: float, seen: int) -> None:
         """SIGTERM or Ctrl-C arrived (see attar.lifecycle): write a checkpoint at this step boundary, then stop.
 
         Why here: between steps the model, optimiser and position in the data agree, so this checkpoint is as
-        good as a periodic one and a resumed run ends with the same weights. Under DDP the ranks agree first.
+        good as a periodic one and a resumed run ends with the same weights. Under DDP the ranks agree first
+        (an inner run there leaves the decision to the run around it, which polls in step on every rank).
         """
+        if self.inner and dist.world_size() > 1:
+            return
         signum = lifecycle.stop_requested() or 0
         if self.world > 1:
             flag = torch.tensor([float(signum)], device=next(self.model.parameters()).device)
@@ -268,14 +274,17 @@ class Trainer:
         if self.selector is not None:
             self.selector.load_state_tensors(tensors.get("selector", {}))
             self.selector.stats.update(state.get("selector_stats", {}))
+        saved = tensors.get("callbacks", {})
+        for i, cb in enumerate(self.callbacks):
+            cb.load_state_tensors({k.split("/", 1)[1]: v for k, v in saved.items() if k.split("/", 1)[0] == str(i)})
         state["path"] = str(ckpt)
         return state
 
     def _diverged(self, lval: float, step: int, epoch: int, poisoned: str | None) -> str:
         """Drop the checkpoint whose very next loss was not finite; name the newest remaining one in words."""
-        if poisoned is not None and dist.is_main():
+        if poisoned is not None and self.rank == 0:
             shutil.rmtree(poisoned, ignore_errors=True)
-        dist.barrier()
+        self._barrier()
         good = latest_checkpoint(self.ckpt_dir) if self.ckpt_dir else None
         if good is not None:
             where = (f"The last good checkpoint (its next loss was finite) is {good}; continue from it with a lower "
@@ -285,12 +294,6 @@ class Trainer:
                      "train.lr or a train.grad_clip.")
         return (f"stage {self.name!r}: the loss became {lval} at step {step} (epoch {epoch + 1}); training stopped. "
                 f"{where} Also check the inputs for NaN/Inf.")
-
-    def _make_optimizer(self, params) -> torch.optim.Optimizer:
-        c = self.cfg
-        if c.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, nesterov=c.momentum > 0)
-        return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float]:
@@ -304,6 +307,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: bool = False) -> TrainResult:
+        if not self.inner:
+            return self._fit(resume)
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=cuda):  # the run around an inner one keeps its own random stream
+            return self._fit(resume)
+
+    def _fit(self, resume: bool) -> TrainResult:
         cfg = self.cfg
         teacher_mode = "none"
         if self.objective.needs_teacher:
@@ -311,10 +321,11 @@ class Trainer:
         for t in self.teachers:
             t.eval()
             t.requires_grad_(False)
+        self.device = device_of(self.model)
         self.objective.setup(self.model, self.teachers, self.num_classes or 0, len(self.x))
-        step_mod = _Step(self.model, self.objective)
+        step_mod = _Step(self.model, self.objective, self.task)
         params = [p for p in step_mod.parameters() if p.requires_grad]
-        opt = self._make_optimizer(params)
+        opt = self.strategy.optimizer(cfg, params)
         runner: nn.Module = DDP(step_mod) if self.world > 1 else step_mod
 
         step, epoch0, micro0, history, elapsed, seen = 0, 0, 0, [], 0.0, 0
@@ -330,63 +341,62 @@ class Trainer:
         last_save = time.perf_counter()
         self.model.train()
         t_start = time.perf_counter() - elapsed
-        micro_per_epoch = self.steps_per_epoch * cfg.accumulate
-        with StepProgress(self.name, self.total_steps, completed=step, enabled=None if dist.is_main() else False) as bar, \
+        micro_per_epoch = self.steps_per_epoch * self.accumulate
+        show = False if self.inner or self.rank != 0 else None
+        with StepProgress(self.name, self.total_steps, completed=step, enabled=show) as bar, \
                 lifecycle.graceful_stop():  # SIGTERM / Ctrl-C: stop at a step boundary below, with a checkpoint
             for epoch in range(epoch0, cfg.epochs):
                 order = self._epoch_order(epoch)
                 epoch_loss, epoch_n = 0.0, 0
                 start_micro = micro0 if epoch == epoch0 else 0
                 for micro in range(start_micro, micro_per_epoch):
-                    if micro % cfg.accumulate == 0:
-                        torch.manual_seed(_seed_for(self.seed, 4, step))  # dropout etc.
+                    if micro % self.accumulate == 0:
+                        torch.manual_seed(self.rng_seed(4, step))  # dropout etc.
                         lr = lr_at(step, self.total_steps, self.steps_per_epoch, cfg.lr, cfg.schedule,
                                    cfg.warmup_steps, cfg.step_every, cfg.step_gamma)
                         for g in opt.param_groups:
                             g["lr"] = lr
                         opt.zero_grad(set_to_none=True)
                     batch = self._micro_batch(order, epoch, micro)
-                    losses, _ = runner(batch)
-                    loss = losses["loss"]
-                    lval = float(dist.all_reduce_mean(loss.detach()))
+                    losses, outputs = self.strategy.micro_step(self, runner, batch, opt, step)
+                    lval = float(self.reduce(losses["loss"].detach()))
                     if not math.isfinite(lval):
                         raise TrainingDiverged(self._diverged(lval, step, epoch, pending))
                     pending = None  # the newest checkpoint's next loss was finite: it is good
-                    (loss / cfg.accumulate).backward()
+                    for cb in self.callbacks:
+                        cb.on_batch_end(self, batch, outputs, losses)
                     seen += len(batch.y) * self.world
                     epoch_loss += lval
                     epoch_n += 1
-                    if (micro + 1) % cfg.accumulate != 0:
+                    if (micro + 1) % self.accumulate != 0:
                         continue
-                    if cfg.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                    opt.step()
+                    self.strategy.update(self, opt, params)
                     step += 1
                     rate = seen / max(1e-9, time.perf_counter() - t_start)
                     bar.update(1, loss=lval, lr=lr, **{"samples/s": f"{rate:.0f}"})
-                    if self.on_metrics and dist.is_main() and (step % 10 == 0 or step == 1):
+                    if self.on_metrics and self.rank == 0 and (step % 10 == 0 or step == 1):
                         self.on_metrics(step, {f"train_{k}": float(v.detach()) for k, v in losses.items()} | {"lr": lr})
                     end_of_epoch = micro + 1 == micro_per_epoch
                     if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not end_of_epoch:
-                        self._save(opt, step, epoch, micro + 1, history, time.perf_counter() - t_start, seen)
+                        pending = self._save(opt, step, epoch, micro + 1, history, time.perf_counter() - t_start, seen)
                         last_save = time.perf_counter()
-                        pending = str(self.ckpt_dir / f"step-{step:08d}") if self.ckpt_dir else None
                     if not end_of_epoch:
                         self._stop_if_asked(opt, step, epoch, micro + 1, history, t_start, seen)
                 self.objective.on_epoch_end(epoch, cfg.epochs)
+                for cb in self.callbacks:
+                    cb.on_epoch_end(self, epoch)
                 rec = {"step": step, "epoch": epoch + 1, "train_loss": epoch_loss / max(1, epoch_n),
                        "seconds": time.perf_counter() - t_start}
                 if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                     rec |= self.evaluate()
                 history.append(rec)
-                if self.on_metrics and dist.is_main():
+                if self.on_metrics and self.rank == 0:
                     self.on_metrics(step, {k: float(v) for k, v in rec.items() if k != "step"})
                 # End-of-epoch checkpoints: the last epoch always; otherwise when checkpoint_every is unset and
                 # at least 30 s have passed (many tiny epochs would otherwise spend their time in fsync).
                 now = time.perf_counter()
                 if epoch + 1 == cfg.epochs or (not cfg.checkpoint_every and now - last_save >= 30.0):
-                    self._save(opt, step, epoch + 1, 0, history, now - t_start, seen)
-                    pending = str(self.ckpt_dir / f"step-{step:08d}") if self.ckpt_dir else None
+                    pending = self._save(opt, step, epoch + 1, 0, history, now - t_start, seen)
                     last_save = now
                 self._stop_if_asked(opt, step, epoch + 1, 0, history, t_start, seen)
         final = self.objective.finalize(self.model)
