@@ -7,7 +7,9 @@ Two parts, both through the public API (``attar.adapt.finetune`` and the adapter
    trainable parameters, peak memory, wall time -> the ``adapt-tweets`` section of docs/evidence.md.
 2. ``peft``: attar LoRA and PEFT LoRA on the same model, data and settings (rank 8, alpha 16,
    query/value, AdamW, same batches), alternating in fresh processes: training examples/s and peak
-   memory, and their ratios -> the ``adapt-peft-perf`` section of docs/benchmarks.md.
+   memory, and their ratios -> the ``adapt-peft-perf`` section of docs/benchmarks.md. attar's LoRA
+   layers are PEFT's (put on with ``inject_adapter_in_model``), so this measures what attar's way of
+   putting them on costs against ``get_peft_model``.
 
 Every (method, seed) runs in its own process. Peak memory is the kernel's resident-set high-water
 mark (``VmHWM``), reset (``/proc/self/clear_refs``) after the model and data are loaded, so it is
@@ -375,7 +377,8 @@ def peft_section(run: dict[str, Any]) -> str:
         "",
         f"Same model (MiniLM + a new 3-class head), same tweets batches (16 rows, ≤{DATA['max_length']} tokens, padding "
         f"trimmed per batch by the shared model wrapper), same LoRA settings (rank 8, alpha 16, dropout 0, query/value; "
-        f"{tr['attar']:,} trainable parameters for attar, {tr['peft']:,} for PEFT), AdamW lr 1e-3, one CPU thread.",
+        f"{tr['attar']:,} trainable parameters for attar, {tr['peft']:,} for PEFT), AdamW lr 1e-3, one CPU thread. "
+        "attar's LoRA layers are PEFT's, injected by `attar.adapt` (PEFT's side: `get_peft_model`).",
         "",
         f"*Speed*: both models in one process, {len(sp['attar'])} timed training steps each after 2 warm-up steps, "
         "interleaved (attar, PEFT, PEFT, attar, ...) on the same rows, so the load of this shared 2-core machine drifts "

@@ -82,7 +82,7 @@ def test_registry_lists_every_method():
     assert set(ADAPTERS.names()) >= {"full", "head", "lora", "ssf", "hft", "lift", "magnitude"}
     with pytest.raises(AttarError, match="Known adapters: .*lora"):
         build_adapter("dora")
-    with pytest.raises(AttarError, match=r"unknown field 'rnak'.*Fields of adapter 'lora':.*rank \(default 8\)"):
+    with pytest.raises(AttarError, match=r"adapter 'lora': unknown field 'rnak'.*Accepted fields:.*rank \(int[^,]*, default 8\)"):
         build_adapter({"name": "lora", "rnak": 4})
     with pytest.raises(AttarError, match="field 'init'"):
         build_adapter({"name": "lora", "init": "gaussian"})
@@ -111,11 +111,11 @@ def test_pissa_principal_part_and_residual(model):
     w0 = model.hf.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
     build_adapter({"name": "lora", "init": "pissa", "rank": 4, "alpha": 8}).apply(model)
     lm = model.hf.bert.encoder.layer[0].attention.self.query
-    assert isinstance(lm, LoRALinear)
+    assert isinstance(lm, LoRALinear)  # PEFT's layer
     U, S, Vh = torch.linalg.svd(w0)
     principal = (U[:, :4] * S[:4]) @ Vh[:4]
-    assert torch.allclose(lm.delta_weight(), principal, atol=1e-5)
-    assert torch.allclose(lm.base.weight, w0 - principal, atol=1e-5)
+    assert torch.allclose(lm.get_delta_weight("default"), principal, atol=1e-5)
+    assert torch.allclose(lm.get_base_layer().weight, w0 - principal, atol=1e-5)
     assert lm.lora_A0 is not None  # remembered for PEFT export
 
 
@@ -130,13 +130,13 @@ def test_lora_ga_first_step_follows_full_gradient(model, ids):
     g = full.hf.bert.encoder.layer[1].attention.self.value.weight.grad
     build_adapter({"name": "lora", "init": "lora_ga", "rank": 2}).apply(model, Calibration([(ids, LABELS)]), seed=0)
     lm = model.hf.bert.encoder.layer[1].attention.self.value
-    d0 = lm.delta_weight().detach().clone()
+    d0 = lm.get_delta_weight("default").detach().clone()
     model.train(False)
     nn.functional.cross_entropy(model(ids), LABELS).backward()
     with torch.no_grad():
-        for p in (lm.lora_A, lm.lora_B):
+        for p in (lm.lora_A["default"].weight, lm.lora_B["default"].weight):
             p -= 1e-2 * p.grad
-    step = (lm.delta_weight() - d0).detach()
+    step = (lm.get_delta_weight("default") - d0).detach()
     U, S, Vh = torch.linalg.svd(g)
     top = (U[:, :4] * S[:4]) @ Vh[:4]  # rank 2r = 4
     cos_top = torch.nn.functional.cosine_similarity(step.flatten(), -top.flatten(), dim=0)
@@ -150,7 +150,7 @@ def test_eva_redistributes_ranks(model, ids):
     # A rows are orthonormal principal directions of the layer's (centred) inputs
     for n, r in ranks.items():
         if r:
-            A = model.get_submodule(n).lora_A.detach()
+            A = model.get_submodule(n).lora_A["default"].weight.detach()
             assert torch.allclose(A @ A.T, torch.eye(r), atol=1e-4)
     with pytest.raises(AttarError, match="already hold an adapter"):
         build_adapter({"name": "lora"}).apply(model)

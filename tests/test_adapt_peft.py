@@ -95,7 +95,7 @@ def test_peft_written_adapter_imports(setup, tmp_path):
     pm.eval()
     want = pm(input_ids=ids, attention_mask=(ids != 0).long()).logits
     assert torch.allclose(m(ids), want, atol=1e-5)
-    assert m.hf.bert.encoder.layer[1].attention.self.value.rank == 2
+    assert m.hf.bert.encoder.layer[1].attention.self.value.r["default"] == 2
 
 
 def test_export_refuses_what_peft_cannot_hold(setup, tmp_path):
@@ -128,3 +128,48 @@ def test_exported_adapter_feeds_attar_merge(setup, tmp_path):
     got = src.get(name)
     want = merged.hf.state_dict()[name]
     assert torch.allclose(got.float(), want, atol=1e-5)
+
+
+def test_lora_layers_are_peft_layers_and_merge_as_peft_does(setup, tmp_path):
+    from peft.tuners.lora import LoraLayer
+
+    _, base_dir = setup
+    m = _trained(base_dir, {"name": "lora", "rank": 2, "init": "pissa"}, tokenize(TEXTS, load_hf_classifier(base_dir).tokenizer, 12))
+    layers = lora_modules(m)
+    assert len(layers) == 4 and all(isinstance(layer, LoraLayer) for layer in layers.values())
+    assert not hasattr(m.hf, "peft_config")  # a plain Hugging Face model that carries PEFT layers
+    with pytest.raises(AttarError, match="merge_adapters"):
+        save_hf_classifier(m, tmp_path / "unmerged")
+    want = {n: layer.get_base_layer().weight + layer.get_delta_weight("default") for n, layer in layers.items()}
+    merge_adapters(m)
+    for n, w in want.items():
+        assert type(m.get_submodule(n)) is torch.nn.Linear and torch.allclose(m.get_submodule(n).weight, w)
+    save_hf_classifier(m, tmp_path / "merged")
+
+
+def test_import_refuses_adapters_that_do_not_fit(setup, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    _, base_dir = setup
+    m = _trained(base_dir, {"name": "lora", "rank": 2}, tokenize(TEXTS, load_hf_classifier(base_dir).tokenizer, 12))
+    export_peft(m, tmp_path / "ok")
+    key = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"
+
+    def variant(name, change):
+        folder = tmp_path / name
+        shutil.copytree(tmp_path / "ok", folder)
+        tensors = load_file(str(folder / "adapter_model.safetensors"))
+        change(tensors)
+        save_file(tensors, str(folder / "adapter_model.safetensors"))
+        return folder
+
+    cases = [
+        (lambda t: t.__setitem__(key.replace("query", "qkv"), t.pop(key)), "targets modules the model does not have.*qkv"),
+        (lambda t: t.__setitem__(key, torch.zeros(2, 7)), "LoRA shapes do not fit the model"),
+        (lambda t: t.pop(key.replace("lora_A", "lora_B")), "do not match PEFT's LoRA layers.*query.lora_B"),
+    ]
+    for i, (change, words) in enumerate(cases):
+        with pytest.raises(AttarError, match=words):
+            import_peft(load_hf_classifier(base_dir), variant(f"v{i}", change))

@@ -1,8 +1,9 @@
-"""Fine-tuning and adapters: LoRA (default / PiSSA / LoRA-GA / EVA inits), SSF, HFT, LIFT and magnitude masks, MeZO.
+"""Fine-tuning and adapters: LoRA on PEFT's layers (default / PiSSA / LoRA-GA / EVA inits), SSF, HFT, LIFT and
+magnitude masks, MeZO.
 
 * ``ADAPTERS`` / ``build_adapter({"name": "lora", "rank": 8, "init": "pissa"})``; ``adapter.apply(model, calib, seed)``
   adapts a model in place; :func:`merge_adapters` folds every adapter back into the base architecture.
-* :func:`export_peft` / :func:`import_peft`: LoRA adapters in the PEFT format.
+* :func:`export_peft` / :func:`import_peft`: LoRA adapters in the PEFT format (PEFT's layers, PEFT's loader).
 * :class:`MeZO` / :func:`mezo_fit`: zeroth-order fine-tuning with forward passes only.
 * :func:`finetune`: the whole path (text data -> Hugging Face classifier -> adapter -> train -> save).
 
@@ -22,7 +23,7 @@ from attar.adapt.base import (
     match_modules,
     merge_adapters,
 )
-from attar.adapt.lora import LoRALinear, lora_modules
+from attar.adapt.lora import lora_modules
 from attar.adapt.masks import SparseDeltaLinear
 from attar.adapt.mezo import MeZO, MeZOConfig, mezo_fit
 from attar.adapt.peft_format import export_peft, import_peft
@@ -54,6 +55,10 @@ __all__ = [
 
 
 def __getattr__(name: str):
+    if name == "LoRALinear":  # the layer attar's LoRA uses: PEFT's, imported on use (peft imports transformers)
+        from peft.tuners.lora import Linear
+
+        return Linear
     if name in ("finetune", "FinetuneResult", "FinetuneSpec"):
         from attar.adapt import api
 

@@ -21,8 +21,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from attar.adapt.base import Adapter, Calibration, build_adapter, count_params, merge_adapters
+from attar.adapt.lora import lora_modules
 from attar.adapt.mezo import MeZOConfig, mezo_fit
 from attar.errors import AttarError
+from attar.registry import validation_error
 from attar.train.config import TrainConfig
 from attar.text.data import TextBundle, TextSpec, load_text, text_spec
 
@@ -60,8 +62,16 @@ def _train_config(train: TrainConfig | dict[str, Any] | None) -> TrainConfig:
     try:
         return TrainConfig(**(DEFAULT_TRAIN | dict(train or {})))
     except ValidationError as e:
-        msgs = "; ".join(f"{'.'.join(map(str, er['loc']))}: {er['msg']}" for er in e.errors())
-        raise AttarError(f"Invalid training settings: {msgs}. Fields: {', '.join(TrainConfig.model_fields)}.") from None
+        raise validation_error("Invalid training settings", e, TrainConfig) from None
+
+
+def _finetune_spec(spec: FinetuneSpec | dict[str, Any]) -> FinetuneSpec:
+    if isinstance(spec, FinetuneSpec):
+        return spec
+    try:
+        return FinetuneSpec.model_validate(spec)
+    except ValidationError as e:
+        raise validation_error("Invalid finetune spec", e, FinetuneSpec) from None
 
 
 def finetune(
@@ -153,8 +163,6 @@ def finetune(
     logits = predict(net, bundle.test.ids, batch_size=eval_batch_size or cfg.batch_size)
     m = classification_metrics(logits, bundle.test.y)
     adapter_dir = None
-    from attar.adapt.lora import lora_modules
-
     if out is not None and export_peft and lora_modules(net):
         from attar.adapt.peft_format import export_peft as _export
 
@@ -218,12 +226,7 @@ def check_finetune(spec: FinetuneSpec | dict[str, Any]) -> FinetuneSpec:
     from attar.distill.objectives import build_objective
     from attar.text.hf import HFClassifier, load_tokenizer, resolve_model_path
 
-    if not isinstance(spec, FinetuneSpec):
-        try:
-            spec = FinetuneSpec.model_validate(spec)
-        except ValidationError as e:
-            msgs = "; ".join(f"{'.'.join(map(str, er['loc'])) or '(spec)'}: {er['msg']}" for er in e.errors())
-            raise AttarError(f"Invalid finetune spec: {msgs}.") from None
+    spec = _finetune_spec(spec)
     ad = build_adapter(spec.adapter)
     obj = build_objective(spec.objective)
     sel = _selector(spec.selector, spec.optimizer)
@@ -243,11 +246,6 @@ def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
 
 def finetune_spec(spec: FinetuneSpec | dict[str, Any], out_dir: str | Path | None = None, **kw: Any) -> FinetuneResult:
     """Run a :class:`FinetuneSpec` (e.g. a recipe stage's fields)."""
-    if not isinstance(spec, FinetuneSpec):
-        try:
-            spec = FinetuneSpec.model_validate(spec)
-        except ValidationError as e:
-            msgs = "; ".join(f"{'.'.join(map(str, er['loc'])) or '(spec)'}: {er['msg']}" for er in e.errors())
-            raise AttarError(f"Invalid finetune spec: {msgs}.") from None
+    spec = _finetune_spec(spec)
     return finetune(spec.model, spec.data, spec.adapter, spec.train, out_dir, seed=spec.seed, optimizer=spec.optimizer,
                     mezo=spec.mezo, objective=spec.objective, new_head=spec.new_head, selector=spec.selector, **kw)

@@ -1,11 +1,13 @@
 """The adapter contract, the ``ADAPTERS`` registry and the pieces every adapter shares.
 
-An :class:`Adapter` is configured by a strict ``Params`` model and changes a model *in place*:
+An :class:`Adapter` is registered in ``ADAPTERS`` with a strict ``Params`` model (the generic
+:mod:`attar.registry`, so its mistakes read like every other method's) and changes a model *in place*:
 ``apply(model, calib, seed)`` freezes what must not train, swaps target modules for adapter
-modules (LoRA, SSF, sparse deltas) and leaves the classification head trainable. Every adapter
-module is an :class:`AdapterModule` that can fold itself back into a plain module
-(``merged()``), so :func:`merge_adapters` turns any adapted model back into the base
-architecture, ready to save as a Hugging Face folder or to feed ``attar merge``.
+modules and leaves the classification head trainable. Adapter modules are attar's own
+:class:`AdapterModule` (SSF, sparse deltas), which fold themselves back with ``merged()``, or PEFT's
+LoRA layers (``attar.adapt.lora``), which PEFT merges; both carry ``attar_adapter = True``, so
+:func:`merge_adapters` turns any adapted model back into the base architecture, ready to save as a
+Hugging Face folder or to feed ``attar merge``.
 
 Target modules are named by patterns: a pattern matches a module whose dotted name equals it, ends
 with ``.<pattern>``, or matches it as a full regular expression. A pattern that matches nothing is
@@ -19,25 +21,42 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 from torch import nn
 
 from attar.errors import AttarError
-from attar.registry import Registry
+from attar.registry import Params, Registry
 
 
 class AdapterModule(nn.Module):
-    """A module standing in for a base module; ``merged()`` returns the equivalent plain module."""
+    """A module standing in for a base module (``base``); ``merged()`` returns the equivalent plain module."""
 
     #: lets lower layers (``text.hf`` refusing to save an unmerged model) recognise adapters without importing adapt
     attar_adapter: bool = True
+    base: nn.Module
 
     def merged(self) -> nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
+def is_adapter(module: nn.Module) -> bool:
+    """An attar adapter module or a PEFT layer that ``attar.adapt`` injected (both are tagged)."""
+    return bool(getattr(module, "attar_adapter", False))
+
+
 def has_adapters(model: nn.Module) -> bool:
-    return any(getattr(m, "attar_adapter", False) for m in model.modules())
+    return any(is_adapter(m) for m in model.modules())
+
+
+def base_of(module: nn.Module) -> nn.Module:
+    """The plain module an adapter module wraps (``base`` for attar's, ``get_base_layer()`` for PEFT's)."""
+    return module.base if isinstance(module, AdapterModule) else module.get_base_layer()
+
+
+def adapter_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters an adapter module adds to the one it wraps."""
+    own = {id(p) for p in base_of(module).parameters()}
+    return [p for p in module.parameters() if id(p) not in own]
 
 
 def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -52,12 +71,17 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     """Fold every adapter module into its base, in place; returns ``model`` (now the plain architecture).
 
     Sparse masks' trained entries and SSF's scale/shift become ordinary weights; LoRA's ``s·B@A`` is
-    added to the (residual) base weight. Gradient hooks of parameter masks are removed. Parameters keep
-    their ``requires_grad`` flags so the model can be trained further.
+    added to the (residual) base weight by PEFT's own ``merge``. Gradient hooks of parameter masks are
+    removed. Parameters keep their ``requires_grad`` flags so the model can be trained further.
     """
     for name, mod in list(model.named_modules()):
-        if isinstance(mod, AdapterModule) and name:
+        if not name or not is_adapter(mod):
+            continue
+        if isinstance(mod, AdapterModule):
             _set_module(model, name, mod.merged())
+        else:  # a PEFT layer: what PEFT's merge_and_unload does for each of them
+            mod.merge()
+            _set_module(model, name, mod.get_base_layer())
     for hook in getattr(model, "_attar_adapter_hooks", []):
         hook.remove()
     if hasattr(model, "_attar_adapter_hooks"):
@@ -105,7 +129,7 @@ def match_modules(
 ) -> list[str]:
     """Names of ``types`` modules matching any pattern (head excluded); every pattern must match one."""
     heads = head_names(model) if exclude_head else []
-    adapted = [n for n, m in model.named_modules() if n and isinstance(m, AdapterModule)]
+    adapted = [n for n, m in model.named_modules() if n and is_adapter(m)]
     candidates = [n for n, m in model.named_modules()
                   if n and isinstance(m, types) and not _under(n, heads) and not _under(n, adapted)]
     if not patterns:
@@ -139,16 +163,10 @@ def set_trainable(model: nn.Module, train_head: bool) -> None:
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; sparse-delta adapters count only their trained entries."""
+    """(trainable, total): total counts the base model only; sparse-delta adapters count only their trained entries."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for n, p in model.named_parameters() if not _is_adapter_param(model, n))
-    return trainable, total
-
-
-def _is_adapter_param(model: nn.Module, name: str) -> bool:
-    mod_name, _, pname = name.rpartition(".")
-    mod = model.get_submodule(mod_name) if mod_name else model
-    return isinstance(mod, AdapterModule) and pname in getattr(mod, "adapter_param_names", ())
+    added = {id(p) for m in model.modules() if is_adapter(m) for p in adapter_parameters(m)}
+    return trainable, sum(p.numel() for p in model.parameters() if id(p) not in added)
 
 
 # ---------------------------------------------------------------- calibration data
@@ -177,37 +195,24 @@ class Calibration:
 # ---------------------------------------------------------------- the adapter base class
 
 
-class AdapterParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class AdapterParams(Params):
     train_head: bool = Field(True, description="also train the classification head (a new head must be trained)")
 
 
 class Adapter:
-    """Base class: ``name``, ``summary``, a strict ``Params`` model, and ``apply``."""
+    """Base class: ``name``, ``summary``, a strict ``Params`` model, and ``apply``.
+
+    ``Adapter(params)`` takes validated params (what ``ADAPTERS.build`` passes); ``Adapter(**fields)`` validates them.
+    """
 
     name: ClassVar[str] = "?"
     summary: ClassVar[str] = ""
     Params: ClassVar[type[AdapterParams]] = AdapterParams
     needs_calibration: ClassVar[bool] = False
-    exports_peft: ClassVar[bool] = False
     target_types: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
 
-    def __init__(self, **params: Any):
-        self.p = self._validate(params)
-
-    @classmethod
-    def _validate(cls, params: dict[str, Any]) -> Any:
-        try:
-            return cls.Params(**params)
-        except ValidationError as e:
-            problems = []
-            for err in e.errors():
-                loc = ".".join(str(x) for x in err["loc"]) or "(the mapping)"
-                if err["type"] == "extra_forbidden":
-                    problems.append(f"unknown field {loc!r}")
-                else:
-                    problems.append(f"field {loc!r} = {err.get('input')!r}: {err['msg']}")
-            raise AttarError(f"adapter {cls.name!r}: " + "; ".join(problems) + ". " + fields_text(cls)) from None
+    def __init__(self, p: AdapterParams | None = None, **params: Any):
+        self.p = p if p is not None else ADAPTERS.parse(self.name, params)
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, **self.p.model_dump(mode="json")}
@@ -220,14 +225,6 @@ class Adapter:
         """Raise now if the target patterns match nothing in ``model`` (which may live on the meta device)."""
         targets = getattr(self.p, "targets", None)
         return match_modules(model, targets, self.target_types, what=f"adapter {self.name!r}") if targets is not None else []
-
-
-def fields_text(cls: type[Adapter]) -> str:
-    parts = []
-    for f, info in cls.Params.model_fields.items():
-        d = "required" if info.is_required() else f"default {info.get_default(call_default_factory=True)!r}"
-        parts.append(f"{f} ({d})" + (f": {info.description}" if info.description else ""))
-    return f"Fields of adapter {cls.name!r}: " + "; ".join(parts) + "."
 
 
 ADAPTERS: Registry[type[Adapter]] = Registry("adapter")
@@ -243,19 +240,9 @@ def register(name: str):
 
 def build_adapter(spec: "Adapter | dict[str, Any] | str") -> Adapter:
     """``"lora"`` or ``{"name": "lora", "rank": 8, "init": "pissa"}`` -> a configured adapter."""
-    if isinstance(spec, Adapter):
-        return spec
-    if isinstance(spec, str):
-        spec = {"name": spec}
-    if not isinstance(spec, dict) or "name" not in spec:
-        raise AttarError(f"an adapter is a name or a mapping with 'name'; known adapters: {', '.join(ADAPTERS.names())}.")
-    params = dict(spec)
-    return ADAPTERS.get(params.pop("name"))(**params)
+    return spec if isinstance(spec, Adapter) else ADAPTERS.build(spec)
 
 
 def adapter_fields(name: str) -> dict[str, dict[str, Any]]:
-    cls = ADAPTERS.get(name)
-    return {
-        f: {"default": None if i.is_required() else i.get_default(call_default_factory=True), "description": i.description or ""}
-        for f, i in cls.Params.model_fields.items()
-    }
+    """``{field: {type, default, required, description}}`` of adapter ``name`` (for listings)."""
+    return ADAPTERS.fields(name)

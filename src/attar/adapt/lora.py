@@ -1,105 +1,87 @@
-"""LoRA (Hu et al. 2021): ``y = W x + b + s·B(A(dropout(x)))``, ``s = alpha / rank``, with four initialisers.
+"""LoRA (Hu et al. 2021) on PEFT's layers: ``y = W x + b + s·B(A(dropout(x)))``, ``s = alpha / rank``, four initialisers.
 
-* ``default``: A Kaiming-uniform (as PEFT), B = 0, so training starts at the base model.
-* ``pissa``: A, B from the top-``rank`` singular triplets of W (``s·B@A`` = the principal part);
-  the base keeps the residual ``W − s·B@A`` (PiSSA, Meng et al. 2024).
-* ``lora_ga``: A, B from the SVD of the full-weight gradient on a few batches (A = top right
-  singular vectors, B = the next ``rank`` left ones, scaled by ``d_out^{1/4}/sqrt(gamma)``), so the
-  first LoRA step follows the full fine-tuning gradient; the base keeps ``W − s·B@A``
-  (LoRA-GA, Wang et al. 2024, the authors' ``ArB2r`` / ``stable`` choice).
-* ``eva``: A = the top right singular vectors of the layer's input activations on a few batches,
-  B = 0; ranks are redistributed across layers by explained variance (budget ``rank × layers``,
-  at most ``rho × rank`` per layer; a layer may get 0 and no adapter). The scale stays
-  ``alpha / rank`` in every layer (EVA, Paischer et al. 2024; PEFT's ``adjust_scaling_factors``).
+The layers are PEFT's own (``inject_adapter_in_model`` into the Hugging Face model of an HFClassifier),
+so forward, merge and file format are PEFT's. ``default`` and ``pissa`` are PEFT's initialisers
+(``init_lora_weights=True`` / ``"pissa"``). ``lora_ga`` and ``eva`` are attar's
+(:mod:`attar.adapt.lora_init`), set on PEFT's layers after injection: PEFT 0.21's LoRA-GA is another
+variant (B weighted by the gradient's singular values; its first step is not the full gradient's
+rank-2r truncation), and its EVA never returns when a layer sees fewer rows per batch than
+``rho·rank`` (BERT's pooler on a small batch); docs/adapt.md has the numbers.
 
-When an initialiser changes the base weight it records ``lora_A0``/``lora_B0`` (buffers), so the
-adapter can still be exported against the untouched base as a rank-2r PEFT LoRA
-(``W0 + s·(B@A − B0@A0)``, exact).
+Initialisers that move the base weight (PiSSA, LoRA-GA) keep the initial A, B as ``lora_A0``/``lora_B0``
+buffers of the layer, so the adapter still exports against the untouched base (``attar.adapt.peft_format``).
 """
 
 from __future__ import annotations
 
-import math
+import re
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from attar.adapt import lora_init
 from attar.adapt.base import (
-    Adapter, AdapterModule, AdapterParams, Calibration, _set_module, count_params, match_modules, register, set_trainable,
+    Adapter, AdapterModule, AdapterParams, Calibration, adapter_parameters, count_params, is_adapter, match_modules,
+    register, set_trainable,
 )  # fmt: skip
 from attar.errors import AttarError
 
+# peft (and with it transformers) is imported where a LoRA layer is made: `import attar.adapt` stays off it,
+# which keeps `attar --help` fast.
+ADAPTER = "default"  # PEFT's adapter name; attar puts one LoRA adapter on a model at a time
 
-class LoRALinear(AdapterModule):
-    """A frozen ``nn.Linear`` (``base``) plus a trainable low-rank update ``s·B@A``."""
 
-    adapter_param_names = ("lora_A", "lora_B")
+def hf_root(model: nn.Module) -> tuple[nn.Module, str]:
+    """The Hugging Face model inside an HFClassifier (its module names are PEFT's) and its prefix, or the model."""
+    hf = getattr(model, "hf", None)
+    return (hf, "hf.") if isinstance(hf, nn.Module) else (model, "")
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, scaling: float | None = None):
-        super().__init__()
-        if rank < 1:
-            raise AttarError(f"LoRA rank must be >= 1, got {rank}")
-        self.base = base
-        self.rank = int(rank)
-        self.scaling = float(alpha) / rank if scaling is None else float(scaling)
-        w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=w.dtype, device=w.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A0: torch.Tensor | None
-        self.lora_B0: torch.Tensor | None
-        self.register_buffer("lora_A0", None)
-        self.register_buffer("lora_B0", None)
 
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
+def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The LoRA layers attar put on ``model`` (the tagged adapters that are PEFT's rather than attar's own)."""
+    return {n: m for n, m in model.named_modules() if is_adapter(m) and not isinstance(m, AdapterModule)}
 
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
-    @property
-    def weight(self) -> torch.Tensor:  # code that reads `.weight` of a Linear keeps working
-        return self.base.weight
+def inject(root: nn.Module, cfg: Any, state: dict[str, torch.Tensor] | None = None):
+    """PEFT's LoRA layers for ``cfg`` in ``root`` (with ``state``'s weights, PEFT's key names), tagged as attar adapters.
 
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
+    Returns ``{name: layer}`` and, with ``state``, PEFT's load result (missing / unexpected keys). The
+    ``peft_config`` PEFT leaves on the model is removed: attar's model is a plain module with PEFT layers."""
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.base.weight, self.base.bias)
-        low = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
-        # In place: the base output is not needed by any backward (its weight is frozen), so this saves
-        # the extra [.., out] tensors that `out + low * s` would allocate.
-        return out.add_(low, alpha=self.scaling)
+    inject_adapter_in_model(cfg, root, adapter_name=ADAPTER)
+    layers = {n: m for n, m in root.named_modules() if isinstance(m, LoraLayer)}
+    for m in layers.values():
+        m.attar_adapter = True
+        m.train(m.get_base_layer().training)  # PEFT's new layers start in training mode (their dropout on)
+    try:
+        loaded = set_peft_model_state_dict(root, state, adapter_name=ADAPTER) if state is not None else None
+    finally:
+        root.__dict__.pop("peft_config", None)
+    return layers, loaded
 
-    @torch.no_grad()
-    def set_init(self, A: torch.Tensor, B: torch.Tensor, subtract_from_base: bool) -> None:
-        """Set A and B; when ``subtract_from_base`` the base keeps ``W − s·B@A`` (so the output is unchanged)."""
-        self.lora_A.data = A.to(self.lora_A.dtype).contiguous()
-        self.lora_B.data = B.to(self.lora_B.dtype).contiguous()
-        if subtract_from_base:
-            w = self.base.weight
-            w.copy_((w.float() - self.scaling * (self.lora_B.float() @ self.lora_A.float())).to(w.dtype))
-            self.lora_A0 = self.lora_A.detach().clone()
-            self.lora_B0 = self.lora_B.detach().clone()
 
-    def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B @ self.lora_A) * self.scaling
+def anchored(names: list[str]) -> str:
+    return "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
 
-    @torch.no_grad()
-    def merged(self) -> nn.Linear:
-        base = self.base
-        base.weight.add_(self.delta_weight().to(base.weight.dtype))
-        return base
 
-    def extra_repr(self) -> str:
-        return f"rank={self.rank}, scaling={self.scaling:g}" + (", base offset" if self.lora_A0 is not None else "")
+@torch.no_grad()
+def set_init(layer: nn.Module, A: torch.Tensor | None, B: torch.Tensor | None, moves_base: bool) -> None:
+    """Set A and B (where given). ``moves_base``: the base keeps ``W − s·B@A`` (PEFT's PiSSA did that itself)
+    and the initial A, B are kept for the export."""
+    a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+    for w, new in ((a, A), (b, B)):
+        if new is not None:
+            w.copy_(new)
+    if moves_base:
+        if A is not None:
+            w = layer.get_base_layer().weight
+            w.copy_((w.float() - layer.scaling[ADAPTER] * (b.float() @ a.float())).to(w.dtype))
+        layer.register_buffer("lora_A0", a.detach().clone())
+        layer.register_buffer("lora_B0", b.detach().clone())
 
 
 INITS = ("default", "pissa", "lora_ga", "eva")
@@ -119,53 +101,45 @@ class LoRAParams(AdapterParams):
 
 @register("lora")
 class LoRA(Adapter):
-    summary = "low-rank update s·B@A on Linear layers; init default | pissa | lora_ga | eva"
+    summary = "low-rank update s·B@A on Linear layers (PEFT's layers); init default | pissa | lora_ga | eva"
     Params = LoRAParams
-    exports_peft = True
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
         return self.p.init in ("lora_ga", "eva")
 
     def apply(self, model: nn.Module, calib: Calibration | None = None, seed: int = 0) -> dict[str, Any]:
-        from attar.adapt import lora_init
+        from peft import LoraConfig
 
         p = self.p
         names = match_modules(model, p.targets, (nn.Linear,), what="adapter 'lora'")
         if self.needs_calibration and (calib is None or not calib.batches):
             raise AttarError(f"LoRA init {p.init!r} needs a few training batches (a Calibration); none were given.")
-        ranks = {n: p.rank for n in names}
-        grads: dict[str, torch.Tensor] = {}
-        eva_A: dict[str, torch.Tensor] = {}
+        root, pre = hf_root(model)
         info: dict[str, Any] = {"init": p.init, "targets": len(names)}
+        ranks = {n: p.rank for n in names}
+        init_A: dict[str, torch.Tensor] = {}
+        init_B: dict[str, torch.Tensor] = {}
         if p.init == "lora_ga":
             grads = lora_init.full_gradients(model, names, calib, seed)
+            for n in names:
+                init_A[n], init_B[n] = lora_init.lora_ga(grads.pop(n), p.rank, p.ga_gamma, n)
         elif p.init == "eva":
-            eva_A, ev = lora_init.eva_components(model, names, calib, p.rank, p.eva_rho)
-            ranks = {n: int(eva_A[n].shape[0]) for n in names}
-            info["eva_ranks"] = ranks
-            info["eva_explained_variance"] = ev
+            init_A, info["eva_explained_variance"] = lora_init.eva_components(model, names, calib, p.rank, p.eva_rho)
+            ranks = info["eva_ranks"] = {n: int(init_A[n].shape[0]) for n in names}
+        kept = [n for n in names if ranks[n] > 0]  # EVA may give a layer no components, and then no adapter
+        odd = {re.escape(n[len(pre):]): ranks[n] for n in kept if ranks[n] != p.rank}
+        cfg = LoraConfig(r=p.rank, lora_alpha=p.alpha, lora_dropout=p.dropout,
+                         target_modules=anchored([n[len(pre):] for n in kept]), rank_pattern=odd,
+                         alpha_pattern={k: p.alpha * r / p.rank for k, r in odd.items()},  # s stays alpha/rank
+                         init_lora_weights="pissa" if p.init == "pissa" else True)
+        torch.manual_seed(seed)  # PEFT's default init of A
+        layers, _ = inject(root, cfg)
+        for n in kept:
+            set_init(layers[n[len(pre):]], init_A.get(n), init_B.get(n), moves_base=p.init in ("pissa", "lora_ga"))
         set_trainable(model, p.train_head)
-        torch.manual_seed(seed)  # default init of A
-        scaling = p.alpha / p.rank
-        for n in names:
-            if ranks[n] == 0:
-                continue  # EVA gave this layer no components
-            base = model.get_submodule(n)
-            mod = LoRALinear(base, ranks[n], p.alpha, p.dropout, scaling=scaling)
-            base.requires_grad_(False)
-            if p.init == "pissa":
-                A, B = lora_init.pissa(base.weight, p.rank, scaling)
-                mod.set_init(A, B, subtract_from_base=True)
-            elif p.init == "lora_ga":
-                A, B = lora_init.lora_ga(grads[n], p.rank, p.ga_gamma, n)
-                mod.set_init(A, B, subtract_from_base=True)
-            elif p.init == "eva":
-                mod.set_init(eva_A[n], torch.zeros(base.out_features, ranks[n]), subtract_from_base=False)
-            _set_module(model, n, mod)
+        for layer in layers.values():
+            for w in adapter_parameters(layer):
+                w.requires_grad_(True)
         info["trainable"] = count_params(model)[0]
         return info
-
-
-def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}

@@ -1,7 +1,9 @@
-"""LoRA initialisers that look at the weights (PiSSA), the gradient (LoRA-GA) or the activations (EVA).
+"""attar's LoRA initialisers where PEFT's differ: from the gradient (LoRA-GA) or the activations (EVA).
 
-All SVDs run in float32 on the weight's device; matrices up to 4096 on their short side use the
-exact SVD, larger ones ``torch.svd_lowrank`` (randomised, 4 power iterations).
+PiSSA is PEFT's own (``init_lora_weights="pissa"``); why these two are not is said in ``attar.adapt.lora``.
+:func:`top_svd` also ranks LIFT's principal weights. All SVDs run in float32 on the weight's device;
+matrices up to 4096 on their short side use the exact SVD, larger ones ``torch.svd_lowrank``
+(randomised, 4 power iterations).
 """
 
 from __future__ import annotations
@@ -27,13 +29,6 @@ def top_svd(m: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.
         return U[:, :k], S[:k], Vh[:k]
     U, S, V = torch.svd_lowrank(m, q=min(min(m.shape), k + 16), niter=4)
     return U[:, :k], S[:k], V[:, :k].T
-
-
-def pissa(weight: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``A = sqrt(S_r/s)·Vh_r``, ``B = U_r·sqrt(S_r/s)`` so that ``s·B@A`` is the rank-r principal part of W."""
-    U, S, Vh = top_svd(weight, rank)
-    root = (S / scaling).sqrt()
-    return root[:, None] * Vh, U * root[None, :]
 
 
 def lora_ga(grad: torch.Tensor, rank: int, gamma: float, name: str = "") -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,8 +19,6 @@ from attar.errors import AttarError
 
 
 class SparseDeltaLinear(AdapterModule):
-    adapter_param_names = ("delta",)
-
     def __init__(self, base: nn.Linear, index: torch.Tensor):
         super().__init__()
         index = index.flatten().to(torch.long)

@@ -1,17 +1,20 @@
 """LoRA adapters in the PEFT format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-:func:`export_peft` writes what ``peft.PeftModel.from_pretrained(base, folder)`` loads onto the
+attar's LoRA layers are PEFT's (``attar.adapt.lora``), so what is written here is what PEFT itself
+keeps. :func:`export_peft` writes what ``peft.PeftModel.from_pretrained(base, folder)`` loads onto the
 untouched base model (the Hugging Face model inside an :class:`~attar.text.hf.HFClassifier`):
 
 * each LoRA layer as ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight``;
 * initialisers that moved the base weight (PiSSA, LoRA-GA) export ``W0 + s·(B@A − B0@A0)`` exactly,
-  as a rank-2r LoRA (``A' = [A; A0]``, ``B' = [B, −B0]``), through ``rank_pattern``;
+  as a rank-2r LoRA (``A' = [A; A0]``, ``B' = [B, −B0]``), through ``rank_pattern`` (PEFT's
+  ``path_initial_model_for_weight_conversion`` does the same from an initial adapter on disk);
 * per-layer ranks (EVA) through ``rank_pattern`` and ``alpha_pattern`` (so ``alpha/r`` is each layer's scale);
 * the trained classification head as ``modules_to_save``.
 
 ``target_modules`` is one anchored regular expression naming exactly the adapted modules. The same
-folder feeds ``attar merge`` as ``BASE+ADAPTER``. :func:`import_peft` reads such a folder (written
-here or by PEFT) back onto a plain model as attar LoRA layers.
+folder feeds ``attar merge`` as ``BASE+ADAPTER``. :func:`import_peft` puts such a folder (written here
+or by PEFT) onto a plain model with PEFT's own loader, after the checks a merge needs: an
+initialisation that moved the base weights must have been converted, and a listed head must be there.
 """
 
 from __future__ import annotations
@@ -26,37 +29,31 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from attar.adapt.base import AdapterModule, _set_module, head_names
-from attar.adapt.lora import LoRALinear, lora_modules
+from attar.adapt.base import AdapterModule, adapter_parameters, head_names
+from attar.adapt.lora import ADAPTER, anchored, hf_root, inject, lora_modules
 from attar.checkpoint import atomic_save_safetensors, make_temp_dir
 from attar.errors import AttarError
 
 PREFIX = "base_model.model."
 
 
-def _root(model: nn.Module) -> tuple[nn.Module, str]:
-    """The Hugging Face model inside an HFClassifier (its names are PEFT's), or the model itself."""
-    hf = getattr(model, "hf", None)
-    return (hf, "hf.") if isinstance(hf, nn.Module) else (model, "")
-
-
 @torch.no_grad()
 def export_peft(model: nn.Module, folder: str | Path, base_model_name_or_path: str | None = None,
                 dropout: float = 0.0) -> Path:
     """Write the model's LoRA layers (and trained head) as a PEFT LoRA adapter folder."""
-    root, pre = _root(model)
+    root, pre = hf_root(model)
     loras = lora_modules(model)
     if not loras:
         raise AttarError("export_peft: the model has no LoRA layers; only LoRA adapters export in the PEFT format "
                          "(save other fine-tunes as a whole model with save_hf_classifier).")
-    others = sorted({type(m).__name__ for m in model.modules() if isinstance(m, AdapterModule) and not isinstance(m, LoRALinear)})
+    others = sorted({type(m).__name__ for m in model.modules() if isinstance(m, AdapterModule)})
     if others:
         raise AttarError(f"export_peft: the model also holds {', '.join(others)} adapters, which PEFT LoRA cannot express; "
                          "merge the model and save it whole instead.")
     heads = [h for h in head_names(model) if any(p.requires_grad for p in model.get_submodule(h).parameters())]
-    lora_param_ids = {id(p) for m in loras.values() for p in (m.lora_A, m.lora_B)}
-    head_param_ids = {id(p) for h in heads for p in model.get_submodule(h).parameters()}
-    stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in lora_param_ids | head_param_ids]
+    known = {id(p) for m in loras.values() for p in adapter_parameters(m)}
+    known |= {id(p) for h in heads for p in model.get_submodule(h).parameters()}
+    stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in known]
     if stray:
         raise AttarError(f"export_peft: parameters outside the LoRA layers and the head were trained ({stray[:5]}); "
                          "PEFT LoRA cannot carry them. Merge and save the whole model instead.")
@@ -64,16 +61,14 @@ def export_peft(model: nn.Module, folder: str | Path, base_model_name_or_path: s
     ranks: dict[str, int] = {}
     scales: dict[str, float] = {}
     for name, m in loras.items():
-        if not name.startswith(pre):
-            raise AttarError(f"export_peft: LoRA layer {name!r} is outside the Hugging Face model.")
         rel = name[len(pre):]
-        A, B = m.lora_A.detach(), m.lora_B.detach()
-        if m.lora_A0 is not None:
+        A, B = m.lora_A[ADAPTER].weight.detach(), m.lora_B[ADAPTER].weight.detach()
+        if getattr(m, "lora_A0", None) is not None:
             A, B = torch.cat([A, m.lora_A0]), torch.cat([B, -m.lora_B0], dim=1)
         tensors[f"{PREFIX}{rel}.lora_A.weight"] = A.contiguous().clone()
         tensors[f"{PREFIX}{rel}.lora_B.weight"] = B.contiguous().clone()
         ranks[rel] = int(A.shape[0])
-        scales[rel] = m.scaling
+        scales[rel] = m.scaling[ADAPTER]
     for h in heads:
         for pname, p in model.get_submodule(h).named_parameters():
             tensors[f"{PREFIX}{h[len(pre):]}.{pname}"] = p.detach().contiguous().clone()
@@ -81,11 +76,10 @@ def export_peft(model: nn.Module, folder: str | Path, base_model_name_or_path: s
     s0 = max(set(scales.values()), key=list(scales.values()).count)
     rank_pattern = {n: r for n, r in ranks.items() if r != r0}
     alpha_pattern = {n: scales[n] * ranks[n] for n in ranks if abs(scales[n] * ranks[n] - s0 * r0) > 1e-9 * max(1.0, s0 * r0)}
-    target = "^(?:" + "|".join(re.escape(n) for n in ranks) + ")$"
-    from peft import LoraConfig
+    from peft import LoraConfig  # off `import attar.adapt` (see attar.adapt.lora)
 
     cfg = LoraConfig(
-        r=r0, lora_alpha=s0 * r0, lora_dropout=dropout, target_modules=target, rank_pattern=rank_pattern,
+        r=r0, lora_alpha=s0 * r0, lora_dropout=dropout, target_modules=anchored(list(ranks)), rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern, modules_to_save=[h[len(pre):] for h in heads] or None,
         task_type="SEQ_CLS" if pre else None, bias="none", init_lora_weights=True,
         base_model_name_or_path=base_model_name_or_path or getattr(model, "source", None) or None,
@@ -189,17 +183,13 @@ def adapter_classes(folder: str | Path) -> list[str] | None:
     return None
 
 
-def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
-    """PEFT's rule: a key applies to module ``name`` when ``(.*\\.)?(key)$`` matches it."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
 @torch.no_grad()
 def import_peft(model: nn.Module, folder: str | Path, trainable: bool = True) -> nn.Module:
-    """Put the LoRA layers (and ``modules_to_save``) of a PEFT adapter folder onto ``model``, in place."""
+    """Put the LoRA layers (and ``modules_to_save``) of a PEFT adapter folder onto ``model``, in place.
+
+    The layers are injected and loaded by PEFT (``inject_adapter_in_model`` + ``set_peft_model_state_dict``);
+    the head tensors of ``modules_to_save`` are copied into the model's own head, so the result merges back
+    into the plain architecture with :func:`attar.adapt.merge_adapters`."""
     folder = Path(folder)
     cfg_path, w_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     if not cfg_path.is_file():
@@ -214,47 +204,33 @@ def import_peft(model: nn.Module, folder: str | Path, trainable: bool = True) ->
     check_plain_init(cfg, folder)
     if cfg.get("fan_in_fan_out"):
         raise AttarError(f"{folder}: fan_in_fan_out (Conv1D) adapters are not supported by import_peft.")
-    root, pre = _root(model)
+    root, _ = hf_root(model)
     tensors = load_file(str(w_path))
     check_saved_modules(cfg, list(tensors), list(root.state_dict()), folder)
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    replace: dict[str, torch.Tensor] = {}
-    for key, t in tensors.items():
-        k = key.removeprefix(PREFIX)
-        m = re.fullmatch(r"(.+)\.lora_(A|B)(?:\.[^.]+)?\.weight", k)
-        if m:
-            pairs.setdefault(m.group(1), {})[m.group(2)] = t
-        elif re.search(r"\.lora_", k):
-            raise AttarError(f"{folder}: tensor {key!r} is of a LoRA variant attar cannot import.")
-        else:
-            replace[re.sub(r"\.modules_to_save\.[^.]+\.", ".", k)] = t
+    lora = {k: t for k, t in tensors.items() if ".lora_" in k}
+    replace = {re.sub(r"\.modules_to_save\.[^.]+\.", ".", k.removeprefix(PREFIX)): t for k, t in tensors.items() if k not in lora}
+    targets = sorted({re.sub(r"\.lora_[^.]+(\..*)?$", "", k.removeprefix(PREFIX)) for k in lora})
     own = dict(root.named_modules())
-    missing = sorted(n for n in pairs if n not in own)
+    missing = [n for n in targets if n not in own]
     if missing:
         raise AttarError(f"{folder}: the adapter targets modules the model does not have: {missing[:5]}; "
                          "is it an adapter for this base model?")
-    alpha = float(cfg.get("lora_alpha", 8))
-    rslora = bool(cfg.get("use_rslora", False))
-    if trainable:
-        root.requires_grad_(False)
-    for rel, p in pairs.items():
-        if "A" not in p or "B" not in p:
-            raise AttarError(f"{folder}: module {rel!r} has only one of lora_A / lora_B.")
-        base = own[rel]
-        if not isinstance(base, nn.Linear):
-            raise AttarError(f"{folder}: module {rel!r} is a {type(base).__name__}; import_peft handles Linear layers.")
-        A, B = p["A"], p["B"]
-        r = int(A.shape[0])
-        if tuple(A.shape) != (r, base.in_features) or tuple(B.shape) != (base.out_features, r):
-            raise AttarError(f"{folder}: LoRA shapes for {rel!r} are A {tuple(A.shape)}, B {tuple(B.shape)}; the layer is "
-                             f"{base.out_features}x{base.in_features}.")
-        a = float(_pattern_value(cfg.get("alpha_pattern") or {}, rel, alpha))
-        mod = LoRALinear(base, r, a, float(cfg.get("lora_dropout", 0.0) or 0.0),
-                         scaling=a / (r ** 0.5 if rslora else r))
-        mod.set_init(A.to(base.weight.dtype), B.to(base.weight.dtype), subtract_from_base=False)
-        mod.lora_A.requires_grad_(trainable)
-        mod.lora_B.requires_grad_(trainable)
-        _set_module(model, pre + rel, mod)
+    kinds = sorted({type(own[n]).__name__ for n in targets if not isinstance(own[n], nn.Linear)})
+    if kinds:
+        raise AttarError(f"{folder}: the adapter adapts {', '.join(kinds)} modules; import_peft handles Linear layers.")
+    from peft import LoraConfig  # off `import attar.adapt` (see attar.adapt.lora)
+
+    config = LoraConfig.from_pretrained(str(folder))
+    # Exactly the modules the file holds weights for; the head is copied below instead of PEFT's wrapper around it.
+    config.target_modules, config.modules_to_save, config.inference_mode = anchored(targets), None, not trainable
+    try:
+        _, loaded = inject(root, config, lora)
+    except RuntimeError as e:  # torch's size-mismatch report, one line per tensor
+        raise AttarError(f"{folder}: the LoRA shapes do not fit the model: {' '.join(str(e).split())}") from None
+    bad = sorted(k for k in loaded.unexpected_keys) + sorted(k for k in loaded.missing_keys if ".lora_" in k)
+    if bad:
+        raise AttarError(f"{folder}: the adapter's LoRA tensors do not match PEFT's LoRA layers for it ({bad[:4]}): "
+                         "a LoRA variant attar cannot import, or an incomplete file.")
     state = root.state_dict()
     for rel, t in replace.items():
         if rel not in state:

@@ -20,8 +20,6 @@ from attar.adapt.base import (
 
 
 class _SSF(AdapterModule):
-    adapter_param_names = ("ssf_scale", "ssf_shift")
-
     def __init__(self, base: nn.Module, channels: int, init_std: float):
         super().__init__()
         self.base = base
