@@ -11,7 +11,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from attar.adapt import MeZO, finetune
-from attar.adapt.cli import app
+from attar.cli.finetune import app
 from attar.errors import AttarError
 from attar.text.hf import load_hf_classifier
 
@@ -158,9 +158,11 @@ def test_cli_run_adapters_and_errors(sentiment_files, tmp_path):
     assert "test accuracy" in r.output and (tmp_path / "o" / "model" / "config.json").exists()
     r = runner.invoke(app, ["apply-peft", str(sentiment_files / "bert"), str(tmp_path / "o" / "adapter"), "--out", str(tmp_path / "m")])
     assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["adapters"])
+    from attar.cli import app as attar_app
+
+    r = runner.invoke(attar_app, ["methods", "adapters"])
     assert r.exit_code == 0 and "lora" in r.output and "magnitude" in r.output
-    r = runner.invoke(app, ["adapters", "lora"])
+    r = runner.invoke(attar_app, ["methods", "adapters", "lora"])
     assert r.exit_code == 0 and "rank" in r.output
     r = runner.invoke(app, ["run", str(sentiment_files / "bert"), "--data", str(sentiment_files / "t.csv"), "--text-column", "body",
                             "--out", str(tmp_path / "bad")])

@@ -285,7 +285,7 @@ def test_not_a_condensed_artifact(tmp_path):
 def test_cli_condense_and_evaluate(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from attar.condense.cli import app
+    from attar.cli.condense import app
 
     monkeypatch.setenv("CI", "true")
     monkeypatch.setenv("ATTAR_HOME", str(tmp_path / "home"))

@@ -92,7 +92,7 @@ def test_shared_writers_follow_the_umask(tmp_path, umask):
 
 
 def test_merge_output_and_lm_out_folders_follow_the_umask(tmp_path, umask):
-    from attar.distill.lm_cli import _staged
+    from attar.cli.lm import _staged
     from attar.merge.writer import ShardWriter
 
     with ShardWriter(tmp_path / "merged", [("w", (2,), torch.float32)], fmt="safetensors") as w:

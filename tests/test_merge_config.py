@@ -162,7 +162,8 @@ def test_cli_merge_command_and_typer_app(tmp_path):
     import torch
     from typer.testing import CliRunner
 
-    from attar.merge.cli import app, merge_command
+    from attar.cli import app
+    from attar.cli.merge import merge_command
 
     save_file({"w": torch.ones(2)}, str(tmp_path / "a.safetensors"))
     save_file({"w": 3 * torch.ones(2)}, str(tmp_path / "b.safetensors"))
@@ -175,5 +176,6 @@ def test_cli_merge_command_and_typer_app(tmp_path):
     assert result.exit_code == 0, result.output
     assert "note:" in result.output and "linear" in result.output
     assert torch.equal(load_file(str(tmp_path / "out2" / "model.safetensors"))["w"], 2 * torch.ones(2))
-    listing = CliRunner().invoke(app, ["methods"])
-    assert "greedy_soup" in listing.output and "ties" in listing.output
+    listing = CliRunner().invoke(app, ["methods", "merge"]).output + \
+        CliRunner().invoke(app, ["methods", "merge-data"]).output
+    assert "greedy_soup" in listing and "ties" in listing

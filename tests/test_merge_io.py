@@ -330,7 +330,7 @@ def test_sigterm_during_cli_merge_leaves_no_folder(gpt2s, tmp_path):
 
     import yaml
 
-    from attar.merge.cli import merge_command
+    from attar.cli.merge import merge_command
     from attar.merge.methods import MERGE_METHODS
 
     method = MERGE_METHODS.get("linear")

@@ -445,14 +445,12 @@ def test_attar_merge_lists_only_what_it_accepts(three):
         assert "ties" in runs and "linear" in runs
         for data_aware in ("fisher", "greedy_soup", "lcsc", "wise_ft"):
             assert data_aware not in runs, text
-    from attar.merge.cli import app as merge_app
-
-    listing = runner.invoke(merge_app, ["methods"]).output
-    accepted, data_aware = listing.split("Data-aware")
+    accepted = runner.invoke(app, ["methods", "merge"]).output
+    data_aware = flat(runner.invoke(app, ["methods", "merge-data"]).output)
     assert "ties" in accepted and "greedy_soup" not in accepted and "fisher" not in accepted
-    assert "greedy_soup" in data_aware and "recipe `merge` stage" in data_aware
+    assert "greedy_soup" in data_aware and "recipe `merge` stages only" in data_aware
     r = runner.invoke(app, ["methods"])
-    line = next(ln for ln in r.output.splitlines() if ln.startswith("merge methods"))
+    line = next(ln for ln in r.output.splitlines() if ln.startswith("merge:"))
     assert "ties" in line and "greedy_soup" not in line
 
 

@@ -151,7 +151,7 @@ def test_cli_command_on_a_model_folder(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from attar.select.cli import app
+    from attar.cli.select import app
 
     model, tok = _tiny_lm(tmp_path / "lm")
     data = tmp_path / "cands.jsonl"
@@ -166,7 +166,9 @@ def test_cli_command_on_a_model_folder(tmp_path):
     bad = CliRunner().invoke(app, ["grape", str(data), "--model", str(tmp_path), "--out", str(out)])
     assert bad.exit_code == 2 and "config.json" in bad.output
     assert isinstance(app, typer.Typer)
-    listing = CliRunner().invoke(app, ["list"])
+    from attar.cli import app as attar_app
+
+    listing = CliRunner().invoke(attar_app, ["methods", "selectors"])
     assert listing.exit_code == 0 and "disagreement" in listing.output
 
 

@@ -189,5 +189,5 @@ def test_main_cli_mounts_condense_finetune_and_data_show(tmp_path):
     res = runner.invoke(app, ["condense", "--data", "digits", "--method", "herding", "--ipc", "999", "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "smallest class" in " ".join(res.output.split())
     assert not (tmp_path / "x").exists()
-    res = runner.invoke(app, ["finetune", "adapters"])
+    res = runner.invoke(app, ["methods", "adapters"])
     assert res.exit_code == 0 and "lora" in res.output

@@ -97,7 +97,7 @@ def condense(
 
     ``model`` is the network the method matches through (default ConvNet width 128, depth 3);
     ``init`` starts learned images from real samples (``real``) or Gaussian noise with the data's
-    statistics (``noise``); ``params`` are the method's own fields (``attar condense methods``).
+    statistics (``noise``); ``params`` are the method's own fields (``attar methods condense``).
     ``soft_labels`` names a model artifact (a teacher trained on the real data) whose logits on the
     final images are stored as soft labels. Plug-ins for methods that learn images: ``flip`` (FYI,
     flip-aware synthesis: the matching loss sees every synthetic image and its horizontal flip) and

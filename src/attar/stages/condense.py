@@ -26,7 +26,7 @@ from attar.stages.base import STAGES, StageContext, StageInputs, StageKind, Stag
 
 class CondenseOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    method: str = Field(..., description="random, herding, kcenter, dm, datadam, dc, dsa, ... (attar condense methods)")
+    method: str = Field(..., description="random, herding, kcenter, dm, datadam, dc, dsa, ... (attar methods condense)")
     ipc: int = Field(..., ge=1, description="synthetic images per class")
     iterations: int | None = Field(None, ge=1, description="outer iterations (default: the method's)")
     init: Literal["real", "noise"] = "real"

@@ -5,10 +5,8 @@
 * ``attar select grape DATA --model DIR --out FILE``: keep, per prompt, the candidate response the target
   model finds most likely (GRAPE; :func:`attar.select.grape.grape_select`). ``DATA`` is a .jsonl/.json/.csv of
   prompts with candidate responses; ``FILE`` (.jsonl/.json/.csv) gets one ``prompt, response`` row per prompt.
-* ``attar select list``: the selectors a recipe stage can use (``selector: {name: ...}``) and their fields.
-
-``grape_cli`` and ``list_cli`` are the commands as plain functions, for mounting one at a time
-(``app.command("grape")(grape_cli)``). Every ``AttarError`` is printed as one paragraph (exit 2).
+Every ``AttarError`` is printed as one paragraph (exit 2). The training-stage selectors are listed by
+``attar methods selectors``.
 """
 
 from __future__ import annotations
@@ -18,7 +16,6 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from attar.console import errors_as_messages as _errors_as_messages
 from attar.errors import AttarError
@@ -70,17 +67,10 @@ def grape_cli(
                                                   if s.get("truncated") else ""))
 
 
-def list_cli() -> None:
-    """The selectors a train/distill stage accepts (``selector: {name: ..., ...}``) and their fields."""
-    from attar.select import SELECTORS
-
-    t = Table("name", "fields (default)", "what it does")
-    for name in SELECTORS.names():
-        cls = SELECTORS.get(name)
-        fields = ", ".join(f"{k} ({f.default})" for k, f in cls.Params.model_fields.items())
-        t.add_row(name, fields, (cls.__doc__ or "").strip().splitlines()[0])
-    out.print(t)
+@app.callback()
+def _group() -> None:
+    """Data selection: GRAPE picks fine-tuning responses (`attar select grape`); the training-stage selectors are
+    listed by `attar methods selectors`."""
 
 
 app.command("grape")(grape_cli)
-app.command("list")(list_cli)

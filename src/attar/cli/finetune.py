@@ -4,7 +4,7 @@
 
 * ``attar finetune run MODEL --data tweets --adapter lora --set rank=16 --set init=pissa --out DIR``
 * ``attar finetune run --config finetune.yaml --out DIR`` (a :class:`~attar.adapt.api.FinetuneSpec` as YAML)
-* ``attar finetune adapters [NAME]``: the registered adapters, or one adapter's fields
+* ``attar methods adapters [NAME]``: the registered adapters, or one adapter's fields
 * ``attar finetune data``: the built-in text data sets
 * ``attar finetune apply-peft BASE ADAPTER --out DIR``: merge a PEFT LoRA adapter into its base, save a HF folder
 
@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from attar.cli.app import parse_sets
 from attar.console import errors_as_messages as _errors_as_messages
 from attar.paths import check_out_dir
 from attar.errors import AttarError
@@ -50,20 +51,6 @@ def data_spec_from_arg(data: str, **extra: Any) -> dict[str, Any]:
         f"--data {data!r} is neither a built-in text data set ({', '.join(TEXT_BUILTINS.names())}), a .csv or .parquet "
         "file, nor a folder written by datasets' save_to_disk."
     )
-
-
-def parse_sets(sets: list[str] | None) -> dict[str, Any]:
-    """``["rank=16", "targets=[query, value]"]`` -> ``{"rank": 16, "targets": ["query", "value"]}`` (YAML values)."""
-    outd: dict[str, Any] = {}
-    for s in sets or []:
-        if "=" not in s:
-            raise AttarError(f"--set {s!r}: expected FIELD=VALUE, e.g. --set rank=16")
-        k, v = s.split("=", 1)
-        try:
-            outd[k.strip()] = yaml.safe_load(v)
-        except yaml.YAMLError as e:
-            raise AttarError(f"--set {s!r}: the value is not valid YAML ({e})") from None
-    return outd
 
 
 @_errors_as_messages
@@ -148,20 +135,6 @@ def finetune_cli(
 
 
 @_errors_as_messages
-def adapters_cli(name: Optional[str] = typer.Argument(None, help="show this adapter's fields")) -> None:
-    """List the adapters (or one adapter's fields)."""
-    from attar.adapt import ADAPTERS, adapter_fields
-
-    if name:
-        t = Table("field", "default", "description", title=f"adapter {name}")
-        for f, d in adapter_fields(name).items():
-            t.add_row(f, repr(d["default"]), d["description"])
-        out.print(t)
-        return
-    for n in ADAPTERS:
-        out.print(f"{n:10s} {ADAPTERS.get(n).summary}")
-
-
 def data_cli() -> None:
     """The built-in text data sets and whether each is installed."""
     from attar.text.sources import list_text_datasets
@@ -190,6 +163,5 @@ def apply_peft_cli(
 
 
 app.command("run")(finetune_cli)
-app.command("adapters")(adapters_cli)
 app.command("data")(data_cli)
 app.command("apply-peft")(apply_peft_cli)

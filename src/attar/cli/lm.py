@@ -370,7 +370,7 @@ def distill_cli(
     threads: Optional[int] = THREADS,
 ) -> None:
     """Distill --teacher into --student on --data (token-level KD, or --seq-kd); writes the student and metrics.json."""
-    from attar.adapt.cli import parse_sets
+    from attar.cli.app import parse_sets
     from attar.distill.lm import distill_lm, perplexity, sequence_kd, teacher_generations
     from attar.distill.lm_objectives import LMTeacherCache, check_vocab
     from attar.text.charlm import load_causal_lm, save_causal_lm

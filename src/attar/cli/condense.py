@@ -5,8 +5,9 @@
 * ``attar condense --data fashion-mnist --method dm --ipc 10 --out DIR [--iterations N]`` condenses
   (the group's own callback, run when no sub-command is given);
 * ``attar condense evaluate ARTIFACT`` runs the evaluation protocol and records it;
-* ``attar condense show ARTIFACT --png grid.png`` renders the images;
-* ``attar condense methods`` lists the methods and their fields.
+* ``attar condense show ARTIFACT --png grid.png`` renders the images.
+
+``attar methods condense [NAME]`` lists the methods and their fields; ``--set FIELD=VALUE`` sets one.
 
 Progress (:mod:`attar.train.progress`): a bar on a terminal, plain lines at an interval and a summary
 otherwise (``CI``, a log file), nothing with ``--quiet``; ``--threads`` sets torch's CPU threads. Errors are
@@ -15,13 +16,13 @@ otherwise (``CI``, a log file), nothing with ``--quiet``; ``--threads`` sets tor
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
 
+from attar.cli.app import parse_sets
 from attar.console import fail as _fail
 from attar.paths import check_out_dir
 from attar.errors import AttarError
@@ -38,18 +39,6 @@ def start_command(quiet: bool, threads: Optional[int]) -> None:
     start(quiet, threads)
 
 
-def _params(text: Optional[str]) -> dict:
-    if not text:
-        return {}
-    try:
-        v = json.loads(text)
-    except ValueError as e:
-        raise AttarError(f"--params must be a JSON object, e.g. '{{\"batch_real\": 64}}': {e}") from None
-    if not isinstance(v, dict):
-        raise AttarError("--params must be a JSON object, e.g. '{\"batch_real\": 64}'.")
-    return v
-
-
 @app.callback()
 def condense_cli(
     ctx: typer.Context,
@@ -62,7 +51,7 @@ def condense_cli(
     init: str = typer.Option("real", "--init", help="real | noise (learned methods)"),
     width: Optional[int] = typer.Option(None, "--width", help="ConvNet width (default 128)"),
     depth: Optional[int] = typer.Option(None, "--depth", help="ConvNet depth (default 3)"),
-    params: Optional[str] = typer.Option(None, "--params", help="method fields as JSON, e.g. '{\"batch_real\": 64}'"),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help="a method field, FIELD=VALUE (repeatable), e.g. --set batch_real=64"),
     soft_labels: Optional[Path] = typer.Option(None, "--soft-labels", help="teacher model artifact for soft labels"),
     flip: bool = typer.Option(False, "--flip", help="FYI plug-in: match every synthetic image and its horizontal flip"),
     zca: bool = typer.Option(False, "--zca", help="ZCA plug-in: condense in ZCA-whitened space (stored unwhitened)"),
@@ -90,7 +79,7 @@ def condense_cli(
         if train_limit:
             spec = spec.model_copy(update={"train_limit": train_limit})
         model = ModelSpec(arch="convnet", width=width or 128, depth=depth or 3)
-        path = condense(spec, method, ipc, out, iterations, seed, model=model, init=init, params=_params(params),
+        path = condense(spec, method, ipc, out, iterations, seed, model=model, init=init, params=parse_sets(sets),
                         soft_labels=soft_labels, flip=flip, zca=zca, zca_eps=zca_eps, overwrite=overwrite)
         if png:
             render_grid(path, png)
@@ -137,15 +126,3 @@ def show_cli(artifact: Path = typer.Argument(...), png: Path = typer.Option(...,
         Console().print(f"wrote {render_grid(artifact, png, max_per_class)}")
     except AttarError as e:
         _fail(e)
-
-
-@app.command("methods")
-def methods_cli():
-    """List the condensation methods and their fields."""
-    from attar.condense import CONDENSERS
-
-    c = Console()
-    for name in CONDENSERS:
-        m = CONDENSERS.get(name)
-        fields = ", ".join(f"{k}={v.default!r}" for k, v in m.Params.model_fields.items())
-        c.print(f"[bold]{name}[/]: {m.summary}" + (f"  [dim]({fields})[/]" if fields else ""))

@@ -1,10 +1,8 @@
 """``attar merge CONFIG --out DIR``: the command-line face of the merge engine.
 
-``merge_command`` is a plain function (for the pipeline and tests);
-``merge_cli`` is the same with Typer annotations, to mount on the main app as
-``app.command("merge")(merge_cli)``; ``app`` is a standalone Typer app with
-``merge`` and ``methods`` commands. Errors are ``AttarError``s; the main CLI
-prints them as a paragraph.
+``merge_command`` is a plain function (for the pipeline and tests); ``merge_cli`` is the same with Typer
+annotations, mounted on the main app as ``attar merge``. Errors are ``AttarError``s; the main CLI prints them
+as a paragraph. ``attar methods merge`` lists the methods.
 """
 
 from __future__ import annotations
@@ -19,7 +17,6 @@ import typer
 from rich.console import Console
 
 from attar.merge.engine import DEFAULT_SHARD_SIZE, MergeResult, run_merge
-from attar.merge.methods import MERGE_METHODS
 
 
 @contextlib.contextmanager
@@ -60,7 +57,6 @@ def merge_command(
     return result
 
 
-app = typer.Typer(help="Merge models (mergekit-style YAML config).", add_completion=False, no_args_is_help=True)
 
 
 def merge_cli(
@@ -74,19 +70,3 @@ def merge_cli(
     """Merge the models named in CONFIG and write the result to --out."""
     merge_command(config, out, dtype=dtype, shard_size=shard_size, overwrite=overwrite, quiet=quiet)
 
-
-def methods_cli() -> None:
-    """List the methods ``attar merge`` runs, then the data-aware ones that only a recipe ``merge`` stage runs."""
-    console = Console(highlight=False)
-    methods = [MERGE_METHODS.get(n) for n in MERGE_METHODS.names()]
-    for m in methods:
-        if m.level == "tensor":
-            console.print(f"{m.name:18s} {m.summary}")
-    console.print("\nData-aware methods (need held-out data; run them in a recipe `merge` stage, not `attar merge`):")
-    for m in methods:
-        if m.level != "tensor":
-            console.print(f"{m.name:18s} {m.summary}")
-
-
-app.command("merge")(merge_cli)
-app.command("methods")(methods_cli)
