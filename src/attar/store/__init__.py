@@ -12,120 +12,28 @@ that only read the store start fast. Rank-0-only writing is the caller's job.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import math
-import os
-import platform
-import secrets
 import sqlite3
-import subprocess
-import sys
 import threading
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Mapping, NamedTuple
 
 from attar.errors import AttarError
 from attar.lifecycle import lock_state, no_space_error
-
-DB_NAME = "runs.db"
-# "interrupted": stopped by SIGTERM or Ctrl-C, or found gone (killed) by `attar runs list`; resumable.
-RUN_STATUSES = ("running", "done", "failed", "interrupted")
-ARTIFACT_KINDS = ("model", "data", "report", "checkpoint")
-
-# Each entry migrates the schema from version i to i+1. Append, never edit: stores in
-# the wild are at some version and replay only the entries after it.
-MIGRATIONS: list[list[str]] = [
-    [
-        """CREATE TABLE runs (
-            id TEXT PRIMARY KEY,
-            name TEXT NOT NULL,
-            recipe TEXT NOT NULL,
-            recipe_sha256 TEXT NOT NULL,
-            status TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed')),
-            error TEXT,
-            started TEXT NOT NULL,
-            ended TEXT,
-            run_dir TEXT,
-            seed INTEGER,
-            git_commit TEXT,
-            environment TEXT NOT NULL
-        )""",
-        "CREATE INDEX runs_started ON runs (started)",
-        """CREATE TABLE stages (
-            run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
-            name TEXT NOT NULL,
-            kind TEXT NOT NULL,
-            idx INTEGER NOT NULL,
-            status TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed')),
-            error TEXT,
-            started TEXT NOT NULL,
-            ended TEXT,
-            params TEXT NOT NULL,
-            PRIMARY KEY (run_id, name)
-        )""",
-        """CREATE TABLE metrics (
-            run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
-            stage TEXT NOT NULL,
-            step INTEGER NOT NULL,
-            key TEXT NOT NULL,
-            value REAL
-        )""",
-        "CREATE INDEX metrics_curve ON metrics (run_id, stage, key, step)",
-        """CREATE TABLE artifacts (
-            run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
-            stage TEXT NOT NULL,
-            name TEXT NOT NULL,
-            kind TEXT NOT NULL CHECK (kind IN ('model', 'data', 'report', 'checkpoint')),
-            path TEXT NOT NULL,
-            sha256 TEXT NOT NULL,
-            bytes INTEGER NOT NULL,
-            created TEXT NOT NULL,
-            PRIMARY KEY (run_id, stage, name)
-        )""",
-    ],
-    # v2: runs and stages may be 'interrupted'. SQLite cannot change a CHECK constraint in place, so both
-    # tables are rebuilt (foreign keys are off during migrations, so the rebuild cascades nothing).
-    [
-        """CREATE TABLE runs_v2 (
-            id TEXT PRIMARY KEY,
-            name TEXT NOT NULL,
-            recipe TEXT NOT NULL,
-            recipe_sha256 TEXT NOT NULL,
-            status TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed', 'interrupted')),
-            error TEXT,
-            started TEXT NOT NULL,
-            ended TEXT,
-            run_dir TEXT,
-            seed INTEGER,
-            git_commit TEXT,
-            environment TEXT NOT NULL
-        )""",
-        "INSERT INTO runs_v2 SELECT id, name, recipe, recipe_sha256, status, error, started, ended, run_dir, seed,"
-        " git_commit, environment FROM runs",
-        "DROP TABLE runs",
-        "ALTER TABLE runs_v2 RENAME TO runs",
-        "CREATE INDEX runs_started ON runs (started)",
-        """CREATE TABLE stages_v2 (
-            run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
-            name TEXT NOT NULL,
-            kind TEXT NOT NULL,
-            idx INTEGER NOT NULL,
-            status TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed', 'interrupted')),
-            error TEXT,
-            started TEXT NOT NULL,
-            ended TEXT,
-            params TEXT NOT NULL,
-            PRIMARY KEY (run_id, name)
-        )""",
-        "INSERT INTO stages_v2 SELECT run_id, name, kind, idx, status, error, started, ended, params FROM stages",
-        "DROP TABLE stages",
-        "ALTER TABLE stages_v2 RENAME TO stages",
-    ],
-]
-SCHEMA_VERSION = len(MIGRATIONS)
+from attar.store.provenance import (  # noqa: F401  (part of the store's API)
+    attar_home,
+    check_home,
+    default_db_path,
+    environment_info,
+    git_commit,
+    hash_path,
+    make_run_dir,
+    new_run_id,
+    now_iso,
+)
+from attar.store.schema import ARTIFACT_KINDS, DB_NAME, MIGRATIONS, RUN_STATUSES, SCHEMA_VERSION  # noqa: F401
 
 
 class CompareRow(NamedTuple):
@@ -137,138 +45,6 @@ class CompareRow(NamedTuple):
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def attar_home(home: str | Path | None = None) -> Path:
-    """``home`` if given, else ``$ATTAR_HOME``, else ``./runs`` (relative to the current directory)."""
-    if home is not None:
-        return Path(home)
-    return Path(os.environ.get("ATTAR_HOME") or "runs")
-
-
-def default_db_path(home: str | Path | None = None) -> Path:
-    return attar_home(home) / DB_NAME
-
-
-def check_home(home: str | Path) -> Path:
-    """``home`` itself, or AttarError when it (or a folder above it) is a file, so no store can live there."""
-    home = Path(home)
-    for p in (home, *home.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise AttarError(
-                    f"The runs folder {home} (ATTAR_HOME or --home) cannot be used: {p} is a file, not a folder. "
-                    "Point ATTAR_HOME or --home at a folder (it is created if missing), or move the file away."
-                )
-            break
-    return home
-
-
-def now_iso() -> str:
-    """UTC timestamp with seconds precision: sorts as text and reads well in a table."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def new_run_id(when: datetime | None = None) -> str:
-    """``YYYYMMDD-HHMM-xxxx``: sorts by start time, short enough to type, unique enough with 4 hex."""
-    when = when or datetime.now()
-    return f"{when:%Y%m%d-%H%M}-{secrets.token_hex(2)}"
-
-
-def make_run_dir(home: str | Path) -> tuple[str, Path]:
-    """A new run id and its freshly created folder ``<home>/<id>``.
-
-    Why the folder before the store row: the run takes its lock in the folder before its row says
-    ``running``, so `attar runs list` never sees a running row without a lock (see attar.lifecycle).
-    ``mkdir`` without ``exist_ok`` is the atomic test that no other run has the id.
-    """
-    check_home(home)
-    for _ in range(50):
-        rid = new_run_id()
-        try:
-            (Path(home) / rid).mkdir(parents=True)
-        except FileExistsError:
-            continue
-        return rid, Path(home) / rid
-    raise AttarError(f"Could not find a free run id in {home}.")  # pragma: no cover
-
-
-def _sha256_file(path: Path, h: Any | None = None) -> tuple[str, int]:
-    h = h or hashlib.sha256()
-    n = 0
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-            n += len(chunk)
-    return h.hexdigest(), n
-
-
-def _is_temp_leftover(rel: Path) -> bool:
-    # attar.checkpoint's atomic writes leave ".name.XXXX.tmp" only after a crash; never part of the artifact.
-    return any(p.startswith(".") and p.endswith(".tmp") for p in rel.parts)
-
-
-def hash_path(path: str | Path) -> tuple[str, int]:
-    """sha256 and total bytes of a file, or of a folder's files.
-
-    A folder's digest covers each regular file's relative POSIX path and content
-    hash in sorted order, so it is the same on every machine and filesystem order.
-    """
-    path = Path(path)
-    if path.is_file():
-        return _sha256_file(path)
-    if not path.is_dir():
-        raise AttarError(f"Artifact path {path} does not exist; the stage must write it before recording it.")
-    outer = hashlib.sha256()
-    total = 0
-    files = sorted(
-        (p.relative_to(path).as_posix(), p)
-        for p in path.rglob("*")
-        if p.is_file() and not p.is_symlink() and not _is_temp_leftover(p.relative_to(path))
-    )
-    for rel, p in files:
-        digest, n = _sha256_file(p)
-        total += n
-        outer.update(rel.encode() + b"\0" + digest.encode() + b"\n")
-    return outer.hexdigest(), total
-
-
-def git_commit(cwd: str | Path | None = None) -> str | None:
-    """The current ``HEAD`` commit, or None outside a git checkout or without git."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = out.stdout.strip()
-    return commit if out.returncode == 0 and commit else None
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def environment_info() -> dict[str, Any]:
-    """What a reader needs to reproduce a number: versions, platform, cores (and GPUs if torch is loaded)."""
-    env: dict[str, Any] = {
-        "python": platform.python_version(),
-        "torch": _version("torch"),
-        "attar": _version("attar"),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-    }
-    torch = sys.modules.get("torch")  # never import torch just for this: it costs a second or more
-    if torch is not None:
-        try:
-            if torch.cuda.is_available():
-                env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        except Exception:  # a broken driver must not stop the run from being recorded
-            pass
-    return env
 
 
 def _to_float(key: str, value: Any) -> float | None:
