@@ -13,7 +13,7 @@ from typing import Any, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from attar.errors import AttarError
+from attar.errors import AttarError, LocatedError
 from attar.paths import name_problem
 from attar.specs import DataSpec, ModelSpec
 from attar.train.config import TrainConfig
@@ -24,14 +24,6 @@ def stage_kinds() -> list[str]:
     from attar.stages import STAGES
 
     return STAGES.names()
-
-
-class LocatedError(ValueError):
-    """A whole-recipe check that knows which field it is about, so the error points at that line."""
-
-    def __init__(self, loc: tuple, msg: str):
-        super().__init__(msg)
-        self.loc = loc
 
 
 class _Strict(BaseModel):

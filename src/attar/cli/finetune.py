@@ -26,6 +26,7 @@ from rich.table import Table
 from attar.cli.app import parse_sets
 from attar.console import errors_as_messages as _errors_as_messages
 from attar.paths import check_out_dir
+from attar.registry import validation_error
 from attar.errors import AttarError
 
 app = typer.Typer(help="Fine-tune Hugging Face text classifiers with adapters (LoRA, SSF, HFT, LIFT, masks, MeZO).",
@@ -122,8 +123,7 @@ def finetune_cli(
     try:
         spec = FinetuneSpec.model_validate(raw)
     except ValidationError as e:
-        msgs = "; ".join(f"{'.'.join(map(str, er['loc'])) or '(config)'}: {er['msg']}" for er in e.errors())
-        raise AttarError(f"invalid finetune settings: {msgs}") from None
+        raise validation_error("invalid finetune settings", e) from None
     check_out_dir(out_dir)
     res = finetune_spec(spec, out_dir, resume=resume)
     m = res.metrics

@@ -17,6 +17,7 @@ from torch import nn
 
 from attar.checkpoint import load_model_artifact, save_model_artifact
 from attar.errors import AttarError
+from attar.registry import validation_error
 from attar.models.archs import ARCHS
 from attar.models.layers import AttarModel, Normalize
 from attar.models.pretrained import PRETRAINED
@@ -65,7 +66,7 @@ def build_model(
         try:
             spec = ModelSpec.model_validate(spec)
         except ValidationError as e:
-            raise AttarError(f"Invalid model spec {spec}: {e}") from None
+            raise validation_error(f"Invalid model spec {spec}", e, ModelSpec) from None
     if spec.hf:
         raise AttarError(
             f"model {{hf: {spec.hf}}}: image pipelines take arch, pretrained or artifact models; "
@@ -149,7 +150,7 @@ def load_model(folder: str | Path) -> tuple[AttarModel, dict[str, Any]]:
     try:
         spec = ModelSpec.model_validate(info["spec"])
     except ValidationError as e:
-        raise AttarError(f"{folder}/state.json has an invalid model spec {info['spec']}: {e}") from None
+        raise validation_error(f"{folder}/state.json has an invalid model spec {info['spec']}", e, ModelSpec) from None
     if spec.artifact or spec.hf:
         raise AttarError(f"{folder}/state.json spec must be an arch or pretrained spec, got {info['spec']}.")
     model = build_model(

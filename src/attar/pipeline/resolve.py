@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from attar.errors import AttarError
+from attar.errors import AttarError, error_context
 from attar.recipe import Recipe, StageSpec
 from attar.specs import DataSpec, ModelSpec
 from attar.stages import STAGES, EarlierStage, StageInputs
@@ -95,11 +95,8 @@ class Resolver:
         if preflight:
             if st.model.hf:
                 return None, spec
-            with torch.random.fork_rng(devices=[]):  # the run builds the real model from its seed later
-                try:
-                    return self.model_from_spec(st.model, bundle), spec
-                except AttarError as e:
-                    raise AttarError(f"stage {st.name!r} (stages[{index}].model): {e}") from None
+            with torch.random.fork_rng(devices=[]), error_context(f"stage {st.name!r} (stages[{index}].model)"):
+                return self.model_from_spec(st.model, bundle), spec  # the run builds the real one from its seed
         torch.manual_seed(self.recipe.stage_seed(st))  # the student's initial weights depend on the seed only
         return self.model_from_spec(st.model, bundle), spec
 
@@ -109,10 +106,8 @@ class Resolver:
         from attar.distill.objectives import build_objective
 
         spec = st.objective or {"name": "kd" if st.kind == "distill" else "ce"}
-        try:
+        with error_context(f"stage {st.name!r} (stages[{index}].objective)"):
             obj = build_objective(spec)
-        except AttarError as e:
-            raise AttarError(f"stage {st.name!r} (stages[{index}].objective): {e}") from None
         if obj.needs_teacher and not st.teachers():
             raise AttarError(
                 f"stage {st.name!r}: objective {spec['name']!r} needs a teacher; add `teacher:` "
@@ -124,10 +119,8 @@ class Resolver:
     def selector(st: StageSpec, index: int):
         from attar.select import build_selector
 
-        try:
+        with error_context(f"stage {st.name!r} (stages[{index}].selector)"):
             return build_selector(st.selector)
-        except AttarError as e:
-            raise AttarError(f"stage {st.name!r} (stages[{index}].selector): {e}") from None
 
     def teacher_cache(self, objective, teachers: list[nn.Module], x: torch.Tensor, cfg: TrainConfig):
         """The teachers' log-probabilities on ``x``, computed once per (weights, data) and kept in ``cache_dir``

@@ -17,8 +17,8 @@ from typing import Any, Callable, ClassVar
 from pydantic import BaseModel, ValidationError
 from torch import nn
 
-from attar.errors import AttarError
-from attar.registry import Registry
+from attar.errors import AttarError, LocatedError, error_context
+from attar.registry import Registry, validation_error
 
 STAGES: Registry[type["StageKind"]] = Registry("stage kind")
 
@@ -62,10 +62,16 @@ class StageInputs:
     teacher_cache: Callable[[], Any] = lambda: None  # built on first call (a teacher pass over the train split)
     preflight: bool = False
 
+    def where(self, fld: str | None = None) -> str:
+        """``stage 'x' (stages[1].objective)`` or ``stage 'x' (distill)``: where in the recipe a mistake is."""
+        return f"stage {self.name!r} ({f'stages[{self.index}].{fld}' if fld else self.kind})"
+
     def error(self, msg: str, fld: str | None = None) -> AttarError:
-        """``stage 'x' (stages[1].objective): msg`` or ``stage 'x' (distill): msg``: where the mistake is."""
-        where = f"stages[{self.index}].{fld}" if fld else self.kind
-        return AttarError(f"stage {self.name!r} ({where}): {msg}")
+        return AttarError(f"{self.where(fld)}: {msg}")
+
+    def context(self, fld: str | None = None):
+        """``with inputs.context("objective"): ...``: an AttarError inside names this stage and field."""
+        return error_context(self.where(fld))
 
 
 @dataclass
@@ -117,10 +123,10 @@ class StageKind:
             return None
         try:
             return model.model_validate(raw or {})
-        except ValidationError as e:
-            msgs = "; ".join(f"{kind}.{'.'.join(map(str, er['loc'])) or '(options)'}: {er['msg']}" for er in e.errors())
-            fields = ", ".join(model.model_fields)
-            raise ValueError(f"{msgs} (the '{kind}:' options accept: {fields})") from None
+        except ValidationError as e:  # point at the first unknown field (a typo), else the first problem
+            errs = sorted(e.errors(), key=lambda er: er["type"] != "extra_forbidden")
+            raise LocatedError((kind, *errs[0]["loc"]), str(validation_error(f"the '{kind}:' options", e, model))) \
+                from None
 
     @classmethod
     def check(cls, st: Any) -> None:

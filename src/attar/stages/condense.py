@@ -20,7 +20,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from attar.specs import ModelSpec
-from attar.errors import AttarError
 from attar.stages.base import STAGES, StageContext, StageInputs, StageKind, StageResult
 
 
@@ -50,10 +49,8 @@ class CondenseStage(StageKind):
         from attar.condense import check_request
 
         o, bundle = inputs.options, inputs.data
-        try:
+        with inputs.context():
             check_request(o.method, o.ipc, bundle.train.y, bundle.classes, bundle.name, o.params, o.init)
-        except AttarError as e:  # from the condense checks: say which stage
-            raise inputs.error(str(e)) from None
         return len(bundle.classes)
 
     def run(self, inputs: StageInputs, ctx: StageContext) -> StageResult:

@@ -11,7 +11,6 @@ for LoRA, ``<run>/<stage>/adapter`` (PEFT format)::
 
 from __future__ import annotations
 
-from attar.errors import AttarError
 from attar.stages.base import STAGES, StageContext, StageInputs, StageKind, StageResult
 
 
@@ -28,10 +27,8 @@ class FinetuneStage(StageKind):
     def preflight(self, inputs: StageInputs):
         from attar.adapt.api import check_finetune
 
-        try:
+        with inputs.context():  # the adapter / data / model checks: say which stage
             check_finetune(inputs.options)
-        except AttarError as e:  # from the adapter / data / model checks: say which stage
-            raise inputs.error(str(e)) from None
         return None
 
     def run(self, inputs: StageInputs, ctx: StageContext) -> StageResult:

@@ -85,10 +85,8 @@ class MergeStage(StageKind):
                   if inputs.earlier[n].model is not None}
         if len(shapes) > 1:
             (ref_name, ref), *rest = shapes.items()
-            try:
+            with inputs.context():
                 check_state_dicts(ref, [sd for _, sd in rest], [n for n, _ in rest], ref_name)
-            except AttarError as e:
-                raise inputs.error(str(e)) from None
 
     def run(self, inputs: StageInputs, ctx: StageContext) -> StageResult:
         from attar.merge.stage import merge_models
@@ -97,12 +95,10 @@ class MergeStage(StageKind):
         o, bundle = inputs.options, inputs.data
         models = [inputs.earlier[n].model for n in o.models]
         base = inputs.earlier[o.base].model if o.base else None
-        try:
+        with inputs.context():
             model, info = merge_models(o.method, models, base=base, bundle=bundle, parameters=o.parameters,
                                        model_parameters=o.model_parameters, seed=inputs.seed,
                                        labels=[f"stage {n!r}" for n in o.models], base_label=f"stage {o.base!r}")
-        except AttarError as e:
-            raise inputs.error(str(e)) from None
         spec = inputs.earlier[o.base or o.models[0]].spec  # all inputs share one architecture
         if dist.is_main():
             save_model(ctx.stage_dir / "model", model, spec, bundle.input_shape, len(bundle.classes), bundle.mean, bundle.std,

@@ -6,7 +6,6 @@ import copy
 import json
 
 from attar.checkpoint import atomic_write_json
-from attar.errors import AttarError
 from attar.paths import remove_tree
 from attar.stages.base import STAGES, StageContext, StageInputs, StageKind, StageResult
 from attar.train import distributed as dist
@@ -33,10 +32,8 @@ class TrainStage(StageKind):
                        labels=None if inputs.spec.data is not None and inputs.spec.data.stage else inputs.data.train.y,
                        where=f"stage {inputs.name!r} (stages[{inputs.index}].selector)")
         if inputs.train.augment:
-            try:
+            with inputs.context("train.augment"):
                 make_augment(inputs.train.augment)
-            except AttarError as e:
-                raise inputs.error(str(e), "train.augment") from None
         self._check_objective_setup(inputs)
         return None
 
@@ -46,11 +43,9 @@ class TrainStage(StageKind):
         fails now, not after the earlier stages have trained."""
         if inputs.model is None or any(t is None for t in inputs.teachers):
             return  # a model another kind produces (finetune, a pretrained merge input): checked when it runs
-        try:
+        with inputs.context("objective"):
             inputs.objective.setup(copy.deepcopy(inputs.model), [copy.deepcopy(t) for t in inputs.teachers],
                                    len(inputs.data.classes), len(inputs.data.train.x))
-        except AttarError as e:
-            raise inputs.error(str(e), "objective") from None
 
     def run(self, inputs: StageInputs, ctx: StageContext) -> StageResult:
         from attar.models import load_model, save_model

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from attar.data.splits import LIMIT, TEST, TEST_SEED, VAL, fraction_count, rng_for, stratified_pick
 from attar.errors import AttarError
+from attar.registry import validation_error
 from attar.text.sources import TEXT_BUILTINS, TextRaw, read_hf_disk_text, read_table_text
 
 _SOURCES = ("name", "csv", "parquet", "hf_disk")
@@ -71,8 +72,7 @@ def text_spec(spec: TextSpec | dict[str, Any] | str) -> TextSpec:
     try:
         return TextSpec.model_validate(spec)
     except ValidationError as e:
-        msgs = "; ".join(f"{'.'.join(map(str, er['loc'])) or '(spec)'}: {er['msg'].removeprefix('Value error, ')}" for er in e.errors())
-        raise AttarError(f"Invalid text data spec {spec}: {msgs}. Fields: {', '.join(TextSpec.model_fields)}.") from None
+        raise validation_error(f"Invalid text data spec {spec}", e, TextSpec) from None
 
 
 @dataclass
