@@ -124,3 +124,14 @@ def test_the_check_can_fail(bad):
     """The rule itself: an upward edge is recognised as one."""
     a, b = bad.split(" -> ")
     assert _layer(b) > _layer(a)
+
+
+def test_the_cli_starts_without_torch():
+    """`attar --help` stays fast (well under a second) because the CLI's start-up path imports neither torch nor
+    transformers; commands import them when they run."""
+    import subprocess
+    import sys
+
+    code = "import sys, attar.cli; print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", f"the CLI's start-up imports {out}"

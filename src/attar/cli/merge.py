@@ -11,12 +11,15 @@ import contextlib
 import signal
 import threading
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import typer
 from rich.console import Console
 
-from attar.merge.engine import DEFAULT_SHARD_SIZE, MergeResult, run_merge
+if TYPE_CHECKING:  # pragma: no cover
+    from attar.merge.engine import MergeResult
+
+DEFAULT_SHARD_SIZE = "5GB"  # attar.merge.engine's; repeated so `attar --help` does not load torch (tested)
 
 
 @contextlib.contextmanager
@@ -43,8 +46,10 @@ def merge_command(
     shard_size: str | int | None = DEFAULT_SHARD_SIZE,
     overwrite: bool = False,
     quiet: bool = False,
-) -> MergeResult:
+) -> "MergeResult":
     """Run the merge described by ``config`` into ``out`` and print a one-line summary (plus notes)."""
+    from attar.merge.engine import run_merge  # torch: only when a merge runs
+
     console = Console(stderr=True, quiet=quiet, highlight=False)
     with _sigterm_as_interrupt():
         result = run_merge(config, out, dtype=dtype, shard_size=shard_size, overwrite=overwrite, progress=False if quiet else None)
