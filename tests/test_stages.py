@@ -95,7 +95,7 @@ def test_merge_stage_matches_independent_arithmetic(tmp_path):
         ("method: linear", "method: lineer", ["unknown merge method 'lineer'", "task_arithmetic"]),
         ("models: [ft_a, ft_b], model", "models: [ft_a, later], model", ["'later', which is no stage"]),
         ("[{weight: 3}, {weight: 1}]", "[{weight: 3}]", ["1 entries for 2 models"]),
-        ("merge: {method: linear", "merge: {methd: linear", ["merge.methd", "Accepted fields: method"]),
+        ("merge: {method: linear", "merge: {methd: linear", ["merge.methd", "accepted here: method, models"]),
     ],
 )
 def test_bad_merge_stages_fail_at_load(old, new, words):

@@ -8,21 +8,20 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from attar.errors import AttarError, LocatedError
 from attar.paths import name_problem
 from attar.specs import DataSpec, ModelSpec
+from attar.stages import STAGES
 from attar.train.config import TrainConfig
 
 
 
 def stage_kinds() -> list[str]:
-    from attar.stages import STAGES
-
     return STAGES.names()
 
 
@@ -34,7 +33,8 @@ TeacherRef = Union[str, ModelSpec]
 
 
 class StageSpec(_Strict):
-    """One stage. Settings of its own kind go under a key named after the kind (``merge: {...}``)."""
+    """One stage: the fields every kind shares. Each kind's own model (:func:`stage_model`) adds ``kind`` as a
+    literal and its settings under a key named after the kind (``merge: {...}``), typed by the kind's ``Options``."""
 
     name: str
     kind: str
@@ -46,17 +46,11 @@ class StageSpec(_Strict):
     selector: dict[str, Any] | None = Field(None, description="data selection, e.g. {name: uniform, keep: 0.5}")
     train: TrainConfig = Field(default_factory=TrainConfig)
     seed: int | None = None
-    options: dict[str, Any] | None = Field(None, description="the kind's own settings; written as `<kind>: {...}`")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _kind_options(cls, data: Any) -> Any:
-        """``merge: {...}`` on a merge stage is that stage's options."""
-        if isinstance(data, dict) and isinstance(data.get("kind"), str) and data["kind"] in data \
-                and data["kind"] not in cls.model_fields:
-            data = dict(data)
-            data["options"] = data.pop(data["kind"])
-        return data
+    @property
+    def options(self) -> BaseModel | None:
+        """The kind's own settings (the parsed ``<kind>: {...}`` block), or None for kinds without any."""
+        return getattr(self, self.kind) if self.kind_spec().options_model() is not None else None
 
     @field_validator("name")
     @classmethod
@@ -65,13 +59,6 @@ class StageSpec(_Strict):
         problem = name_problem(v)
         if problem:
             raise ValueError(f"stage name {problem}")
-        return v
-
-    @field_validator("kind")
-    @classmethod
-    def _known_kind(cls, v: str) -> str:
-        if v not in stage_kinds():
-            raise ValueError(f"unknown stage kind {v!r}; known kinds: {', '.join(stage_kinds())}")
         return v
 
     @field_validator("objective", "selector", mode="before")
@@ -84,7 +71,6 @@ class StageSpec(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> "StageSpec":
         kind = self.kind_spec()
-        kind.parse_options(self.kind, self.options)
         kind.check(self)
         if not kind.trains:
             used = [f for f in ("objective", "selector") if getattr(self, f) is not None]
@@ -94,8 +80,6 @@ class StageSpec(_Strict):
 
     def kind_spec(self):
         """This stage's kind (a :class:`attar.stages.StageKind` subclass)."""
-        from attar.stages import STAGES
-
         return STAGES.get(self.kind)
 
     def teachers(self) -> list[TeacherRef]:
@@ -104,11 +88,26 @@ class StageSpec(_Strict):
         return list(self.teacher) if isinstance(self.teacher, list) else [self.teacher]
 
 
+def stage_model(kind: str) -> type[StageSpec]:
+    """The typed model of a ``kind`` stage: the shared fields, ``kind`` as a literal, and the kind's options (if
+    any) under a field named after it, so `attar recipe-schema` describes every kind's block."""
+    k = STAGES.get(kind)
+    fields: dict[str, Any] = {"kind": (Literal[kind], Field(description=(k.__doc__ or "").strip().split("\n")[0]))}
+    opts = k.options_model()
+    if opts is not None:
+        required = any(f.is_required() for f in opts.model_fields.values())
+        fields[kind] = (opts, Field(...) if required else Field(default_factory=opts))
+    return create_model(f"{kind.capitalize()}Stage", __base__=StageSpec, **fields)
+
+
+Stage = Annotated[Union[tuple(stage_model(k) for k in STAGES.names())], Field(discriminator="kind")]
+
+
 class Recipe(_Strict):
     name: str = "recipe"
     seed: int = 0
     data: DataSpec | None = Field(None, description="default data for stages that name none")
-    stages: list[StageSpec] = Field(min_length=1)
+    stages: list[Stage] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _references(self) -> "Recipe":
@@ -193,17 +192,36 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
         lines = []
         for err in e.errors():
             located = (err.get("ctx") or {}).get("error")
-            loc = tuple(err["loc"]) + (located.loc if isinstance(located, LocatedError) else ())
+            loc = tuple(err["loc"])
+            if loc[:1] == ("stages",) and len(loc) >= 3:
+                loc = loc[:2] + loc[3:]  # drop the union's tag (the kind) that pydantic puts in the path
+            loc += located.loc if isinstance(located, LocatedError) else ()
             loc = tuple(p for p in loc if not (isinstance(p, str) and p.startswith("function-after")))
             # Drop pydantic's union-branch labels (e.g. 'str', 'ModelSpec') from the location.
             loc = tuple(p for p in loc if p not in ("str", "ModelSpec", "list[union[str,ModelSpec]]"))
             msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown field (check the spelling; see `attar recipe-schema` for the accepted fields)"
+            if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+                loc += ("kind",)
+                msg = (f"unknown stage kind {err['ctx'].get('tag')!r}; known kinds: {', '.join(stage_kinds())}"
+                       if err["type"] == "union_tag_invalid" else "required field is missing (the stage's kind)")
+            elif err["type"] == "extra_forbidden":
+                msg = "unknown field (check the spelling; " + _accepted(data, loc) + ")"
             elif err["type"] == "missing":
                 msg = "required field is missing"
             lines.append(str(recipe_error(source, node, loc, msg)))
         raise AttarError("Invalid recipe:\n  " + "\n  ".join(dict.fromkeys(lines))) from None
+
+
+def _accepted(data: dict, loc: tuple) -> str:
+    """What the mapping holding an unknown field accepts, for a stage or a kind's options block."""
+    try:
+        stage = data["stages"][loc[1]] if loc[:1] == ("stages",) else None
+        model = stage_model(stage["kind"]) if stage else Recipe
+        for part in loc[2:-1] if stage else loc[:-1]:
+            model = model.model_fields[part].annotation
+        return f"accepted here: {', '.join(model.model_fields)}"
+    except Exception:  # noqa: BLE001 - a nested or union field: point at the schema instead
+        return "see `attar recipe-schema` for the accepted fields"
 
 
 def load_recipe(path: str | Path) -> tuple[Recipe, str]:
