@@ -11,12 +11,7 @@ from attar.merge import accuracy_evaluator, finetune, fisher_estimator, greedy_s
 from attar.merge.methods import diagonal_fisher
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: extra threads only contend
 
 
 def small_cnn(seed: int = 0) -> nn.Module:

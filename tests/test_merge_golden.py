@@ -20,12 +20,7 @@ GOLDEN = Path(__file__).parent / "golden" / "merge"
 DETERMINISTIC = ["linear", "linear_unnormalized", "task_arithmetic", "ties", "ties_filtered", "breadcrumbs_ties", "slerp", "slerp_gradient"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: extra threads only contend
 
 
 def merged(config: Path, tmp_path: Path, **kw) -> dict[str, torch.Tensor]:

@@ -16,12 +16,7 @@ from attar.merge import merge_state_dicts, open_source, run_merge
 from attar.merge.writer import ShardWriter, parse_size
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: extra threads only contend
 
 
 def gpt2_config(vocab: int = 50, model_type_tweak: dict | None = None):

@@ -21,13 +21,7 @@ from attar.merge.methods import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: with 2 shared cores, intra-op threads only add contention (100x slower under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: extra threads only contend
 
 
 def rand_sd(seed: int, shapes=None) -> dict[str, torch.Tensor]:

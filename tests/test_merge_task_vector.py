@@ -13,12 +13,7 @@ from attar.merge.config import load_merge_config
 from attar.merge.methods import MERGE_METHODS
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: extra threads only contend
 
 
 def sd(seed: int) -> dict[str, torch.Tensor]:
