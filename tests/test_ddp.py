@@ -20,6 +20,15 @@ def _torchrun(out: Path, *extra: str, port: int) -> list[str]:
             str(WORKER), str(out), *extra]
 
 
+def _free_port() -> int:
+    """A port nobody listens on now: fixed ports collide with a previous run's sockets still in TIME_WAIT."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _weights(out: Path, rank: int) -> dict:
     return load_file(out / f"rank{rank}.safetensors")
 
@@ -27,7 +36,7 @@ def _weights(out: Path, rank: int) -> dict:
 @pytest.mark.slow
 def test_ddp_ranks_identical_and_resume_exact(tmp_path):
     full = tmp_path / "full"
-    res = subprocess.run(_torchrun(full, port=29531), env=ENV, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(_torchrun(full, port=_free_port()), env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     r0, r1 = _weights(full, 0), _weights(full, 1)
     for k in r0:
@@ -35,7 +44,7 @@ def test_ddp_ranks_identical_and_resume_exact(tmp_path):
     assert "world 2" in res.stdout
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_torchrun(killed, port=29532), env=ENV, start_new_session=True,
+    proc = subprocess.Popen(_torchrun(killed, port=_free_port()), env=ENV, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     hit = False
     deadline = time.time() + 200
@@ -49,7 +58,7 @@ def test_ddp_ranks_identical_and_resume_exact(tmp_path):
     proc.wait()
     assert hit, "the DDP run ended before it could be killed"
     assert not (killed / "rank0.safetensors").exists()
-    res = subprocess.run(_torchrun(killed, "resume", port=29533), env=ENV, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(_torchrun(killed, "resume", port=_free_port()), env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     for rank in (0, 1):
         got = _weights(killed, rank)

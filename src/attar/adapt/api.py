@@ -20,13 +20,30 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from attar.adapt.base import Adapter, Calibration, build_adapter, count_params, merge_adapters
+from attar.adapt.base import (
+    Adapter,
+    Calibration,
+    build_adapter,
+    count_params,
+    merge_adapters,
+)
 from attar.adapt.lora import lora_modules
 from attar.adapt.mezo import MeZOConfig, mezo_fit
+from attar.distill.objectives import build_objective
 from attar.errors import AttarError
+from attar.metrics import classification_metrics
 from attar.registry import validation_error
-from attar.train.config import TrainConfig
+from attar.select import build_selector, check_selector
 from attar.text.data import TextBundle, TextSpec, load_text, text_spec
+from attar.text.hf import (
+    HFClassifier,
+    load_hf_classifier,
+    load_tokenizer,
+    resolve_model_path,
+    save_hf_classifier,
+)
+from attar.train.config import TrainConfig
+from attar.train.trainer import Trainer, predict
 
 DEFAULT_TRAIN = {"epochs": 3, "batch_size": 16, "lr": 5e-4, "weight_decay": 0.0, "warmup_steps": 0}
 
@@ -101,11 +118,6 @@ def finetune(
     training rows as in a recipe stage (``{name: rs2, keep: 0.3}``, docs/select.md; backprop only); its
     accounting is ``metrics["selection"]``. Returns the merged model and its metrics.
     """
-    from attar.distill.objectives import build_objective
-    from attar.metrics import classification_metrics
-    from attar.text.hf import HFClassifier, load_hf_classifier, load_tokenizer, save_hf_classifier
-    from attar.train.trainer import Trainer, predict
-
     # -- everything checkable before loading weights
     ad = build_adapter(adapter)
     cfg = _train_config(train)
@@ -196,8 +208,6 @@ def finetune(
 
 
 def _selector(spec: dict[str, Any] | None, optimizer: str):
-    from attar.select import build_selector
-
     try:
         sel = build_selector(spec)
     except AttarError as e:
@@ -208,8 +218,6 @@ def _selector(spec: dict[str, Any] | None, optimizer: str):
 
 
 def _check_selector(sel, objective, bundle: TextBundle) -> None:
-    from attar.select import check_selector
-
     check_selector(sel, objective=objective, input_shape=tuple(bundle.train.ids.shape[1:]), labels=bundle.train.y,
                    where="selector")
 
@@ -222,9 +230,6 @@ def check_finetune(spec: FinetuneSpec | dict[str, Any]) -> FinetuneSpec:
     model's module names (the model is built on the meta device: no weights are read).
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    from attar.distill.objectives import build_objective
-    from attar.text.hf import HFClassifier, load_tokenizer, resolve_model_path
 
     spec = _finetune_spec(spec)
     ad = build_adapter(spec.adapter)

@@ -18,12 +18,25 @@ from typing import Any, Callable
 import torch
 
 from attar.checkpoint import atomic_write_json
+from attar.condense.base import (
+    CONDENSERS,
+    DEFAULT_MODEL,
+    ClassIndex,
+    CondenseContext,
+    gen,
+    seed_of,
+)
+from attar.data import load_data, make_augment
 from attar.data.artifact import SyntheticSet, data_hash, load_synthetic, save_synthetic
-from attar.condense.base import CONDENSERS, DEFAULT_MODEL, CondenseContext, gen, seed_of
+from attar.distill.objectives import build_objective
 from attar.errors import AttarError
+from attar.metrics import classification_metrics
+from attar.models import build_model, save_model
 from attar.paths import home
 from attar.specs import DataSpec, ModelSpec
-
+from attar.train.config import TrainConfig
+from attar.train.progress import StepProgress
+from attar.train.trainer import Trainer, predict
 
 
 def _as_data_spec(data: DataSpec | dict | str) -> DataSpec:
@@ -104,9 +117,6 @@ def condense(
     ``zca`` (the method runs in ZCA-whitened space, regularised by ``zca_eps``; the learned images are
     mapped back to pixel space before saving, see :mod:`attar.condense.zca`). Returns the artifact folder.
     """
-    from attar.data import load_data
-    from attar.train.progress import StepProgress
-
     spec = _as_data_spec(data)
     mspec = _as_model_spec(model)
     out_dir = Path(out_dir)
@@ -230,7 +240,6 @@ def _augment_for(name: str | None, mean, std):
         from attar.condense.augment import DSA
 
         return DSA(mean=mean, std=std)
-    from attar.data import make_augment
 
     return make_augment(name)
 
@@ -239,12 +248,6 @@ def _train_eval(x, y, test_x, test_y, model: ModelSpec, bundle, epochs: int, see
                 soft: torch.Tensor | None = None, batch_size: int = 256, lr: float = 0.01,
                 temperature: float = 1.0, return_model: bool = False):
     """Train one freshly initialised net on (x, y) with the Trainer; return its test accuracy."""
-    from attar.distill.objectives import build_objective
-    from attar.metrics import classification_metrics
-    from attar.models import build_model
-    from attar.train.config import TrainConfig
-    from attar.train.trainer import Trainer, predict
-
     torch.manual_seed(seed_of(seed, "eval-net"))
     net = build_model(model, bundle.input_shape, len(bundle.classes), bundle.mean, bundle.std)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer="sgd", lr=lr, momentum=0.9, weight_decay=5e-4,
@@ -301,8 +304,6 @@ def evaluate_condensed(
     protocol; or trainer names like ``crop,flip``; or ``none``). Results are written to
     ``ARTIFACT/evaluation.json`` when ``record``.
     """
-    from attar.data import load_data
-
     log = log or (lambda s: None)
     artifact = Path(artifact)
     s = load_synthetic(artifact)
@@ -377,8 +378,6 @@ def random_subset_accuracy(bundle, mspec: ModelSpec, ipc: int, nets: int, epochs
                            test_x, test_y, cache_dir=None, log=None) -> dict[str, Any]:
     """The protocol on random real subsets of ``ipc`` images per class (a different subset per net); cached,
     since every artifact of the same size is compared with the same row."""
-    from attar.condense.base import ClassIndex
-
     log = log or (lambda s: None)
     path = _cache_path("random", _protocol_key(bundle, mspec, epochs, nets, augment, seed, test_y) | {"ipc": ipc}, cache_dir)
     if path.exists():
@@ -406,7 +405,6 @@ def full_data_accuracy(src: DataSpec, bundle, mspec: ModelSpec, epochs: int, net
     path = _cache_path("full", _protocol_key(bundle, mspec, epochs, nets, augment, seed, test_y), cache_dir)
     if path.exists():
         return json.loads(path.read_text()) | {"cached": str(path)}
-    from attar.models import save_model
 
     accs, models = [], []
     for i in range(nets):

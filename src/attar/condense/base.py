@@ -18,6 +18,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 from torch import nn
 
+from attar.models import build_model
 from attar.registry import Params as _Params
 from attar.registry import Registry, validation_error
 from attar.rng import generator as gen
@@ -106,8 +107,6 @@ class CondenseContext:
 
     def fresh_model(self, *parts: Any) -> nn.Module:
         """A freshly initialised network of the context's architecture, seeded by ``(seed, *parts)``."""
-        from attar.models import build_model
-
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed_of(self.seed, "net", *parts))
             m = build_model(self.model, self.input_shape, self.num_classes, self.mean, self.std)

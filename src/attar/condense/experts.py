@@ -34,9 +34,14 @@ from typing import Any, Callable
 
 import torch
 
-from attar.checkpoint import atomic_save_safetensors, atomic_write_json, load_safetensors
+from attar.checkpoint import (
+    atomic_save_safetensors,
+    atomic_write_json,
+    load_safetensors,
+)
 from attar.condense.augment import DSA
 from attar.condense.base import CondenseContext, gen, seed_of
+from attar.data.artifact import data_hash
 from attar.errors import AttarError
 from attar.models import build_model
 from attar.paths import home
@@ -77,8 +82,6 @@ def identity(model, data_name: str, data_hash: str, input_shape, num_classes: in
 
 def store_identity(ctx: CondenseContext) -> dict[str, Any]:
     """:func:`identity` of a context (hashing its real rows when the caller did not give ``data_hash``)."""
-    from attar.data.artifact import data_hash
-
     if not ctx.data_hash:
         ctx.data_hash = data_hash(ctx.x, ctx.y)
     return identity(ctx.model, ctx.data_name, ctx.data_hash, ctx.input_shape, ctx.num_classes,

@@ -14,6 +14,7 @@ from pydantic import Field
 
 from attar.condense.base import CondenseContext, Params, embed_fn, gen, seed_of
 from attar.errors import AttarError
+from attar.models import load_model
 
 
 class SelectionParams(Params):
@@ -45,7 +46,6 @@ def feature_net(ctx: CondenseContext, p: SelectionParams):
     path = Path(p.features)
     if not path.exists():
         raise AttarError(f"features must be 'random', 'trained' or an existing model artifact folder; got {p.features!r}.")
-    from attar.models import load_model
 
     model, info = load_model(path)
     if tuple(info["input_shape"]) != ctx.input_shape:

@@ -40,6 +40,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+from attar.checkpoint import atomic_save_safetensors, load_safetensors
 from attar.distill.divergences import divergence, is_batchwise
 from attar.distill.teacher_cache import model_hash, tensor_hash
 from attar.errors import AttarError
@@ -390,8 +391,6 @@ class LMTeacherCache:
         return None
 
     def save(self, path: str | Path) -> str:
-        from attar.checkpoint import atomic_save_safetensors
-
         meta = {"format": CACHE_FORMAT, "vocab_size": str(self.vocab_size), "temperature": repr(self.temperature),
                 "teacher": self.teacher_hash, "data": self.data_hash}
         return atomic_save_safetensors({"values": self.values, "index": self.index, "rest": self.rest}, path, metadata=meta)
@@ -399,8 +398,6 @@ class LMTeacherCache:
     @classmethod
     def load(cls, path: str | Path) -> "LMTeacherCache":
         from safetensors import safe_open
-
-        from attar.checkpoint import load_safetensors
 
         t = load_safetensors(path)
         with safe_open(str(path), framework="pt") as f:

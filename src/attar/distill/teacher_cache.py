@@ -41,6 +41,7 @@ from torch import nn
 
 from attar.checkpoint import atomic_save_safetensors, load_safetensors
 from attar.errors import AttarError
+from attar.train.progress import StepProgress
 
 FORMAT = "attar-teacher-cache/1"
 _LOG_FLOOR = -1e4
@@ -161,7 +162,6 @@ class TeacherCache:
         modes = [t.training for t in teachers]
         values = index = rest = None
         num_classes = None
-        from attar.train.progress import StepProgress
 
         bar = StepProgress(f"teacher pass ({len(teachers)} teacher{'s' if len(teachers) > 1 else ''})", n, unit="rows")
         try:

@@ -26,7 +26,13 @@ import torch
 from torch import nn
 
 from attar.distill.lm_objectives import check_vocab
+from attar.distill.objectives import build_objective
+from attar.distill.teacher_cache import TeacherCache
 from attar.errors import AttarError
+from attar.metrics import classification_metrics
+from attar.text.hf import HFClassifier, _quiet_transformers
+from attar.train.config import TrainConfig
+from attar.train.trainer import Trainer, predict
 
 __all__ = ["BagOfEmbeddings", "tiny_transformer_student", "distill_classifier", "teacher_accuracy"]
 
@@ -66,8 +72,6 @@ def tiny_transformer_student(teacher: Any, layers: int = 2, hidden: int = 64, he
     """A fresh small BERT classifier (``layers`` x ``hidden``) using the teacher's tokenizer and classes."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    from attar.text.hf import HFClassifier, _quiet_transformers
-
     _quiet_transformers()
     tok = getattr(teacher, "tokenizer", None)
     if tok is None:
@@ -104,12 +108,6 @@ def distill_classifier(teacher: nn.Module, student: nn.Module, data: Any, *, tra
 
     Returns ``{"model", "test_accuracy", "test_nll", "history", "teacher_mode", "train_rows", "labeled_rows"}``.
     Refuses a student whose tokenizer (or embedding table) does not match the teacher's."""
-    from attar.distill.objectives import build_objective
-    from attar.distill.teacher_cache import TeacherCache
-    from attar.metrics import classification_metrics
-    from attar.train.config import TrainConfig
-    from attar.train.trainer import Trainer, predict
-
     t_tok, s_tok = getattr(teacher, "tokenizer", None), getattr(student, "tokenizer", None)
     check_vocab(len(t_tok) if t_tok is not None else None, _vocab_size(student), t_tok, s_tok)
     pad = data.pad_id
@@ -147,7 +145,4 @@ def distill_classifier(teacher: nn.Module, student: nn.Module, data: Any, *, tra
 
 def teacher_accuracy(teacher: nn.Module, data: Any, batch_size: int = 64) -> float:
     """The teacher's test accuracy on ``data.test`` (for tables beside the student)."""
-    from attar.metrics import classification_metrics
-    from attar.train.trainer import predict
-
     return classification_metrics(predict(teacher, data.test.ids, batch_size), data.test.y)["accuracy"]

@@ -19,9 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
+from attar.data import make_augment
+from attar.distill.objectives import build_objective
 from attar.errors import AttarError
 from attar.merge.methods.base import Evaluator, FisherEstimator, StateDict
 from attar.merge.test_time import _logits
+from attar.metrics import classification_metrics
+from attar.train.config import TrainConfig
+from attar.train.trainer import Trainer, predict
 
 Metric = Literal["accuracy", "nll"]
 
@@ -42,9 +47,6 @@ def accuracy_evaluator(
     lets a partial state dict, e.g. a merged backbone, replace only its tensors).
     Evaluation runs in eval mode and inference mode, ``batch_size`` rows at a time.
     """
-    from attar.metrics import classification_metrics
-    from attar.train.trainer import predict
-
     if metric not in ("accuracy", "nll"):
         raise AttarError(f"evaluator metric must be 'accuracy' or 'nll', got {metric!r}.")
     if len(x) != len(y) or len(x) == 0:
@@ -179,11 +181,6 @@ def finetune(
     augmentations (``["crop", "flip"]``) or an ``(x, generator) -> x`` function.
     Deterministic in ``seed`` like every trainer run. No checkpoints are written.
     """
-    from attar.data import make_augment
-    from attar.distill.objectives import build_objective
-    from attar.train.config import TrainConfig
-    from attar.train.trainer import Trainer
-
     cfg = train if isinstance(train, TrainConfig) else TrainConfig.model_validate(dict(train))
     m = copy.deepcopy(model) if copy_model else model
     aug = make_augment(augment) if isinstance(augment, (list, tuple, str)) else augment

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from attar.adapt.peft_format import check_plain_init, check_saved_modules
 from attar.errors import AttarError
 from attar.merge.tensor_source import TensorSource, open_safetensors, read_json
 
@@ -47,7 +48,6 @@ class LoraSource(TensorSource):
         if cfg.get("use_dora"):
             raise AttarError(f"{label}: DoRA adapters are not supported yet; merge it with PEFT's merge_and_unload first.")
         # Here, not at the top: the adapt package (PEFT's format, and peft itself) is only needed to merge an adapter.
-        from attar.adapt.peft_format import check_plain_init, check_saved_modules
 
         check_plain_init(cfg, label)
         weights = adapter_dir / "adapter_model.safetensors"

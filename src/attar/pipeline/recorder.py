@@ -15,11 +15,21 @@ from typing import Any, Callable
 
 from attar.checkpoint import atomic_write_bytes, atomic_write_json
 from attar.errors import AttarError
-from attar.lifecycle import NO_SPACE, RunInterrupted, no_space_error, read_run_json, run_lock
+from attar.lifecycle import (
+    NO_SPACE,
+    RunInterrupted,
+    no_space_error,
+    read_run_json,
+    run_lock,
+)
+from attar.metrics import classification_metrics
+from attar.models import model_size
 from attar.recipe import Recipe, is_optim_field, parse_recipe, recipe_diff, stage_index
+from attar.report import write_report
 from attar.stages import StageResult
 from attar.store import RunStore, make_run_dir, now_iso
 from attar.train import distributed as dist
+from attar.train.trainer import predict
 
 Change = tuple[str, Any, Any]
 
@@ -110,9 +120,6 @@ class RunRecorder:
         """Score and record a finished stage; returns its report row."""
         if self.store is None:
             return {}
-        from attar.metrics import classification_metrics
-        from attar.models import model_size
-        from attar.train.trainer import predict
 
         row: dict[str, Any] = {"stage": st.name, "kind": st.kind}
         if res.metrics is not None:
@@ -146,7 +153,6 @@ class RunRecorder:
         """Write the report and mark the run done."""
         if self.store is None:
             return
-        from attar.report import write_report
 
         notes = [f"Recipe: {self.recipe.name}; seed {self.recipe.seed}.",
                  "Accuracy, NLL and ECE are on the held-out test split; validation was carved from train."]

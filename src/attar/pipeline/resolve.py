@@ -17,8 +17,13 @@ from typing import Callable
 import torch
 from torch import nn
 
+from attar.data import load_data
+from attar.distill.objectives import build_objective
+from attar.distill.teacher_cache import TeacherCache
 from attar.errors import AttarError, error_context
+from attar.models import build_model, load_model
 from attar.recipe import Recipe, StageSpec
+from attar.select import build_selector
 from attar.specs import DataSpec, ModelSpec
 from attar.stages import STAGES, EarlierStage, StageInputs
 from attar.train import distributed as dist
@@ -51,8 +56,6 @@ class Resolver:
         return spec
 
     def bundle(self, spec: DataSpec):
-        from attar.data import load_data
-
         spec = self.resolve_data(spec)
         key = spec.model_dump_json()
         if key not in self._bundles:
@@ -64,8 +67,6 @@ class Resolver:
 
     # ------------------------------------------------------------------ models
     def model_from_spec(self, spec: ModelSpec, bundle) -> nn.Module:
-        from attar.models import build_model, load_model
-
         if spec.artifact:
             model, info = load_model(spec.artifact)
             shape = tuple(info.get("input_shape") or ())
@@ -103,8 +104,6 @@ class Resolver:
     # ------------------------------------------------------------------ methods
     @staticmethod
     def objective(st: StageSpec, index: int):
-        from attar.distill.objectives import build_objective
-
         spec = st.objective or {"name": "kd" if st.kind == "distill" else "ce"}
         with error_context(f"stage {st.name!r} (stages[{index}].objective)"):
             obj = build_objective(spec)
@@ -117,8 +116,6 @@ class Resolver:
 
     @staticmethod
     def selector(st: StageSpec, index: int):
-        from attar.select import build_selector
-
         with error_context(f"stage {st.name!r} (stages[{index}].selector)"):
             return build_selector(st.selector)
 
@@ -129,7 +126,6 @@ class Resolver:
             return None
         if cfg.teacher_cache == "auto" and cfg.augment:
             return None  # the teacher must see the student's augmented view: run it live
-        from attar.distill.teacher_cache import TeacherCache
 
         h = hashlib.sha256()
         for t in teachers:

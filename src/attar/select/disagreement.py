@@ -17,9 +17,11 @@ from typing import Any
 import torch
 from pydantic import Field, field_validator, model_validator
 
+from attar.distill.divergences import DIVERGENCES, divergence, is_batchwise
+from attar.distill.objectives import teacher_target
 from attar.errors import AttarError
-from attar.train.objective import Batch
 from attar.select.base import SELECTORS, Selector, SelectorParams
+from attar.train.objective import Batch
 
 
 class DisagreementParams(SelectorParams):
@@ -31,8 +33,6 @@ class DisagreementParams(SelectorParams):
     @field_validator("divergence")
     @classmethod
     def _known(cls, v: str) -> str:
-        from attar.distill.divergences import DIVERGENCES, is_batchwise
-
         DIVERGENCES.get(v)  # unknown names list the known ones
         if is_batchwise(v):
             raise ValueError(f"divergence {v!r} is batch-wise and has no per-sample value; use kl, js, tvd, ...")
@@ -40,8 +40,6 @@ class DisagreementParams(SelectorParams):
 
     @model_validator(mode="after")
     def _args(self) -> "DisagreementParams":
-        from attar.distill.divergences import divergence
-
         try:  # the divergence checks its own extra parameters; try them on a dummy row
             divergence(self.divergence, torch.zeros(1, 2), torch.zeros(1, 2), self.temperature, "none",
                        **self.divergence_args)
@@ -59,8 +57,6 @@ class Disagreement(Selector):
 
     @staticmethod
     def _no_teacher(what: str) -> AttarError:
-        from attar.select.base import SELECTORS
-
         others = ", ".join(n for n in SELECTORS.names() if n != "disagreement")
         return AttarError(
             f"name: selector 'disagreement' compares the student with its teacher, but {what}. Use it in a "
@@ -83,9 +79,6 @@ class Disagreement(Selector):
         return max(batch_size, math.ceil(batch_size / self.p.keep))
 
     def divergences(self, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
-        from attar.distill.divergences import divergence
-        from attar.distill.objectives import teacher_target
-
         target = teacher_target(batch.teacher_logits, logits, self.p.temperature, "disagreement selector")
         return divergence(self.p.divergence, logits.float(), target, self.p.temperature, reduction="none",
                           **self.p.divergence_args)

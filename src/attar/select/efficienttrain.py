@@ -27,13 +27,13 @@ stages) and scoring selectors see the unfiltered inputs; the student trains on t
 
 from __future__ import annotations
 
-
 import torch
 from pydantic import Field
 
+from attar.data.transforms import crop_at
 from attar.errors import AttarError
-from attar.train.objective import Batch
 from attar.select.base import SELECTORS, SelectorParams, Uniform
+from attar.train.objective import Batch
 
 
 def low_pass(x: torch.Tensor, bandwidth: float) -> torch.Tensor:
@@ -56,7 +56,6 @@ def random_shift(x: torch.Tensor, max_shift: int) -> torch.Tensor:
     """Translate each image by its own random (dy, dx) in [-max_shift, max_shift], zeros shifted in."""
     if max_shift <= 0:
         return x
-    from attar.data.transforms import crop_at
 
     n = x.shape[0]
     offsets = torch.randint(0, 2 * max_shift + 1, (2, n))  # the trainer's per-step global RNG

@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from attar.condense import check_request, condense, evaluate_condensed
+from attar.data.artifact import is_condensed_artifact
 from attar.specs import ModelSpec
 from attar.stages.base import STAGES, StageContext, StageInputs, StageKind, StageResult
 
@@ -46,17 +48,12 @@ class CondenseStage(StageKind):
         return [o.soft_labels] if o.soft_labels else []
 
     def preflight(self, inputs: StageInputs):
-        from attar.condense import check_request
-
         o, bundle = inputs.options, inputs.data
         with inputs.context():
             check_request(o.method, o.ipc, bundle.train.y, bundle.classes, bundle.name, o.params, o.init)
         return len(bundle.classes)
 
     def run(self, inputs: StageInputs, ctx: StageContext) -> StageResult:
-        from attar.condense import condense, evaluate_condensed
-        from attar.data.artifact import is_condensed_artifact
-
         o = inputs.options
         out = ctx.stage_dir / "data"
         if ctx.resume and is_condensed_artifact(out):

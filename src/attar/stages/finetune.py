@@ -11,6 +11,7 @@ for LoRA, ``<run>/<stage>/adapter`` (PEFT format)::
 
 from __future__ import annotations
 
+from attar.adapt.api import FinetuneSpec, check_finetune, finetune_spec
 from attar.stages.base import STAGES, StageContext, StageInputs, StageKind, StageResult
 
 
@@ -20,20 +21,14 @@ class FinetuneStage(StageKind):
 
     @classmethod
     def options_model(cls):
-        from attar.adapt.api import FinetuneSpec
-
         return FinetuneSpec
 
     def preflight(self, inputs: StageInputs):
-        from attar.adapt.api import check_finetune
-
         with inputs.context():  # the adapter / data / model checks: say which stage
             check_finetune(inputs.options)
         return None
 
     def run(self, inputs: StageInputs, ctx: StageContext) -> StageResult:
-        from attar.adapt.api import finetune_spec
-
         r = finetune_spec(inputs.options, out_dir=ctx.stage_dir, resume=ctx.resume, on_metrics=ctx.on_metrics)
         m = r.metrics
         metrics = {"accuracy": m["test_accuracy"], "nll": m.get("test_nll"), "params": m.get("total_params"),

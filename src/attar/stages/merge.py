@@ -15,6 +15,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from attar.errors import AttarError
+from attar.merge.config import check_settings as check_numbers
+from attar.merge.methods import MERGE_METHODS
+from attar.merge.stage import merge_models
+from attar.merge.validate import check_state_dicts
+from attar.models import save_model
 from attar.stages.base import STAGES, StageContext, StageInputs, StageKind, StageResult
 from attar.train import distributed as dist
 
@@ -30,8 +35,6 @@ class MergeOptions(BaseModel):
     @field_validator("method")
     @classmethod
     def _known(cls, v: str) -> str:
-        from attar.merge.methods import MERGE_METHODS
-
         if v not in MERGE_METHODS:
             raise ValueError(f"unknown merge method {v!r}; known: {', '.join(MERGE_METHODS.names())}")
         return v
@@ -43,8 +46,6 @@ class MergeStage(StageKind):
 
     @classmethod
     def check(cls, st) -> None:
-        from attar.merge.config import check_settings as check_numbers
-
         o = cls.parse_options("merge", st.options)
         if o.model_parameters is not None and len(o.model_parameters) != len(o.models):
             raise ValueError(f"merge.model_parameters has {len(o.model_parameters)} entries for {len(o.models)} models; give one per model")
@@ -79,8 +80,6 @@ class MergeStage(StageKind):
     def _check_shapes(inputs: StageInputs, names: list[str]) -> None:
         """Compare the tensor shapes of the inputs' untrained stand-ins, so two stages of different widths fail
         before any run folder exists, naming the tensor and both shapes."""
-        from attar.merge.validate import check_state_dicts
-
         shapes = {f"stage {n!r}": inputs.earlier[n].model.state_dict() for n in dict.fromkeys(names)
                   if inputs.earlier[n].model is not None}
         if len(shapes) > 1:
@@ -89,9 +88,6 @@ class MergeStage(StageKind):
                 check_state_dicts(ref, [sd for _, sd in rest], [n for n, _ in rest], ref_name)
 
     def run(self, inputs: StageInputs, ctx: StageContext) -> StageResult:
-        from attar.merge.stage import merge_models
-        from attar.models import save_model
-
         o, bundle = inputs.options, inputs.data
         models = [inputs.earlier[n].model for n in o.models]
         base = inputs.earlier[o.base].model if o.base else None

@@ -6,9 +6,13 @@ import copy
 import json
 
 from attar.checkpoint import atomic_write_json
+from attar.data import make_augment
+from attar.models import load_model, save_model
 from attar.paths import remove_tree
+from attar.select.base import check_selector
 from attar.stages.base import STAGES, StageContext, StageInputs, StageKind, StageResult
 from attar.train import distributed as dist
+from attar.train.trainer import Trainer
 
 
 @STAGES.register("train")
@@ -23,9 +27,6 @@ class TrainStage(StageKind):
             raise ValueError(f"stage {st.name!r} needs a 'model' spec or an 'init' stage to start from")
 
     def preflight(self, inputs: StageInputs):
-        from attar.data import make_augment
-        from attar.select.base import check_selector
-
         # data {stage: X} is read from X's source until X has run: its shape holds, its labels may not
         check_selector(inputs.selector, stage=inputs.spec, objective=inputs.objective,
                        input_shape=inputs.data.input_shape,
@@ -48,9 +49,6 @@ class TrainStage(StageKind):
                                    len(inputs.data.classes), len(inputs.data.train.x))
 
     def run(self, inputs: StageInputs, ctx: StageContext) -> StageResult:
-        from attar.models import load_model, save_model
-        from attar.train.trainer import Trainer
-
         bundle, spec = inputs.data, inputs.model_spec
         done = ctx.stage_dir / "model" / "manifest.json"
         if ctx.resume and done.exists():
@@ -61,8 +59,6 @@ class TrainStage(StageKind):
         cfg = inputs.train
         augment = None
         if cfg.augment:
-            from attar.data import make_augment
-
             augment = make_augment(cfg.augment)
         trainer = Trainer(
             inputs.model, inputs.objective, bundle.train.x, bundle.train.y, cfg,

@@ -8,7 +8,14 @@
 Importing this package does not import transformers; the functions do, when called.
 """
 
-from attar.text.data import TextBundle, TextSpec, TextSplit, load_text, text_spec, tokenize
+from attar.text.data import (
+    TextBundle,
+    TextSpec,
+    TextSplit,
+    load_text,
+    text_spec,
+    tokenize,
+)
 from attar.text.sources import TEXT_BUILTINS, TextRaw, list_text_datasets
 
 __all__ = [

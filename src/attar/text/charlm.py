@@ -30,7 +30,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from attar.checkpoint import apply_umask
 from attar.errors import AttarError
+from attar.text.hf import _quiet_transformers
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -59,8 +61,6 @@ def byte_tokenizer() -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from attar.text.hf import _quiet_transformers
-
     _quiet_transformers()
     b2u = _bytes_to_unicode()
     vocab = {b2u[b]: b for b in range(256)}
@@ -82,8 +82,6 @@ def make_byte_lm(folder: str | Path | None = None, layers: int = 4, d_model: int
     """
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from attar.text.hf import _quiet_transformers
-
     _quiet_transformers()
     if d_model % heads:
         raise AttarError(f"make_byte_lm: d_model={d_model} must be divisible by heads={heads}.")
@@ -104,7 +102,6 @@ def save_causal_lm(model: Any, tokenizer: Any, folder: str | Path) -> Path:
     model.save_pretrained(str(folder), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
-    from attar.checkpoint import apply_umask
 
     apply_umask(*folder.glob("*.safetensors"))  # safetensors writes 0600; others sharing the folder could not read it
     return folder
@@ -113,8 +110,6 @@ def save_causal_lm(model: Any, tokenizer: Any, folder: str | Path) -> Path:
 def load_causal_lm(path: str | Path) -> tuple[Any, Any]:
     """``(AutoModelForCausalLM, AutoTokenizer)`` from a local Hugging Face folder; nothing is downloaded."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from attar.text.hf import _quiet_transformers
 
     _quiet_transformers()
     p = Path(path).expanduser()

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from attar.errors import AttarError
+from attar.io import staged_folder
+from attar.text.data import pad_id_of
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -188,7 +190,6 @@ def load_hf_classifier(
     tok = load_tokenizer(p)
     if getattr(hf.config, "pad_token_id", None) is None:
         hf.config.pad_token_id = tok.pad_token_id
-    from attar.text.data import pad_id_of
 
     return HFClassifier(hf, pad_id_of(tok), list(classes), tok, source=str(p))
 
@@ -199,8 +200,6 @@ def save_hf_classifier(model: HFClassifier, folder: str | Path, extra: dict[str,
     Written into a temporary sibling folder and renamed, so a crash leaves no half-written model.
     The model must be a plain one: merge adapters first (:func:`attar.adapt.merge_adapters`).
     """
-    from attar.io import staged_folder
-
     if any(getattr(m, "attar_adapter", False) for m in model.modules()):  # see attar.adapt.base.AdapterModule
         raise AttarError("save_hf_classifier: the model still holds adapter modules; call attar.adapt.merge_adapters(model) first.")
     folder = Path(folder)

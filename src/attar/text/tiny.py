@@ -6,6 +6,9 @@ from pathlib import Path
 
 import torch
 
+from attar.checkpoint import apply_umask
+from attar.text.hf import _quiet_transformers
+
 _WORDS = (
     "the a an and or but not no yes i you he she it we they is are was be have has do does car cars drive driving "
     "self driverless autonomous google tesla safe unsafe love hate good bad great terrible never always trust "
@@ -19,8 +22,12 @@ def make_tiny_bert(folder: str | Path, hidden: int = 32, layers: int = 2, heads:
 
     ``init_range`` (std of the initial weights) is larger than BERT's 0.02 so that a tiny model learns in a few steps.
     """
-    from attar.text.hf import _quiet_transformers
-    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        BertModel,
+        BertTokenizerFast,
+    )
 
     _quiet_transformers()
     folder = Path(folder)
@@ -44,7 +51,6 @@ def make_tiny_bert(folder: str | Path, hidden: int = 32, layers: int = 2, heads:
     else:
         model = BertModel(cfg)
     model.save_pretrained(str(folder), safe_serialization=True)
-    from attar.checkpoint import apply_umask
 
     apply_umask(*folder.glob("*.safetensors"))  # safetensors writes 0600
     return folder

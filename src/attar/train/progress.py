@@ -17,6 +17,9 @@ import sys
 import time
 from typing import Callable, TextIO
 
+from attar.threads import apply_threads
+from attar.train import distributed as dist
+
 _quiet = False
 DEFAULT_INTERVAL = 30.0
 
@@ -30,8 +33,6 @@ def set_quiet(flag: bool) -> None:
 def start_command(quiet: bool = False, threads: int | None = None) -> None:
     """What every long command does once before any work: apply ``--quiet`` and choose torch's thread
     count (:func:`attar.threads.apply_threads`: ``--threads``, ``OMP_NUM_THREADS``, or a core left free)."""
-    from attar.threads import apply_threads
-
     set_quiet(quiet)
     apply_threads(threads)
 
@@ -55,7 +56,6 @@ def progress_mode(stream: TextIO | None = None, enabled: bool | None = None) -> 
     """``"bar"``, ``"lines"`` or ``"off"`` for a loop writing to ``stream`` (default stderr)."""
     if enabled is False or is_quiet():
         return "off"
-    from attar.train import distributed as dist
 
     if not dist.is_main():
         return "off"
@@ -119,7 +119,14 @@ class StepProgress:
         self._t0 = self._last = self.clock()
         if self.mode == "bar":
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

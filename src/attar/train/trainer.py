@@ -30,13 +30,19 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from attar import lifecycle, rng
 from attar.checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint
 from attar.errors import AttarError
-from attar.train.callbacks import Callback
-from attar.train.objective import Batch, Objective, device_of
-from attar.train.config import TrainConfig
+from attar.metrics import classification_metrics
 from attar.train import distributed as dist
+from attar.train.callbacks import Callback
+from attar.train.config import TrainConfig
+from attar.train.objective import Batch, Objective, device_of
 from attar.train.progress import StepProgress
 from attar.train.schedule import lr_at
-from attar.train.strategy import Backprop, StepStrategy, optimizer_from_tensors, optimizer_to_tensors
+from attar.train.strategy import (
+    Backprop,
+    StepStrategy,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+)
 from attar.train.task import Classification, Task
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
@@ -299,7 +305,6 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         if self.val is None or len(self.val[0]) == 0:
             return {}
-        from attar.metrics import classification_metrics
 
         logits = predict(self.model, self.val[0])
         m = classification_metrics(logits, self.val[1])
