@@ -100,7 +100,7 @@ def pick(v, ipc):
 
 def run(quick: bool, ipcs: list[int], only: list[str] | None = None) -> dict:
     from attar.condense import condense, evaluate_condensed, load_synthetic, render_grid
-    from attar.condense.api import full_data_accuracy
+    from attar.condense.evaluate import full_data_accuracy
     from attar.data import load_data
     from attar.specs import DataSpec, ModelSpec
 

@@ -33,7 +33,7 @@ def data_show(
     per_class: int = typer.Option(10, "--per-class", help="images per class (columns)"),
 ):
     """Render a data set's training images (or a condensed set) as a PNG grid, one row per class."""
-    from attar.condense.api import render_grid
+    from attar.condense.render import render_grid
     from attar.data.artifact import SyntheticSet, is_condensed_artifact
 
     try:

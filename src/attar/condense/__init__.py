@@ -8,7 +8,9 @@ each: ``random``, ``herding``, ``kcenter``, ``dm``, ``datadam``, ``dc``, ``dsa``
 """
 
 from attar.condense import datadam, dc, dm, dsa, herding, kcenter, mtt, random_subset  # noqa: F401  (registration)
-from attar.condense.api import check_request, condense, evaluate_condensed, format_evaluation, render_grid
+from attar.condense.api import check_request, condense
+from attar.condense.evaluate import evaluate_condensed, format_evaluation
+from attar.condense.render import render_grid
 from attar.data.artifact import SyntheticSet, data_hash, load_synthetic, save_synthetic
 from attar.condense.augment import DSA, DSAParams
 from attar.condense.base import CONDENSERS, CondenseContext, Condenser
