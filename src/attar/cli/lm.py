@@ -85,104 +85,6 @@ def _write_metrics(folder: Path, metrics: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Models and data
-# ----------------------------------------------------------------------------------------------
-
-
-def _load(path: Path, role: str) -> tuple[Any, Any]:
-    from attar.text.charlm import load_causal_lm
-
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise AttarError(f"the {role} folder {p} does not exist; make a fresh byte-level GPT-2 with `attar lm new {p}` "
-                         "or give a Hugging Face causal-LM folder (config.json, weights, tokenizer).")
-    if not p.is_dir():
-        raise AttarError(f"the {role} {p} is a file; give a Hugging Face causal-LM folder (config.json, weights, tokenizer).")
-    model_type = _model_type(p)
-    if model_type is not None:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-        if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-            raise AttarError(f"the {role} folder {p} holds a {model_type!r} model, which is not a causal language model "
-                             "(AutoModelForCausalLM cannot load it); give a causal-LM folder such as one written by "
-                             "`attar lm new`.")
-    try:
-        return load_causal_lm(p)
-    except AttarError as e:
-        raise AttarError(f"{role}: {e}") from None
-
-
-def _model_type(folder: Path) -> str | None:
-    try:
-        cfg = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return None  # load_causal_lm explains a missing or broken config.json
-    return cfg.get("model_type") if isinstance(cfg, dict) else None
-
-
-def _context(model: Any) -> int | None:
-    cfg = getattr(model, "config", None)
-    for a in ("n_positions", "max_position_embeddings", "n_ctx"):
-        v = getattr(cfg, a, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
-
-
-def _scored_vocab(model: Any, tok: Any) -> int | None:
-    """Cut logits padded past the tokenizer (those tokens never occur); None when nothing to cut."""
-    emb = model.get_output_embeddings()
-    v = int(emb.weight.shape[0]) if emb is not None else None
-    return len(tok) if v is not None and len(tok) < v else None
-
-
-def _texts(data: str, text_column: Optional[str]) -> str | list[str]:
-    from attar.text.sources import TEXT_BUILTINS
-
-    if data in TEXT_BUILTINS:
-        if text_column:
-            raise AttarError(f"--text-column applies to .csv/.tsv/.parquet files, not to the built-in set {data!r}.")
-        return data
-    p = Path(data).expanduser()
-    suffix = p.suffix.lower()
-    kinds = (".txt", ".csv", ".tsv", ".parquet", ".pq")
-    if suffix not in kinds:
-        raise AttarError(f"--data {data!r} is neither a built-in text set ({', '.join(TEXT_BUILTINS.names())}) nor a "
-                         ".txt (one text per line), .csv, .tsv or .parquet file.")
-    if not p.is_file():
-        raise AttarError(f"--data {p}: no such file.")
-    if suffix == ".txt":
-        if text_column:
-            raise AttarError("--text-column applies to .csv/.tsv/.parquet files; a .txt file holds one text per line.")
-        return [line for line in p.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
-    import pandas as pd
-
-    col = text_column or "text"
-    try:
-        df = pd.read_parquet(p) if suffix in (".parquet", ".pq") else pd.read_csv(p, sep="\t" if suffix == ".tsv" else ",")
-    except Exception as e:  # noqa: BLE001 - any reader failure is the user's file
-        raise AttarError(f"--data {p}: cannot read it ({type(e).__name__}: {e}).") from None
-    if col not in df.columns:
-        cols = ", ".join(repr(str(c)) for c in list(df.columns)[:20])
-        raise AttarError(f"--data {p}: no text column {col!r}; the columns are {cols}. Pass --text-column NAME.")
-    return [str(t) for t in df[col].dropna().tolist()]
-
-
-def _data(data: str, tok: Any, context: int | None, *, text_column: Optional[str], prompt_len: int,
-          max_len: Optional[int], seed: int, train_limit: Optional[int], val_limit: Optional[int],
-          test_limit: Optional[int]) -> Any:
-    from attar.text.charlm import lm_data
-
-    if max_len is None:
-        max_len = min(128, context) if context else 128
-    elif context and max_len > context:
-        raise AttarError(f"--max-len {max_len} is longer than the model's context of {context} positions; "
-                         f"lower --max-len to at most {context}.")
-    return lm_data(_texts(data, text_column), tok, prompt_len=prompt_len, max_len=max_len, seed=seed,
-                   train_limit=train_limit, val_limit=val_limit, test_limit=test_limit)
-
-
-# ----------------------------------------------------------------------------------------------
 # Progress
 # ----------------------------------------------------------------------------------------------
 
@@ -305,8 +207,15 @@ def train_cli(
     dest = _check_out(dest, overwrite)
     ov = _overrides(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, eval_every=eval_every, seed=seed)
     cfg = _validated({"alpha": 1.0} | ov)
-    model, tok = _load(model_dir, "model")
-    d = _data(data, tok, _context(model), text_column=text_column, prompt_len=prompt_len, max_len=max_len, seed=seed,
+    from attar.text.lm_io import (  # torch: only when a command runs
+        lm_context,
+        lm_dataset,
+        load_lm,
+        scored_vocab,
+    )
+
+    model, tok = load_lm(model_dir, "model")
+    d = lm_dataset(data, tok, lm_context(model), text_column=text_column, prompt_len=prompt_len, max_len=max_len, seed=seed,
               train_limit=train_limit, val_limit=val_limit, test_limit=test_limit)
     _say(f"data: {d.info['sizes']} rows, {d.info['response_tokens']['train']:,} training response tokens", quiet)
     with _Progress("train", cfg.steps, quiet) as prog:
@@ -314,7 +223,7 @@ def train_cli(
     with _staged(dest, overwrite) as tmp:
         save_causal_lm(model, tok, tmp)
         saved, _ = load_causal_lm(tmp)  # measure what was written
-        v = _scored_vocab(saved, tok)
+        v = scored_vocab(saved, tok)
         metrics = {
             "command": "train", "model": str(model_dir), "data": d.info,
             "test_ppl": perplexity(saved, d.test, d.pad_id, vocab_size=v),
@@ -371,7 +280,12 @@ def distill_cli(
 ) -> None:
     """Distill --teacher into --student on --data (token-level KD, or --seq-kd); writes the student and metrics.json."""
     from attar.cli.app import parse_sets
-    from attar.distill.lm import distill_lm, perplexity, sequence_kd, teacher_generations
+    from attar.distill.lm import (
+        distill_lm,
+        perplexity,
+        sequence_kd,
+        teacher_generations,
+    )
     from attar.distill.lm_objectives import LMTeacherCache, check_vocab
     from attar.text.charlm import load_causal_lm, save_causal_lm
 
@@ -409,11 +323,17 @@ def distill_cli(
         if cache_topk is not None and cfg.alpha >= 1:
             raise AttarError("--cache-topk with --alpha 1 has no effect: alpha = 1 is pure cross-entropy, the teacher is "
                              "never read. Lower --alpha, or drop --cache-topk.")
-    teacher, ttok = _load(teacher_dir, "teacher")
-    student, stok = _load(student_dir, "student")
+    from attar.text.lm_io import (  # torch: only when a command runs
+        lm_context,
+        lm_dataset,
+        load_lm,
+    )
+
+    teacher, ttok = load_lm(teacher_dir, "teacher")
+    student, stok = load_lm(student_dir, "student")
     vmap = check_vocab(teacher, student, ttok, stok)  # before any data, cache or step
-    contexts = [c for c in (_context(teacher), _context(student)) if c]
-    d = _data(data, stok, min(contexts) if contexts else None, text_column=text_column, prompt_len=prompt_len,
+    contexts = [c for c in (lm_context(teacher), lm_context(student)) if c]
+    d = lm_dataset(data, stok, min(contexts) if contexts else None, text_column=text_column, prompt_len=prompt_len,
               max_len=max_len, seed=seed, train_limit=train_limit, val_limit=val_limit, test_limit=test_limit)
     _say(f"data: {d.info['sizes']} rows, {d.info['response_tokens']['train']:,} training response tokens", quiet)
     v = vmap.student_size
@@ -483,13 +403,20 @@ def eval_cli(
     _start(False, threads)
     if split not in ("test", "val", "train"):
         raise AttarError(f"--split {split!r}: choose test, val or train.")
-    model, tok = _load(model_dir, "model")
-    d = _data(data, tok, _context(model), text_column=text_column, prompt_len=prompt_len, max_len=max_len, seed=seed,
+    from attar.text.lm_io import (  # torch: only when a command runs
+        lm_context,
+        lm_dataset,
+        load_lm,
+        scored_vocab,
+    )
+
+    model, tok = load_lm(model_dir, "model")
+    d = lm_dataset(data, tok, lm_context(model), text_column=text_column, prompt_len=prompt_len, max_len=max_len, seed=seed,
               train_limit=train_limit, val_limit=val_limit, test_limit=test_limit)
     rows = getattr(d, split)
     if len(rows) == 0:
         raise AttarError(f"the {split} split of --data {data!r} is empty.")
-    ppl = perplexity(model, rows, d.pad_id, vocab_size=_scored_vocab(model, tok))
+    ppl = perplexity(model, rows, d.pad_id, vocab_size=scored_vocab(model, tok))
     res = {"model": str(model_dir), "split": split, "perplexity": ppl, "rows": len(rows),
            "response_tokens": rows.response_tokens, "data": d.info}
     if as_json:

@@ -1,0 +1,103 @@
+"""Causal language models and their text, as the LM commands take them: a model folder checked to be a causal LM,
+its context length and scored vocabulary, and texts from a built-in set or a .txt/.csv/.tsv/.parquet file split
+into prompt + continuation rows (:func:`attar.text.charlm.lm_data`). Errors name the command-line option a user
+gave (``--data``, ``--max-len``, ``--text-column``) because that is where these values come from."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from attar.errors import AttarError
+from attar.text.charlm import lm_data, load_causal_lm
+from attar.text.sources import TEXT_BUILTINS
+
+
+def load_lm(path: Path, role: str) -> tuple[Any, Any]:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise AttarError(f"the {role} folder {p} does not exist; make a fresh byte-level GPT-2 with `attar lm new {p}` "
+                         "or give a Hugging Face causal-LM folder (config.json, weights, tokenizer).")
+    if not p.is_dir():
+        raise AttarError(f"the {role} {p} is a file; give a Hugging Face causal-LM folder (config.json, weights, tokenizer).")
+    model_type = _model_type(p)
+    if model_type is not None:
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        )
+
+        if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise AttarError(f"the {role} folder {p} holds a {model_type!r} model, which is not a causal language model "
+                             "(AutoModelForCausalLM cannot load it); give a causal-LM folder such as one written by "
+                             "`attar lm new`.")
+    try:
+        return load_causal_lm(p)
+    except AttarError as e:
+        raise AttarError(f"{role}: {e}") from None
+
+
+def _model_type(folder: Path) -> str | None:
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # load_causal_lm explains a missing or broken config.json
+    return cfg.get("model_type") if isinstance(cfg, dict) else None
+
+
+def lm_context(model: Any) -> int | None:
+    cfg = getattr(model, "config", None)
+    for a in ("n_positions", "max_position_embeddings", "n_ctx"):
+        v = getattr(cfg, a, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def scored_vocab(model: Any, tok: Any) -> int | None:
+    """Cut logits padded past the tokenizer (those tokens never occur); None when nothing to cut."""
+    emb = model.get_output_embeddings()
+    v = int(emb.weight.shape[0]) if emb is not None else None
+    return len(tok) if v is not None and len(tok) < v else None
+
+
+def read_texts(data: str, text_column: Optional[str]) -> str | list[str]:
+    if data in TEXT_BUILTINS:
+        if text_column:
+            raise AttarError(f"--text-column applies to .csv/.tsv/.parquet files, not to the built-in set {data!r}.")
+        return data
+    p = Path(data).expanduser()
+    suffix = p.suffix.lower()
+    kinds = (".txt", ".csv", ".tsv", ".parquet", ".pq")
+    if suffix not in kinds:
+        raise AttarError(f"--data {data!r} is neither a built-in text set ({', '.join(TEXT_BUILTINS.names())}) nor a "
+                         ".txt (one text per line), .csv, .tsv or .parquet file.")
+    if not p.is_file():
+        raise AttarError(f"--data {p}: no such file.")
+    if suffix == ".txt":
+        if text_column:
+            raise AttarError("--text-column applies to .csv/.tsv/.parquet files; a .txt file holds one text per line.")
+        return [line for line in p.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    import pandas as pd
+
+    col = text_column or "text"
+    try:
+        df = pd.read_parquet(p) if suffix in (".parquet", ".pq") else pd.read_csv(p, sep="\t" if suffix == ".tsv" else ",")
+    except Exception as e:  # noqa: BLE001 - any reader failure is the user's file
+        raise AttarError(f"--data {p}: cannot read it ({type(e).__name__}: {e}).") from None
+    if col not in df.columns:
+        cols = ", ".join(repr(str(c)) for c in list(df.columns)[:20])
+        raise AttarError(f"--data {p}: no text column {col!r}; the columns are {cols}. Pass --text-column NAME.")
+    return [str(t) for t in df[col].dropna().tolist()]
+
+
+def lm_dataset(data: str, tok: Any, context: int | None, *, text_column: Optional[str], prompt_len: int,
+          max_len: Optional[int], seed: int, train_limit: Optional[int], val_limit: Optional[int],
+          test_limit: Optional[int]) -> Any:
+    if max_len is None:
+        max_len = min(128, context) if context else 128
+    elif context and max_len > context:
+        raise AttarError(f"--max-len {max_len} is longer than the model's context of {context} positions; "
+                         f"lower --max-len to at most {context}.")
+    return lm_data(read_texts(data, text_column), tok, prompt_len=prompt_len, max_len=max_len, seed=seed,
+                   train_limit=train_limit, val_limit=val_limit, test_limit=test_limit)
