@@ -32,6 +32,7 @@ import typer
 from rich.console import Console
 
 from attar.console import errors_as_messages as _errors_as_messages
+from attar.distill.lm_config import LMDistillConfig
 from attar.errors import AttarError
 
 app = typer.Typer(help="Causal language models: make a byte-level GPT-2, train it, distill it into a smaller one, "
@@ -127,6 +128,11 @@ def _validated(overrides: dict[str, Any]) -> Any:
 # Shared options
 # ----------------------------------------------------------------------------------------------
 
+def _default(field: str) -> Any:
+    """A setting's default, read from the config model (one place for every default; the module has no torch)."""
+    return LMDistillConfig.model_fields[field].default
+
+
 DATA = typer.Option(..., "--data", "-d", help="fortunes | tweets | file.txt (one text per line) | file.csv/.tsv/.parquet")
 TEXT_COLUMN = typer.Option(None, "--text-column", help="text column of a .csv/.tsv/.parquet file (default text)")
 PROMPT_LEN = typer.Option(16, "--prompt-len", help="tokens of each text kept as the prompt (never scored)")
@@ -134,11 +140,11 @@ MAX_LEN = typer.Option(None, "--max-len", help="tokens per row, prompt included 
 TRAIN_LIMIT = typer.Option(None, "--train-limit", help="training rows kept")
 VAL_LIMIT = typer.Option(None, "--val-limit", help="validation rows kept")
 TEST_LIMIT = typer.Option(None, "--test-limit", help="test rows kept (the same rows for every seed)")
-STEPS = typer.Option(None, "--steps", help="optimizer steps (default 300)")
-BATCH = typer.Option(None, "--batch-size", help="rows per step (default 32)")
-LR = typer.Option(None, "--lr", help="peak AdamW learning rate (default 3e-3)")
-WARMUP = typer.Option(None, "--warmup-steps", help="linear warm-up steps before the cosine decay (default 20)")
-EVAL_EVERY = typer.Option(None, "--eval-every", help="steps between validation evaluations (default 50)")
+STEPS = typer.Option(None, "--steps", help=f"optimizer steps (default {_default('steps')})")
+BATCH = typer.Option(None, "--batch-size", help=f"rows per step (default {_default('batch_size')})")
+LR = typer.Option(None, "--lr", help=f"peak AdamW learning rate (default {_default('lr')})")
+WARMUP = typer.Option(None, "--warmup-steps", help=f"linear warm-up steps before the cosine decay (default {_default('warmup_steps')})")
+EVAL_EVERY = typer.Option(None, "--eval-every", help=f"steps between validation evaluations (default {_default('eval_every')})")
 SEED = typer.Option(0, "--seed", help="seeds the validation split, data order, sampling and dropout")
 OUT = typer.Option(..., "--out", "-o", help="output folder (model, tokenizer, metrics.json); written atomically")
 OVERWRITE = typer.Option(False, "--overwrite", help="replace an existing non-empty --out")
@@ -245,16 +251,16 @@ def distill_cli(
     teacher_dir: Path = typer.Option(..., "--teacher", "-t", help="teacher causal-LM folder"),
     student_dir: Path = typer.Option(..., "--student", "-s", help="student causal-LM folder (same tokenizer)"),
     data: str = DATA,
-    divergence: Optional[str] = typer.Option(None, "--divergence", help="kl (default), reverse_kl, js, gjsd, tvd, "
+    divergence: Optional[str] = typer.Option(None, "--divergence", help=f"{_default('divergence')} (default), reverse_kl, js, gjsd, tvd, "
                                              "skew_kl, skew_reverse_kl, sinkhorn, ... (`attar methods` lists all)"),
     sets: Optional[List[str]] = typer.Option(None, "--set", help="divergence parameter, e.g. --set beta=0.5"),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="KD temperature (default 1)"),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="weight of CE on ground truth; KD gets 1 - alpha (default 0)"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help=f"KD temperature (default {_default('temperature')})"),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help=f"weight of CE on ground truth; KD gets 1 - alpha (default {_default('alpha')})"),
     on_policy: Optional[float] = typer.Option(None, "--on-policy", help="fraction of each batch continued by the student "
-                                              "and scored by the teacher (GKD; default 0)"),
-    sample_temperature: Optional[float] = typer.Option(None, "--sample-temperature", help="student sampling temperature"),
+                                              f"and scored by the teacher (GKD; default {_default('on_policy')})"),
+    sample_temperature: Optional[float] = typer.Option(None, "--sample-temperature", help=f"student sampling temperature (default {_default('sample_temperature')})"),
     min_ground_truth: Optional[float] = typer.Option(None, "--min-ground-truth", help="teacher-hacking guard: "
-                                                     "ground-truth fraction kept in every batch (default 0.25)"),
+                                                     f"ground-truth fraction kept in every batch (default {_default('min_ground_truth')})"),
     stop_on_hacking: bool = typer.Option(False, "--stop-on-hacking", help="stop when teacher hacking is suspected"),
     cache_topk: Optional[int] = typer.Option(None, "--cache-topk", min=1, help="run the teacher once and keep its "
                                              "top-k log-probs per token (+ tail bucket)"),

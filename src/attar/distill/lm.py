@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from torch import Tensor, nn
 
 from attar.distill.divergences import DIVERGENCES, divergence_params
@@ -60,40 +60,15 @@ from attar.distill.lm_objectives import (
     token_ce_loss,
     token_kd_loss,
 )
+from attar.distill.lm_config import LMDistillConfig
 from attar.errors import AttarError
+from attar.registry import validation_error
 from attar.rng import generator, seed_of
 from attar.text.charlm import LMData, LMSplit
 from attar.train.schedule import lr_at
 
 __all__ = ["LMDistillConfig", "LMResult", "distill_lm", "train_lm", "perplexity", "sample_continuations",
            "teacher_generations", "sequence_kd"]
-
-
-class LMDistillConfig(BaseModel):
-    """Settings of :func:`distill_lm` (strict: unknown fields are refused, with the accepted ones listed)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    steps: int = Field(300, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(3e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(20, ge=0)
-    grad_clip: float | None = Field(1.0, gt=0)
-    alpha: float = Field(0.0, ge=0, le=1, description="weight of CE on ground-truth tokens; KD gets 1 - alpha")
-    divergence: str = Field("kl", description="any registered divergence")
-    divergence_args: dict[str, Any] = Field(default_factory=dict)
-    temperature: float = Field(1.0, gt=0)
-    on_policy: float = Field(0.0, ge=0, le=1, description="λ: fraction of each batch's rows continued by the student")
-    sample_temperature: float = Field(1.0, gt=0, description="temperature of the student's on-policy sampling")
-    min_ground_truth: float = Field(0.25, ge=0, le=1, description="guard: ground-truth fraction kept in every batch")
-    eval_every: int = Field(50, ge=1)
-    eval_rows: int = Field(256, ge=1, description="validation rows for held-out perplexity")
-    monitor_prompts: int = Field(32, ge=0, description="validation prompts whose student samples the teacher scores")
-    restore_best: bool = True
-    patience: int = Field(3, ge=1)
-    stop_on_hacking: bool = False
-    seed: int = 0
 
 
 @dataclass
@@ -110,8 +85,7 @@ def _config(config: LMDistillConfig | dict | None, overrides: dict) -> LMDistill
     try:
         cfg = LMDistillConfig(**(base | overrides))
     except ValidationError as e:
-        msgs = "; ".join(f"{'.'.join(map(str, er['loc'])) or '(config)'}: {er['msg']}" for er in e.errors())
-        raise AttarError(f"Invalid LM distillation settings: {msgs}. Fields: {', '.join(LMDistillConfig.model_fields)}.") from None
+        raise validation_error("Invalid LM distillation settings", e, LMDistillConfig) from None
     if cfg.divergence not in DIVERGENCES:
         raise AttarError(f"unknown divergence {cfg.divergence!r}; known: {', '.join(DIVERGENCES.names())}.")
     unknown = sorted(set(cfg.divergence_args) - set(divergence_params(cfg.divergence)))

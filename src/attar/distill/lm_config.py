@@ -1,0 +1,38 @@
+"""The settings of language-model training and distillation, apart from the code that runs them.
+
+Why a module of its own: it imports no torch, so the ``attar lm`` commands read their defaults from here for
+their help text (one place for every default) without slowing ``attar --help``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class LMDistillConfig(BaseModel):
+    """Settings of :func:`distill_lm` (strict: unknown fields are refused, with the accepted ones listed)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    alpha: float = Field(0.0, ge=0, le=1, description="weight of CE on ground-truth tokens; KD gets 1 - alpha")
+    divergence: str = Field("kl", description="any registered divergence")
+    divergence_args: dict[str, Any] = Field(default_factory=dict)
+    temperature: float = Field(1.0, gt=0)
+    on_policy: float = Field(0.0, ge=0, le=1, description="λ: fraction of each batch's rows continued by the student")
+    sample_temperature: float = Field(1.0, gt=0, description="temperature of the student's on-policy sampling")
+    min_ground_truth: float = Field(0.25, ge=0, le=1, description="guard: ground-truth fraction kept in every batch")
+    eval_every: int = Field(50, ge=1)
+    eval_rows: int = Field(256, ge=1, description="validation rows for held-out perplexity")
+    monitor_prompts: int = Field(32, ge=0, description="validation prompts whose student samples the teacher scores")
+    restore_best: bool = True
+    patience: int = Field(3, ge=1)
+    stop_on_hacking: bool = False
+    seed: int = 0
