@@ -39,7 +39,7 @@ def _digits():
 
 def _setup(sel, n=100, epochs=10, seed=0, objective=None, **extra):
     """Run ``setup`` with a stand-in trainer (what the selectors read from it)."""
-    tr = SimpleNamespace(seed=seed, cfg=TrainConfig(epochs=epochs, batch_size=10), steps_per_epoch=1, name="t",
+    tr = SimpleNamespace(seed=seed, cfg=TrainConfig(epochs=epochs, batch_size=10), steps_per_epoch=1, accumulate=1, name="t",
                          objective=objective or CE(), x=torch.zeros(n, 1), y=torch.zeros(n, dtype=torch.long),
                          model=None, augment=None, **extra)
     sel.setup(tr)

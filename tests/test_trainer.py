@@ -319,3 +319,26 @@ def test_inner_runs_see_every_row_and_leave_the_global_rng_alone():
     assert torch.equal(torch.get_rng_state(), before)  # an ordinary run reseeds it at every step
     with pytest.raises(ValueError, match="drop_last"):
         Trainer(_mlp(), CE(), x, y, TrainConfig(epochs=1, batch_size=32, accumulate=2), drop_last=False)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_selectors_progress_spans_the_micro_batches_the_trainer_runs_with_mezo(tmp_path):
+    """MeZO takes one step per micro-batch (train.accumulate does not apply), so a selector's schedule must count
+    the micro-batches the trainer really runs: progress reaches the end of training, not half of it."""
+    from attar.select import build_selector
+
+    x, y = _digits()
+    seen = []
+    sel = build_selector({"name": "uniform", "keep": 0.5})
+    begin = sel.begin_micro
+
+    def spy(epoch, micro):
+        begin(epoch, micro)
+        seen.append(sel.progress())
+
+    sel.begin_micro = spy
+    cfg = MEZO_CFG.model_copy(update={"accumulate": 2, "checkpoint_every": 0})
+    tr = Trainer(_mlp(), CE(), x, y, cfg, selector=sel, strategy=_mezo())
+    tr.fit()
+    assert tr.accumulate == 1 and len(seen) == tr.total_steps
+    assert seen[0] == 0.0 and 1 - 1 / len(seen) - 1e-9 <= seen[-1] < 1.0

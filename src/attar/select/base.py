@@ -77,7 +77,7 @@ class Selector:
         Subclasses that override it call ``super().setup(trainer)``."""
         self.seed = int(trainer.seed)
         self.epochs = int(trainer.cfg.epochs)
-        self.micro_per_epoch = int(trainer.steps_per_epoch * trainer.cfg.accumulate)
+        self.micro_per_epoch = int(trainer.steps_per_epoch * trainer.accumulate)  # 1 for strategies that do not accumulate (MeZO)
 
     def begin_micro(self, epoch: int, micro: int) -> None:
         """Called before each micro-batch is drawn: the position in training (resume-exact, no state)."""
