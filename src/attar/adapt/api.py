@@ -42,10 +42,10 @@ from attar.text.hf import (
     resolve_model_path,
     save_hf_classifier,
 )
-from attar.train.config import TrainConfig
+from attar.train.config import FINETUNE_TRAIN, TrainConfig
 from attar.train.trainer import Trainer, predict
 
-DEFAULT_TRAIN = {"epochs": 3, "batch_size": 16, "lr": 5e-4, "weight_decay": 0.0, "warmup_steps": 0}
+DEFAULT_TRAIN = FINETUNE_TRAIN
 
 
 class FinetuneSpec(BaseModel):

@@ -27,6 +27,7 @@ from attar.cli.app import parse_sets
 from attar.console import errors_as_messages as _errors_as_messages
 from attar.paths import check_out_dir
 from attar.registry import validation_error
+from attar.train.config import FINETUNE_TRAIN
 from attar.errors import AttarError
 
 app = typer.Typer(help="Fine-tune Hugging Face text classifiers with adapters (LoRA, SSF, HFT, LIFT, masks, MeZO).",
@@ -66,9 +67,9 @@ def finetune_cli(
     max_length: Optional[int] = typer.Option(None, help="tokens per text (default 128)"),
     train_limit: Optional[int] = typer.Option(None, help="training rows kept (seeded, stratified)"),
     test_limit: Optional[int] = typer.Option(None, help="test rows kept (same for every seed)"),
-    epochs: Optional[int] = typer.Option(None, help="default 3"),
-    batch_size: Optional[int] = typer.Option(None, help="default 16"),
-    lr: Optional[float] = typer.Option(None, help="default 5e-4"),
+    epochs: Optional[int] = typer.Option(None, help=f"default {FINETUNE_TRAIN['epochs']}"),
+    batch_size: Optional[int] = typer.Option(None, help=f"default {FINETUNE_TRAIN['batch_size']}"),
+    lr: Optional[float] = typer.Option(None, help=f"default {FINETUNE_TRAIN['lr']}"),
     seed: Optional[int] = typer.Option(None, help="seeds the splits, the new head, data order and dropout (default 0)"),
     optimizer: Optional[str] = typer.Option(None, help="backprop (default) | mezo"),
     mezo_eps: Optional[float] = typer.Option(None, help="MeZO perturbation scale (default 1e-3)"),
@@ -108,9 +109,7 @@ def finetune_cli(
     if adapter is not None and adapter != ad.get("name"):
         ad = {"name": adapter}
     raw["adapter"] = ad | parse_sets(sets)
-    from attar.adapt.api import DEFAULT_TRAIN
-
-    train = DEFAULT_TRAIN | dict(raw.get("train") or {})
+    train = FINETUNE_TRAIN | dict(raw.get("train") or {})
     for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)):
         if v is not None:
             train[k] = v

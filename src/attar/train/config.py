@@ -40,3 +40,9 @@ class TrainConfig(_Strict):
     teacher_cache: Literal["auto", "on", "off"] = "auto"
     cache_topk: int | None = Field(None, ge=1)
     eval_every: int = Field(1, ge=1, description="epochs between validation passes")
+
+
+#: The fine-tuning route's training defaults (``attar finetune``, finetune stages): a pretrained text model needs
+#: fewer epochs, smaller batches and a smaller learning rate than training from scratch. Kept here, beside
+#: TrainConfig and free of torch, so the API and the command's help read the same numbers.
+FINETUNE_TRAIN = {"epochs": 3, "batch_size": 16, "lr": 5e-4, "weight_decay": 0.0, "warmup_steps": 0}
