@@ -22,15 +22,14 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from attar.cli.app import parse_sets
+from attar.cli.app import THREADS_HELP, parse_sets
 from attar.console import fail as _fail
-from attar.paths import check_out_dir
 from attar.errors import AttarError
+from attar.paths import check_out_dir
 
 app = typer.Typer(help="Condense a data set into a few synthetic images per class (dataset distillation).",
                   add_completion=False, invoke_without_command=True)
 err = Console(stderr=True, highlight=False)
-THREADS_HELP = "torch CPU threads (default: $OMP_NUM_THREADS, else one core left free on machines with <= 4 cores)"
 
 
 def start_command(quiet: bool, threads: Optional[int]) -> None:

@@ -23,12 +23,12 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from attar.cli.app import parse_sets
+from attar.cli.app import THREADS_HELP, parse_sets
 from attar.console import errors_as_messages as _errors_as_messages
+from attar.errors import AttarError
 from attar.paths import check_out_dir
 from attar.registry import validation_error
 from attar.train.config import FINETUNE_TRAIN
-from attar.errors import AttarError
 
 app = typer.Typer(help="Fine-tune Hugging Face text classifiers with adapters (LoRA, SSF, HFT, LIFT, masks, MeZO).",
                   add_completion=False, no_args_is_help=True)
@@ -76,8 +76,7 @@ def finetune_cli(
     config: Optional[Path] = typer.Option(None, "--config", "-c", exists=True, dir_okay=False, help="a FinetuneSpec as YAML"),
     out_dir: Path = typer.Option(..., "--out", "-o", help="output folder: model/, adapter/, metrics.json"),
     resume: bool = typer.Option(False, "--resume", help="continue from the checkpoints in --out"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: $OMP_NUM_THREADS, "
-                                          "else one core left free on machines with <= 4 cores)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar, lines or summary"),
 ) -> None:
     """Fine-tune MODEL on text data with an adapter; writes a Hugging Face folder (and a PEFT adapter for LoRA)."""

@@ -31,6 +31,7 @@ from typing import Any, Iterator, List, Optional
 import typer
 from rich.console import Console
 
+from attar.cli.app import THREADS_HELP
 from attar.console import errors_as_messages as _errors_as_messages
 from attar.distill.lm_config import LMDistillConfig
 from attar.errors import AttarError
@@ -149,8 +150,7 @@ SEED = typer.Option(0, "--seed", help="seeds the validation split, data order, s
 OUT = typer.Option(..., "--out", "-o", help="output folder (model, tokenizer, metrics.json); written atomically")
 OVERWRITE = typer.Option(False, "--overwrite", help="replace an existing non-empty --out")
 QUIET = typer.Option(False, "--quiet", "-q", help="no progress output")
-THREADS = typer.Option(None, "--threads", help="torch CPU threads (default: $OMP_NUM_THREADS, else one core left free "
-                                               "on machines with <= 4 cores)")
+THREADS = typer.Option(None, "--threads", help=THREADS_HELP)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from attar.cli.app import THREADS_HELP
 from attar.console import errors_as_messages as _errors_as_messages
 from attar.errors import AttarError
 
@@ -39,8 +40,7 @@ def grape_cli(
     response_column: Optional[str] = typer.Option(None, help="response column / key (default: responses, response, "
                                                              "or response_1, response_2, ...)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda if available)"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: $OMP_NUM_THREADS, "
-                                          "else one core left free on machines with <= 4 cores)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
 ) -> None:
     """Keep, per prompt, the candidate response the target model finds most likely (GRAPE)."""
     import torch
