@@ -89,3 +89,13 @@ def test_every_method_family_configures_through_the_generic_registry():
                 continue
             built = family.build({"name": name})
             assert isinstance(built.p, BaseModel) and built.p == model()
+
+
+def test_named_registration_tells_the_class_its_name():
+    reg: Registry = Registry("toy")
+
+    @reg.named("answer")
+    class Answer:
+        pass
+
+    assert reg.get("answer") is Answer and Answer.name == "answer"

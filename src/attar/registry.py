@@ -94,6 +94,15 @@ class Registry(Generic[T]):
 
         return deco
 
+    def named(self, name: str) -> Callable[[T], T]:
+        """``@FAMILY.named("kd")``: register a class and set its ``name`` to the key (methods print their own name)."""
+
+        def deco(cls: T) -> T:
+            cls.name = name  # type: ignore[attr-defined]
+            return self.register(name)(cls)
+
+        return deco
+
     def get(self, name: str) -> T:
         try:
             return self._items[name]

@@ -183,12 +183,7 @@ class Condenser:
         raise NotImplementedError
 
 
-def register(name: str):
-    def deco(cls: type[Condenser]) -> type[Condenser]:
-        cls.name = name
-        return CONDENSERS.register(name)(cls)
-
-    return deco
+register = CONDENSERS.named  # ``@register("dm")``: the class is listed under, and knows, its name
 
 
 def standardise(ctx: CondenseContext) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:

@@ -76,14 +76,8 @@ class Objective(nn.Module):
 OBJECTIVES: Registry[type[Objective]] = Registry("objective")
 
 
-def register(name: str):
-    """``@register("kd")``: add an objective class to :data:`OBJECTIVES` under ``name`` (also its ``name``)."""
-
-    def deco(cls: type[Objective]) -> type[Objective]:
-        cls.name = name
-        return OBJECTIVES.register(name)(cls)
-
-    return deco
+#: ``@register("kd")``: add an objective class to :data:`OBJECTIVES` under ``name`` (also its ``name``).
+register = OBJECTIVES.named
 
 
 def build_objective(spec: dict[str, Any] | str) -> Objective:
