@@ -138,16 +138,25 @@ def staged_folder(dest: str | Path, replace: bool = True) -> Iterator[Path]:
     try:
         yield tmp
         apply_umask(tmp)  # third-party writers inside may have made 0600 files
-        if dest.exists():
-            if not replace:
-                raise FileExistsError(f"{dest} exists")
-            trash = make_temp_dir(dest.parent, prefix=f".{dest.name}.", suffix=".old")
-            os.replace(dest, trash / "old")
-            os.replace(tmp, dest)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        commit_folder(tmp, dest, replace)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def commit_folder(tmp: Path, dest: Path, replace: bool = True) -> Path:
+    """Rename the finished staging folder ``tmp`` (a sibling of ``dest``) into place: the step that makes a
+    staged folder (:func:`staged_folder`, a streamed merge's shards) appear whole. An existing ``dest`` is renamed
+    aside first and deleted only once the new one is in place."""
+    _fsync_dir(tmp)
+    if dest.exists():
+        if not replace:
+            raise FileExistsError(f"{dest} exists")
+        trash = make_temp_dir(dest.parent, prefix=f".{dest.name}.", suffix=".old")
+        os.replace(dest, trash / "old")
+        os.replace(tmp, dest)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+    _fsync_dir(dest.parent)
+    return dest

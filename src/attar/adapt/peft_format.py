@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,8 @@ from torch import nn
 
 from attar.adapt.base import AdapterModule, adapter_parameters, head_names
 from attar.adapt.lora import ADAPTER, anchored, hf_root, inject, lora_modules
-from attar.checkpoint import atomic_save_safetensors, make_temp_dir
+from attar.checkpoint import atomic_save_safetensors
+from attar.io import staged_folder
 from attar.errors import AttarError
 
 PREFIX = "base_model.model."
@@ -85,19 +85,11 @@ def export_peft(model: nn.Module, folder: str | Path, base_model_name_or_path: s
         base_model_name_or_path=base_model_name_or_path or getattr(model, "source", None) or None,
     )
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(folder.parent, prefix=f".{folder.name}.", suffix=".tmp")  # umask mode, not 0700
-    try:
+    with staged_folder(folder) as tmp:
         cfg.save_pretrained(str(tmp))
-        atomic_save_safetensors(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})  # umask mode
+        atomic_save_safetensors(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         if getattr(model, "classes", None):  # PEFT ignores this file; attar reads the class names back from it
             (tmp / "attar_text.json").write_text(json.dumps({"classes": list(model.classes)}, indent=2))
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

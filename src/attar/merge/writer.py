@@ -16,14 +16,14 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
 
-from attar.checkpoint import MANIFEST, _fsync_dir, make_temp_dir
+from attar.checkpoint import MANIFEST
+from attar.io import commit_folder, make_temp_dir
 from attar.errors import AttarError
 from attar.merge.tensor_source import ST_DTYPES
 
@@ -232,15 +232,7 @@ class ShardWriter:
             (tmp / "state.json").write_bytes(state_bytes)
             files = {"model.safetensors": self.hashes["model.safetensors"], "state.json": hashlib.sha256(state_bytes).hexdigest()}
             (tmp / MANIFEST).write_text(json.dumps({"format": "attar-checkpoint/1", "files": files}, indent=2, sort_keys=True))
-        _fsync_dir(tmp)
-        if self.out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".old", dir=self.out.parent))
-            os.replace(self.out, trash / "old")
-            os.replace(tmp, self.out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, self.out)
-        _fsync_dir(self.out.parent)
+        commit_folder(tmp, self.out)
         self.tmp = None
         return self.out
 
