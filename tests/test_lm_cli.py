@@ -189,6 +189,7 @@ def test_bad_inputs_are_one_paragraph_errors(work, teacher, student):
         ([*base, "--cache-file", work / "c.safetensors", "--out", work / "x"], "--cache-file needs --cache-topk"),
         ([*base, "--max-len", "64", "--out", work / "x"], "longer than the model's context of 48"),
         ([*base, "--out", teacher], "already exists and is not empty"),
+        ([*base, "--out", teacher / "metrics.json" / "sub"], "which is a file"),  # --out under a file
         (["eval", teacher, "--data", work / "nothing.txt"], "no such file"),
         (["eval", teacher, "--data", "texts.json"], "neither a built-in text set"),
     ]

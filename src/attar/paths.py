@@ -84,15 +84,19 @@ def remove_tree(path: str | Path, root: str | Path) -> None:
     shutil.rmtree(path)
 
 
+def nearest_existing(path: str | Path) -> Path:
+    """``path`` or its closest ancestor that exists: where creating ``path`` (``mkdir -p``) would start."""
+    path = Path(path)
+    return next(p for p in (path, *path.parents) if p.exists())
+
+
 def check_out_dir(path: str | Path, what: str = "--out") -> Path:
     """Refuse, before any work, an output folder that cannot be created: the path or a parent is a file."""
     path = Path(path)
-    for p in (path, *path.parents):
-        if p.exists():
-            if not p.is_dir():
-                where = "is a file" if p == path else f"lies under {p}, which is a file"
-                raise AttarError(f"{what} {path} {where}, so no output folder can be made there; choose another path.")
-            if not os.access(p, os.W_OK | os.X_OK):
-                raise AttarError(f"{what} {path}: you cannot write in {p}; choose a folder you can write to.")
-            break
+    p = nearest_existing(path)
+    if not p.is_dir():
+        where = "is a file" if p == path else f"lies under {p}, which is a file"
+        raise AttarError(f"{what} {path} {where}, so no output folder can be made there; choose another path.")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise AttarError(f"{what} {path}: you cannot write in {p}; choose a folder you can write to.")
     return path

@@ -35,6 +35,7 @@ from attar.cli.app import THREADS_HELP
 from attar.console import errors_as_messages as _errors_as_messages
 from attar.distill.lm_config import LMDistillConfig
 from attar.errors import AttarError
+from attar.paths import check_out_dir
 
 app = typer.Typer(help="Causal language models: make a byte-level GPT-2, train it, distill it into a smaller one, "
                        "measure perplexity (see docs/lm.md).", add_completion=False, no_args_is_help=True)
@@ -64,9 +65,7 @@ def _start(quiet: bool, threads: Optional[int]) -> None:
 
 
 def _check_out(dest: Path, overwrite: bool) -> Path:
-    dest = Path(dest).expanduser()
-    if dest.exists() and not dest.is_dir():
-        raise AttarError(f"--out {dest} is a file; give a folder to write.")
+    dest = check_out_dir(Path(dest).expanduser())
     if dest.is_dir() and any(dest.iterdir()) and not overwrite:
         raise AttarError(f"--out {dest} already exists and is not empty; choose another folder, or pass --overwrite "
                          "to replace it.")

@@ -16,6 +16,7 @@ from typing import Any
 
 from attar.errors import AttarError
 from attar.paths import home as runs_home
+from attar.paths import nearest_existing
 from attar.store.schema import DB_NAME
 
 
@@ -31,14 +32,12 @@ def default_db_path(home: str | Path | None = None) -> Path:
 def check_home(home: str | Path) -> Path:
     """``home`` itself, or AttarError when it (or a folder above it) is a file, so no store can live there."""
     home = Path(home)
-    for p in (home, *home.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise AttarError(
-                    f"The runs folder {home} (ATTAR_HOME or --home) cannot be used: {p} is a file, not a folder. "
-                    "Point ATTAR_HOME or --home at a folder (it is created if missing), or move the file away."
-                )
-            break
+    p = nearest_existing(home)
+    if not p.is_dir():
+        raise AttarError(
+            f"The runs folder {home} (ATTAR_HOME or --home) cannot be used: {p} is a file, not a folder. "
+            "Point ATTAR_HOME or --home at a folder (it is created if missing), or move the file away."
+        )
     return home
 
 
