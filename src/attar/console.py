@@ -43,8 +43,8 @@ def path_error(e: OSError) -> AttarError | None:
 
 
 def errors_as_messages(fn: F) -> F:
-    """Wrap a Typer command so an ``AttarError`` (or a file-system refusal on a user's path) becomes
-    :func:`fail`'s paragraph."""
+    """Wrap a Typer command so an ``AttarError`` becomes :func:`fail`'s paragraph (file-system refusals are
+    turned into one by the ``attar`` entry point, :func:`attar.cli.main`, for every command)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -52,10 +52,5 @@ def errors_as_messages(fn: F) -> F:
             return fn(*args, **kwargs)
         except AttarError as e:
             fail(e)
-        except OSError as e:
-            msg = path_error(e)
-            if msg is None:
-                raise
-            fail(msg)
 
     return wrapper  # type: ignore[return-value]
