@@ -37,14 +37,6 @@ def name_problem(name: str) -> str | None:
     return None
 
 
-def check_name(name: str, what: str) -> str:
-    """Raise AttarError naming ``what`` when ``name`` is not a safe single path component."""
-    problem = name_problem(name)
-    if problem:
-        raise AttarError(f"{what}: {problem}.")
-    return name
-
-
 def confined(root: str | Path, path: str | Path, what: str = "path") -> Path:
     """``path`` resolved (symlinks followed), refused unless it lies inside ``root`` (also resolved)."""
     root_r = Path(root).resolve()

@@ -18,9 +18,10 @@ app.add_typer(runs_app, name="runs")
 
 def _store(home: Optional[Path]):
     """The run store, after recording runs whose process is gone (killed) as interrupted."""
-    from attar.store import DB_NAME, RunStore, attar_home, check_home
+    from attar.paths import home as runs_home
+    from attar.store import DB_NAME, RunStore, check_home
 
-    path = check_home(attar_home(home)) / DB_NAME
+    path = check_home(runs_home(home)) / DB_NAME
     if not path.exists():
         raise AttarError(f"No run store at {path}: run `attar run` first, or pass --home.")
     store = RunStore(path)

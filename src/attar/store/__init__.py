@@ -23,7 +23,6 @@ from typing import Any, Iterator, Mapping, NamedTuple
 from attar.errors import AttarError
 from attar.lifecycle import lock_state, no_space_error
 from attar.store.provenance import (  # noqa: F401  (part of the store's API)
-    attar_home,
     check_home,
     default_db_path,
     environment_info,

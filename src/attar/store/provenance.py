@@ -20,13 +20,8 @@ from attar.paths import nearest_existing
 from attar.store.schema import DB_NAME
 
 
-def attar_home(home: str | Path | None = None) -> Path:
-    """``home`` if given, else ``$ATTAR_HOME``, else ``./runs`` (see :func:`attar.paths.home`)."""
-    return runs_home(home)
-
-
 def default_db_path(home: str | Path | None = None) -> Path:
-    return attar_home(home) / DB_NAME
+    return runs_home(home) / DB_NAME
 
 
 def check_home(home: str | Path) -> Path:
