@@ -21,7 +21,7 @@ from torch import nn
 from attar.models import build_model
 from attar.registry import Params as _Params
 from attar.registry import Registry, validation_error
-from attar.rng import generator as gen
+from attar.rng import generator as gen  # noqa: F401  (the condensers import gen from here)
 from attar.rng import seed_of
 from attar.specs import ModelSpec
 
