@@ -1,5 +1,6 @@
 """Run by tests/test_ddp.py under `torchrun --nproc_per_node=2`: train on digits with the real Trainer."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +22,8 @@ class CE(Objective):
 
 def main(out: Path, resume: bool) -> None:
     dist.maybe_init()
+    out.mkdir(parents=True, exist_ok=True)  # the test kills the workers by pid: torchrun starts them in sessions of their own
+    (out / f"pid{dist.rank()}").write_text(str(os.getpid()))
     d = load_digits()
     x, y = torch.tensor(d.data, dtype=torch.float32) / 16, torch.tensor(d.target)
     torch.manual_seed(0)

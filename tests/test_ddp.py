@@ -51,6 +51,10 @@ def test_ddp_ranks_identical_and_resume_exact(tmp_path):
     while time.time() < deadline and proc.poll() is None:
         steps = [int(p.parent.name.split("-")[1]) for p in (killed / "ckpt").glob("step-*/manifest.json")]
         if steps and max(steps) >= 30:
+            # torchrun starts each worker in a session of its own, so killing torchrun's group would leave
+            # them running beside the resumed run: kill the workers (a crash of the node) and torchrun too.
+            for pid_file in killed.glob("pid*"):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
             os.killpg(proc.pid, signal.SIGKILL)
             hit = True
             break

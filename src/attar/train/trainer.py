@@ -262,6 +262,8 @@ class Trainer:
 
     def _load(self, opt) -> dict | None:
         ckpt = latest_checkpoint(self.ckpt_dir) if self.ckpt_dir else None
+        if self.world > 1:  # every rank resumes rank 0's choice (a lagging shared file system must not split them)
+            ckpt = dist.broadcast_object(ckpt)
         if ckpt is None:
             return None
         tensors, state = read_checkpoint(ckpt)
