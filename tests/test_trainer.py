@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from attar.checkpoint import latest_checkpoint, read_checkpoint
+from attar.errors import AttarError
 from attar.train.objective import Objective
 from attar.train.config import TrainConfig
 from attar.train.trainer import Trainer, TrainingDiverged
@@ -342,3 +343,36 @@ def test_a_selectors_progress_spans_the_micro_batches_the_trainer_runs_with_mezo
     tr.fit()
     assert tr.accumulate == 1 and len(seen) == tr.total_steps
     assert seen[0] == 0.0 and 1 - 1 / len(seen) - 1e-9 <= seen[-1] < 1.0
+
+
+def test_a_step_budget_and_a_callbacks_stop_end_the_run_and_stay_ended(tmp_path):
+    """train.steps replaces epochs; a callback's request_stop ends the run, and resuming it trains no further."""
+    from attar.train.callbacks import Callback
+
+    x, y = _digits()
+    res = Trainer(_mlp(), CE(), x, y, TrainConfig(steps=7, batch_size=64), progress=False).fit()
+    assert res.steps == 7 and len(res.history) == 1
+
+    class StopAt(Callback):
+        ended = 0
+
+        def on_step_end(self, trainer, step):
+            if step == 3:
+                trainer.request_stop("enough")
+
+        def on_train_end(self, trainer):
+            StopAt.ended += 1
+
+    cfg = TrainConfig(epochs=4, batch_size=64, checkpoint_every=2)
+    first = Trainer(_mlp(), CE(), x, y, cfg, ckpt_dir=tmp_path, callbacks=[StopAt()], progress=False).fit()
+    again = Trainer(_mlp(), CE(), x, y, cfg, ckpt_dir=tmp_path, callbacks=[StopAt()], progress=False).fit(resume=True)
+    assert first.steps == again.steps == 3 and StopAt.ended == 2
+    _same_weights(first.model, again.model)
+
+
+def test_device_cuda_without_one_is_refused_with_the_fix():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    x, y = _digits()
+    with pytest.raises(AttarError, match="no CUDA device; use device: auto or cpu"):
+        Trainer(_mlp(), CE(), x, y, TrainConfig(epochs=1, device="cuda")).fit()

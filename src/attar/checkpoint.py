@@ -34,8 +34,18 @@ MANIFEST = "manifest.json"
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> str:
-    """Save tensors atomically as safetensors; returns the file's sha256."""
-    clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    """Save tensors atomically as safetensors; returns the file's sha256.
+
+    Tensors that share memory (tied input and output embeddings) are written once each: safetensors refuses
+    aliases, and loading the copies back into a tied model restores the one shared tensor."""
+    clean, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().contiguous().cpu()
+        ptr = v.untyped_storage().data_ptr() if v.numel() else None
+        if ptr is not None and ptr in seen:
+            v = v.clone()
+        seen.add(ptr)
+        clean[k] = v
     data = save(clean, metadata=metadata)
     atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()

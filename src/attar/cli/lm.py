@@ -224,7 +224,7 @@ def train_cli(
               train_limit=train_limit, val_limit=val_limit, test_limit=test_limit)
     _say(f"data: {d.info['sizes']} rows, {d.info['response_tokens']['train']:,} training response tokens", quiet)
     with _Progress("train", cfg.steps, quiet) as prog:
-        res = train_lm(model, d, on_metrics=prog, **ov)
+        res = train_lm(model, d, on_metrics=prog, progress=False, **ov)
     with _staged(dest, overwrite) as tmp:
         save_causal_lm(model, tok, tmp)
         saved, _ = load_causal_lm(tmp)  # measure what was written
@@ -349,7 +349,7 @@ def distill_cli(
         if seq_kd:
             _say(f"sampling the teacher's continuations of {len(d.train)} training prompts", quiet)
             gens = teacher_generations(teacher, d.train, d.pad_id, d.eos_id, gen_temperature, seed, vocab_size=v)
-            res = sequence_kd(student, teacher, d, generations=gens, gen_temperature=gen_temperature,
+            res = sequence_kd(student, teacher, d, generations=gens, gen_temperature=gen_temperature, progress=False,
                               student_tokenizer=stok, teacher_tokenizer=ttok, on_metrics=prog, **ov)
         else:
             cache = None
@@ -362,7 +362,7 @@ def distill_cli(
                 else:
                     cache = LMTeacherCache.build(teacher, d.train.ids, cache_topk, cfg.temperature, **kw)
             res = distill_lm(student, d, teacher, cache=cache, student_tokenizer=stok, teacher_tokenizer=ttok,
-                             on_metrics=prog, **ov)
+                             on_metrics=prog, progress=False, **ov)
     with _staged(dest, overwrite) as tmp:
         save_causal_lm(student, stok, tmp)
         saved, _ = load_causal_lm(tmp)  # measure what was written

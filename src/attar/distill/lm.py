@@ -31,20 +31,18 @@ the teacher improves while its quality under the true distribution degrades). at
    the samples fell, ``teacher_hacking_suspected`` is set in the result and (``stop_on_hacking``)
    training stops.
 
-Why not :class:`attar.train.trainer.Trainer`: its batches are ``(x [B, ...], y [B])`` rows scored by
-classification metrics on ``[B, C]`` logits, and it has no point between drawing a batch and running
-the student where the batch's inputs could be replaced by the student's own samples (on-policy) or
-where a ``[B, L, k]`` per-token cache could be read; forcing that in would bend its interface for every
-other method. This loop is deliberately small: seeded data order (``seed``, epoch) and sampling
-(``seed``, step), AdamW, warm-up + cosine learning rate, gradient clipping, no checkpoint/resume.
+All of them run on :class:`attar.train.trainer.Trainer` through the language-model task
+(:mod:`attar.distill.lm_task`): seeded data order (``seed``, epoch), sampling (``seed``, step) and dropout
+(``seed``, step); AdamW, warm-up + cosine learning rate, gradient clipping and accumulation; checkpoints
+in ``ckpt_dir`` with exact resume after a kill; DDP under ``torchrun``; ``device`` and ``dtype``; logits
+applied in chunks so a large vocabulary fits.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -52,20 +50,17 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 
 from attar.distill.divergences import DIVERGENCES, divergence_params
-from attar.distill.lm_objectives import (
-    LMTeacherCache,
-    check_vocab,
-    lm_logits,
-    teacher_lm_logits,
-    token_ce_loss,
-    token_kd_loss,
-)
 from attar.distill.lm_config import LMDistillConfig
+from attar.distill.lm_objectives import LMTeacherCache, check_vocab, teacher_lm_logits, token_ce_loss
+from attar.distill.lm_sampling import sample_continuations, trim_padding
+from attar.distill.lm_task import HeadSplit, LMLoss, LMMonitor, LMTask, auto_chunk, scored
 from attar.errors import AttarError
 from attar.registry import validation_error
-from attar.rng import generator, seed_of
+from attar.rng import generator
 from attar.text.charlm import LMData, LMSplit
-from attar.train.schedule import lr_at
+from attar.train.config import TrainConfig
+from attar.train.objective import device_of
+from attar.train.trainer import Trainer
 
 __all__ = ["LMDistillConfig", "LMResult", "distill_lm", "train_lm", "perplexity", "sample_continuations",
            "teacher_generations", "sequence_kd"]
@@ -100,88 +95,37 @@ def _config(config: LMDistillConfig | dict | None, overrides: dict) -> LMDistill
     return cfg
 
 
-def _trim(ids: Tensor, mask: Tensor, pad_id: int) -> tuple[Tensor, Tensor]:
-    """Cut trailing columns that are padding in every row."""
-    keep = (ids != pad_id).any(0)
-    w = int(keep.nonzero().max()) + 1 if bool(keep.any()) else 1
-    return ids[:, :w], mask[:, :w]
-
-
-def _device(m: nn.Module) -> torch.device:
-    for p in m.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 # ----------------------------------------------------------------------------------------------
-# Sampling and evaluation
+# Evaluation
 # ----------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def sample_continuations(model: nn.Module, split: LMSplit, pad_id: int, eos_id: int | None, temperature: float = 1.0,
-                         generator: torch.Generator | None = None, length: int | None = None,
-                         vocab_size: int | None = None) -> LMSplit:
-    """Keep each row's prompt and sample its response from ``model`` (KV cache, ancestral sampling).
-
-    Rows are grouped by prompt length; each gets ``length`` new tokens (default: the split's width minus
-    the prompt, so rows keep their shape). Tokens after the first EOS become padding; the response
-    mask covers the sampled tokens up to and including that EOS. ``vocab_size`` cuts padded logits."""
-    was = model.training
-    model.eval()
-    dev = _device(model)
-    width = split.ids.shape[1]
-    ids = torch.full_like(split.ids, pad_id)
-    mask = torch.zeros_like(split.mask)
-    if length is not None:
-        width = int(split.prompt_len.max()) + length
-        ids = torch.full((len(split), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(split), width), dtype=torch.bool)
-    try:
-        for p in sorted(set(split.prompt_len.tolist())):
-            rows = (split.prompt_len == p).nonzero().flatten()
-            n_new = width - p
-            cur = split.ids[rows, :p].to(dev)
-            ids[rows, :p] = cur.cpu()
-            if n_new <= 0:
-                continue
-            out = model(input_ids=cur, use_cache=True)
-            past, logits = out.past_key_values, out.logits[:, -1]
-            done = torch.zeros(len(rows), dtype=torch.bool)
-            for j in range(n_new):
-                z = logits.float()[:, :vocab_size] if vocab_size else logits.float()
-                probs = torch.softmax(z / temperature, dim=-1).cpu()
-                tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-                live = ~done
-                ids[rows[live], p + j] = tok[live]
-                mask[rows[live], p + j] = True
-                if eos_id is not None:
-                    done |= tok == eos_id
-                if bool(done.all()) or j == n_new - 1:
-                    break
-                out = model(input_ids=tok.unsqueeze(1).to(dev), past_key_values=past, use_cache=True)
-                past, logits = out.past_key_values, out.logits[:, -1]
-    finally:
-        model.train(was)
-    return LMSplit(ids, mask, split.prompt_len.clone())
-
-
-@torch.no_grad()
-def perplexity(model: nn.Module, split: LMSplit, pad_id: int, batch_size: int = 64, vocab_size: int | None = None) -> float:
-    """``exp(mean NLL)`` of ``model`` over every response token of ``split``."""
+def perplexity(model: nn.Module, split: LMSplit, pad_id: int, batch_size: int = 64, vocab_size: int | None = None,
+               chunk_tokens: int | None = None) -> float:
+    """``exp(mean NLL)`` of ``model`` over every response token of ``split`` (logits a chunk of positions at a time)."""
     was = model.training
     model.eval()
     nll, n = 0.0, 0
+    dev = device_of(model)
+    split_model = HeadSplit(model)
+    whole = not split_model.verify()
     try:
         for i in range(0, len(split), batch_size):
-            ids, mask = _trim(split.ids[i : i + batch_size], split.mask[i : i + batch_size], pad_id)
-            z = lm_logits(model, ids, pad_id)
-            if vocab_size:
-                z = z[..., :vocab_size]
-            k = int(mask[:, 1:].sum())
-            if k:
-                nll += float(token_ce_loss(z, ids, mask, reduction="sum"))
-                n += k
+            ids, mask = trim_padding(split.ids[i : i + batch_size], split.mask[i : i + batch_size], pad_id)
+            pos = scored(mask)
+            if not bool(pos.any()):
+                continue
+            ids_d, attn = ids.to(dev), (ids != pad_id).long().to(dev)
+            h = (split_model.full_logits(ids_d, attn) if whole else split_model.hidden(ids_d, attn))[:, :-1][pos.to(dev)]
+            y = ids[:, 1:][pos].to(dev)
+            v = vocab_size or (h.shape[-1] if whole else split_model.head.weight.shape[0])
+            chunk = auto_chunk(v, chunk_tokens) or len(h)
+            for a in range(0, len(h), chunk):
+                z = h[a : a + chunk] if whole else split_model.logits(h[a : a + chunk])
+                nll += float(nn.functional.cross_entropy(z[:, :vocab_size] if vocab_size else z, y[a : a + chunk],
+                                                         reduction="sum"))
+            n += len(y)
     finally:
         model.train(was)
     if n == 0:
@@ -190,19 +134,22 @@ def perplexity(model: nn.Module, split: LMSplit, pad_id: int, batch_size: int = 
 
 
 # ----------------------------------------------------------------------------------------------
-# The loop
+# Training
 # ----------------------------------------------------------------------------------------------
 
 
 def distill_lm(student: nn.Module, data: LMData, teacher: nn.Module | None = None, config: LMDistillConfig | dict | None = None,
                *, cache: LMTeacherCache | None = None, student_tokenizer: Any = None, teacher_tokenizer: Any = None,
                token_map: Tensor | dict | None = None, teacher_pad_id: int | None = None,
-               on_metrics: Callable[[int, dict], None] | None = None, **overrides: Any) -> LMResult:
+               on_metrics: Callable[[int, dict], None] | None = None, ckpt_dir: str | Path | None = None,
+               resume: bool = False, progress: bool | None = None, **overrides: Any) -> LMResult:
     """Train ``student`` on ``data.train`` with CE and/or token-level KD from ``teacher`` (module doc).
 
     ``cache`` (built on ``data.train.ids``) replaces the live teacher on ground-truth rows; on-policy
     rows always need the live ``teacher``. The vocabularies are checked (:func:`check_vocab`) before
-    any step: give both tokenizers for the token → id comparison, or ``token_map`` to bridge two."""
+    any step: give both tokenizers for the token → id comparison, or ``token_map`` to bridge two.
+    ``ckpt_dir``: write checkpoints there (every ``checkpoint_every`` steps and at the end); ``resume``
+    continues from the newest one and ends with the weights of an uninterrupted run."""
     cfg = _config(config, overrides)
     kd_weight = 1.0 - cfg.alpha
     needs_teacher = kd_weight > 0
@@ -226,133 +173,54 @@ def distill_lm(student: nn.Module, data: LMData, teacher: nn.Module | None = Non
             raise AttarError(f"the teacher cache does not fit: {why}. Rebuild it (LMTeacherCache.build).")
         if v_student is not None and cache.vocab_size != v_student:
             raise AttarError(f"the cache covers {cache.vocab_size} tokens but the student's vocabulary has {v_student}.")
+    if cfg.gradient_checkpointing:
+        if not hasattr(student, "gradient_checkpointing_enable"):
+            raise AttarError("gradient_checkpointing: the student is not a Hugging Face model that supports it.")
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    train, pad = data.train, data.pad_id
-    n = len(train)
-    bs = min(cfg.batch_size, n)
-    steps_per_epoch = max(1, n // bs)
-    if teacher is not None:
-        teacher.eval()
-        teacher.requires_grad_(False)
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    pad = data.pad_id
+    train = data.train
+    task = LMTask(train, pad, data.eos_id, alpha=cfg.alpha, divergence_name=cfg.divergence, temperature=cfg.temperature,
+                  divergence_args=cfg.divergence_args, on_policy=cfg.on_policy, sample_temperature=cfg.sample_temperature,
+                  teacher=teacher if needs_teacher else None, cache=cache, vmap=vmap, teacher_pad_id=teacher_pad_id,
+                  chunk_tokens=cfg.chunk_tokens)
+    objective = LMLoss(cfg.alpha, cfg.divergence, cfg.temperature, cfg.divergence_args, cfg.chunk_tokens)
     val = data.val.rows(torch.arange(min(cfg.eval_rows, len(data.val)))) if len(data.val) else None
     mon = data.val.rows(torch.arange(min(cfg.monitor_prompts, len(data.val)))) if (
         len(data.val) and cfg.on_policy > 0 and cfg.monitor_prompts) else None
-    dev = _device(student)
-    history: list[dict] = []
-    best = (float("inf"), None, 0)
-    rising, hacking, stopped = 0, False, None
-    t0 = time.perf_counter()
-    n_on_total = 0
-    student.train()
-    order = torch.empty(0, dtype=torch.long)
-    for step in range(cfg.steps):
-        epoch, micro = divmod(step, steps_per_epoch)
-        if micro == 0:
-            order = torch.randperm(n, generator=generator(cfg.seed, 1, epoch))
-        rows = order[micro * bs : (micro + 1) * bs]
-        batch = train.rows(rows)
-        ids, mask = batch.ids, batch.mask
-        n_on = int(round(cfg.on_policy * len(rows))) if cfg.on_policy > 0 else 0
-        on_rows = torch.zeros(len(rows), dtype=torch.bool)
-        if n_on:
-            g = generator(cfg.seed, 2, step)
-            pick = torch.randperm(len(rows), generator=g)[:n_on]
-            on_rows[pick] = True
-            gen = sample_continuations(student, batch.rows(pick), pad, data.eos_id, cfg.sample_temperature, g,
+
+    def measure(model: nn.Module) -> dict[str, float]:
+        rec: dict[str, float] = {}
+        if val is not None:
+            rec["val_ppl"] = perplexity(model, val, pad, vocab_size=v_student, chunk_tokens=cfg.chunk_tokens)
+        if mon is not None:
+            smp = sample_continuations(model, mon, pad, data.eos_id, cfg.sample_temperature, generator(cfg.seed, 3),
                                        vocab_size=v_student)
-            ids, mask = ids.clone(), mask.clone()
-            ids[pick], mask[pick] = gen.ids, gen.mask
-            n_on_total += n_on
-        ids, mask = _trim(ids, mask, pad)
-        for gp in opt.param_groups:
-            gp["lr"] = lr_at(step, cfg.steps, cfg.steps, cfg.lr, "cosine", cfg.warmup_steps)
-        torch.manual_seed(seed_of(cfg.seed, 4, step))  # dropout
-        logits = lm_logits(student, ids.to(dev), pad)
-        if v_student is not None:
-            logits = logits[..., :v_student]
-        losses: dict[str, Tensor] = {}
-        loss = logits.sum() * 0.0
-        gt_mask = mask & ~on_rows.unsqueeze(1)
-        if cfg.alpha > 0:
-            ce = token_ce_loss(logits, ids, gt_mask)
-            loss = loss + cfg.alpha * ce
-            losses["ce"] = ce.detach()
-        if needs_teacher:
-            if cache is not None and not bool(on_rows.any()):
-                tk = cache.get(rows, ids.shape[1])
-                kd = token_kd_loss(logits, tk, mask, cfg.divergence, cfg.temperature, **cfg.divergence_args)
-            elif cache is not None:
-                # ground-truth rows from the cache, on-policy rows from the live teacher; token-weighted mean
-                parts, counts = [], []
-                off = (~on_rows).nonzero().flatten()
-                on = on_rows.nonzero().flatten()
-                if len(off):
-                    tk = cache.get(rows[off], ids.shape[1])
-                    parts.append(token_kd_loss(logits[off], tk, mask[off], cfg.divergence, cfg.temperature,
-                                               **cfg.divergence_args))
-                    counts.append(int(mask[off][:, 1:].sum()))
-                t_on = teacher_lm_logits(teacher, ids[on], vmap, pad, teacher_pad_id)
-                parts.append(token_kd_loss(logits[on], t_on.to(dev), mask[on], cfg.divergence, cfg.temperature,
-                                           **cfg.divergence_args))
-                counts.append(int(mask[on][:, 1:].sum()))
-                tot = max(1, sum(counts))
-                kd = sum(p * (c / tot) for p, c in zip(parts, counts))
-            else:
-                t_logits = teacher_lm_logits(teacher, ids, vmap, pad, teacher_pad_id).to(dev)
-                kd = token_kd_loss(logits, t_logits, mask, cfg.divergence, cfg.temperature, **cfg.divergence_args)
-            loss = loss + kd_weight * kd
-            losses["kd"] = kd.detach()
-        lval = float(loss.detach())
-        if not math.isfinite(lval):
-            raise AttarError(f"distill_lm: the loss became {lval} at step {step}; lower lr or set grad_clip.")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        last = step + 1 == cfg.steps
-        if (step + 1) % cfg.eval_every == 0 or last:
-            rec: dict[str, Any] = {"step": step + 1, "loss": lval, **{k: float(v) for k, v in losses.items()},
-                                   "seconds": time.perf_counter() - t0}
-            if val is not None:
-                rec["val_ppl"] = perplexity(student, val, pad, vocab_size=v_student)
-            if mon is not None:
-                smp = sample_continuations(student, mon, pad, data.eos_id, cfg.sample_temperature,
-                                           generator(cfg.seed, 3), vocab_size=v_student)
-                with torch.no_grad():
-                    tz = teacher_lm_logits(teacher, smp.ids, vmap, pad, teacher_pad_id)
-                rec["teacher_nll_of_samples"] = float(token_ce_loss(tz, smp.ids, smp.mask))
-            history.append(rec)
-            if on_metrics is not None:
-                on_metrics(step + 1, rec)
-            if "val_ppl" in rec:
-                if rec["val_ppl"] < best[0]:
-                    best = (rec["val_ppl"], copy.deepcopy(student.state_dict()) if cfg.restore_best else None, step + 1)
-                    rising = 0
-                elif len(history) >= 2 and rec["val_ppl"] > history[-2]["val_ppl"]:
-                    rising += 1
-                else:
-                    rising = 0
-                tn = [h["teacher_nll_of_samples"] for h in history[-(cfg.patience + 1):] if "teacher_nll_of_samples" in h]
-                if rising >= cfg.patience and len(tn) == cfg.patience + 1 and tn[-1] < tn[0]:
-                    hacking = True
-                    if cfg.stop_on_hacking:
-                        stopped = step + 1
-                        break
-    restored = None
-    if cfg.restore_best and best[1] is not None and history and history[-1].get("val_ppl", best[0]) > best[0]:
-        student.load_state_dict(best[1])
-        restored = best[2]
+            tz = teacher_lm_logits(teacher, smp.ids, vmap, pad, teacher_pad_id)
+            rec["teacher_nll_of_samples"] = float(token_ce_loss(tz, smp.ids, smp.mask))
+        return rec
+
+    tcfg = TrainConfig(epochs=1, steps=cfg.steps, batch_size=min(cfg.batch_size, len(train)), lr=cfg.lr,
+                       weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip,
+                       accumulate=cfg.accumulate, checkpoint_every=cfg.checkpoint_every, schedule="cosine",
+                       eval_every=10**9, device=cfg.device, dtype=cfg.dtype)
+    monitor = LMMonitor(cfg.eval_every, cfg.steps, val, mon, measure, cfg.restore_best, cfg.patience,
+                        cfg.stop_on_hacking, on_metrics)
+    trainer = Trainer(student, objective, train.ids, train.prompt_len, tcfg, seed=cfg.seed,
+                      teachers=[teacher] if (needs_teacher and teacher is not None) else [], teacher_cache=cache,
+                      ckpt_dir=ckpt_dir, name="lm", task=task, callbacks=[monitor], progress=progress)
+    res = trainer.fit(resume=resume)
+    student = res.model
     student.eval()
     metrics = {
-        "steps": stopped or cfg.steps, "train_seconds": time.perf_counter() - t0, "best_val_ppl": best[0] if math.isfinite(best[0]) else None, "best_step": best[2], "restored_step": restored,
-        "teacher_hacking_suspected": hacking, "stopped_at": stopped, "on_policy_rows": n_on_total,
+        "steps": res.steps, "train_seconds": res.seconds,
+        "best_val_ppl": monitor.best_ppl if math.isfinite(monitor.best_ppl) else None, "best_step": monitor.best_step,
+        "restored_step": monitor.restored, "teacher_hacking_suspected": monitor.hacking, "stopped_at": monitor.stopped,
+        "on_policy_rows": int(round(cfg.on_policy * (tcfg.batch_size // trainer.world))) * res.steps * cfg.accumulate,
         "teacher": ("none" if not needs_teacher else (cache.mode if cache is not None else "live")),
         "config": cfg.model_dump(),
     }
-    return LMResult(student, history, metrics)
+    return LMResult(student, monitor.history, metrics)
 
 
 def train_lm(model: nn.Module, data: LMData, config: LMDistillConfig | dict | None = None, **overrides: Any) -> LMResult:

@@ -6,7 +6,7 @@ their help text (one place for every default) without slowing ``attar --help``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -36,3 +36,10 @@ class LMDistillConfig(BaseModel):
     patience: int = Field(3, ge=1)
     stop_on_hacking: bool = False
     seed: int = 0
+    accumulate: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (with a checkpoint folder); 0 = at the end")
+    chunk_tokens: int | None = Field(
+        None, ge=0, description="scored positions per chunk of logits; None = automatic (about 64 MiB), 0 = no chunking")
+    gradient_checkpointing: bool = Field(False, description="recompute the student's activations in the backward pass")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16"] = "float32"

@@ -153,7 +153,8 @@ def token_kd_loss(student_logits: Tensor, teacher: Tensor | TopK, mask: Tensor, 
 def token_ce_loss(logits: Tensor, ids: Tensor, mask: Tensor, reduction: str = "mean") -> Tensor:
     """Next-token cross-entropy (negative log-likelihood) on the response tokens; mean over them."""
     pos = scored_positions(mask).to(logits.device)
-    s = logits[:, :-1][pos].float()
+    s = logits[:, :-1][pos]
+    s = s if s.dtype == torch.float64 else s.float()
     y = ids[:, 1:].to(logits.device)[pos]
     if s.shape[0] == 0:
         return logits.sum() * 0.0 if reduction == "mean" else logits.new_zeros(0)

@@ -1,7 +1,8 @@
 """Callbacks: code that watches an ordinary Trainer run instead of writing a loop of its own.
 
-Two hooks, the ones something uses: ``on_batch_end`` (after each micro-batch's losses, with the model's
-outputs on it) and ``on_epoch_end`` (after the epoch's last step, before its checkpoint). What a callback
+Four hooks: ``on_batch_end`` (after each micro-batch's losses, with the model's outputs on it),
+``on_step_end`` (after each optimizer step; may end the run with ``trainer.request_stop``), ``on_epoch_end``
+(after the epoch's last step, before its checkpoint) and ``on_train_end``. What a callback
 records goes into the Trainer's checkpoints through ``state_tensors``/``load_state_tensors``, so a run
 interrupted and resumed records exactly what an uninterrupted one does.
 
@@ -23,8 +24,14 @@ class Callback:
     def on_batch_end(self, trainer, batch: Batch, outputs: torch.Tensor | None, losses: dict[str, torch.Tensor]) -> None:
         """After each micro-batch; ``outputs`` are the model's outputs on ``batch`` (None for MeZO steps)."""
 
+    def on_step_end(self, trainer, step: int) -> None:
+        """After optimizer step ``step`` (1-based), before that step's checkpoint; ``trainer.request_stop`` ends the run."""
+
     def on_epoch_end(self, trainer, epoch: int) -> None:
         """After the last step of ``epoch`` (0-based), before the epoch's checkpoint."""
+
+    def on_train_end(self, trainer) -> None:
+        """Once, after the last step (e.g. restore the best weights seen)."""
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {}

@@ -19,6 +19,9 @@ class TrainConfig(_Strict):
     """Optimisation settings shared by every training stage."""
 
     epochs: int = Field(5, ge=1)
+    steps: int | None = Field(
+        None, ge=1, description="total optimizer steps, in place of epochs (the last epoch may end early)"
+    )
     batch_size: int = Field(256, ge=1)
     labeled_batch_size: int | None = Field(
         None, ge=1, description="with an unlabeled pool: also draw this many labeled rows every step (cycled)"
@@ -40,6 +43,10 @@ class TrainConfig(_Strict):
     teacher_cache: Literal["auto", "on", "off"] = "auto"
     cache_topk: int | None = Field(None, ge=1)
     eval_every: int = Field(1, ge=1, description="epochs between validation passes")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when there is one, else CPU")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="bfloat16: the forward pass under autocast (weights and optimizer stay float32)"
+    )
 
 
 #: The fine-tuning route's training defaults (``attar finetune``, finetune stages): a pretrained text model needs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -15,12 +16,25 @@ def maybe_init() -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         backend = "nccl" if torch.cuda.is_available() and os.environ.get("ATTAR_BACKEND") != "gloo" else "gloo"
         dist.init_process_group(backend=backend)
+        # Tear the group down before the interpreter does: a gloo group left to die at exit can abort the
+        # process ("terminate called without an active exception") after the work succeeded.
+        atexit.register(_shutdown)
         return True
     return False
 
 
+def _shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def local_rank() -> int:
+    """This process's index on its machine (torchrun's LOCAL_RANK): the CUDA device it trains on."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def world_size() -> int:

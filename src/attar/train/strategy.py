@@ -52,7 +52,8 @@ class Backprop(StepStrategy):
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def micro_step(self, trainer, runner, batch, opt, step):
-        losses, outputs = runner(batch)
+        with autocast(trainer):
+            losses, outputs = runner(batch)
         (losses["loss"] / trainer.accumulate).backward()
         return losses, outputs
 
@@ -60,6 +61,11 @@ class Backprop(StepStrategy):
         if trainer.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, trainer.cfg.grad_clip)
         opt.step()
+
+
+def autocast(trainer) -> torch.autocast:
+    """The forward pass in ``train.dtype`` (bfloat16 under autocast; float32: a no-op context)."""
+    return torch.autocast(trainer.device.type, dtype=torch.bfloat16, enabled=trainer.cfg.dtype == "bfloat16")
 
 
 def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

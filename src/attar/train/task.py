@@ -12,7 +12,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from attar.train.objective import Batch, Objective
+from attar.metrics import classification_metrics
+from attar.train.objective import Batch, Objective, device_of
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """The model's outputs on ``x`` in batches, run where the model lives and returned where ``x`` lives."""
+    was = model.training
+    model.eval()
+    dev = device_of(model)
+    out = torch.cat([model(x[i : i + batch_size].to(dev)).to(x.device) for i in range(0, len(x), batch_size)]) \
+        if len(x) else torch.empty(0)
+    model.train(was)
+    return out
+
 
 
 class Task:
@@ -24,6 +38,17 @@ class Task:
     def forward(self, model: nn.Module, objective: Objective, batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         logits = model(batch.x)
         return objective(batch, logits), logits
+
+    def evaluate(self, trainer) -> dict[str, float]:
+        """Validation metrics after an epoch: accuracy and NLL of the logits on ``trainer.val`` ({} without one)."""
+        if trainer.val is None or len(trainer.val[0]) == 0:
+            return {}
+        m = classification_metrics(predict(trainer.model, trainer.val[0]), trainer.val[1])
+        return {"val_accuracy": m["accuracy"], "val_nll": m["nll"]}
+
+    def spec(self) -> dict | None:
+        """Settings a checkpoint must agree on to be resumed with this task (None: nothing beyond the config)."""
+        return None
 
 
 class Classification(Task):
@@ -40,9 +65,10 @@ class Classification(Task):
             x = trainer.augment(x, trainer.generator(3, epoch, micro, trainer.rank))
         teacher_logits = None
         if trainer.teacher_cache is not None:
-            teacher_logits = trainer.teacher_cache.logits(rows)
+            teacher_logits = trainer.teacher_cache.logits(rows).to(trainer.device)
         elif trainer.objective.needs_teacher:
             with torch.no_grad():
                 outs = [t(x) for t in trainer.teachers]
             teacher_logits = outs[0] if len(outs) == 1 else torch.stack(outs)
         return Batch(x=x, y=y, idx=rows, teacher_logits=teacher_logits)
+

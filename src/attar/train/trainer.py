@@ -30,7 +30,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from attar import lifecycle, rng
 from attar.checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint
 from attar.errors import AttarError
-from attar.metrics import classification_metrics
 from attar.train import distributed as dist
 from attar.train.callbacks import Callback
 from attar.train.config import TrainConfig
@@ -43,7 +42,7 @@ from attar.train.strategy import (
     optimizer_from_tensors,
     optimizer_to_tensors,
 )
-from attar.train.task import Classification, Task
+from attar.train.task import Classification, Task, predict
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
 
@@ -76,20 +75,22 @@ class _Step(nn.Module):
         return self.task.forward(self.student, self.objective, batch)
 
 
-@torch.inference_mode()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    was = model.training
-    model.eval()
-    out = torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]) if len(x) else torch.empty(0)
-    model.train(was)
-    return out
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when there is one, else CPU; ``cuda`` without one is refused with the fix."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise AttarError("train.device is 'cuda' but this machine has no CUDA device; use device: auto or cpu.")
+    return torch.device(name)
 
 
 class Trainer:
     """``task``, ``strategy``, ``callbacks``: the extension points. ``order(epoch)``: another row order (a function
     of the epoch only, or resume is not exact). ``drop_last=False``: also train on an epoch's last, smaller batch
     (plain steps only). ``inner=True``: a run inside other work (a pruning probe, an MTT expert): no progress
-    display, not split across DDP ranks (each runs it alike), the caller's global RNG left as it was."""
+    display, not split across DDP ranks (each runs it alike), the caller's global RNG left as it was, and the model
+    trained where the caller put it (a top-level run trains on ``train.device`` and hands the model back where it found
+    it). ``train.steps``: a step budget in place of epochs (language models count steps, not passes)."""
 
     def __init__(
         self,
@@ -116,10 +117,13 @@ class Trainer:
         order: Callable[[int], torch.Tensor] | None = None,
         drop_last: bool = True,
         inner: bool = False,
+        progress: bool | None = None,
     ):
         self.strategy = strategy or Backprop()
         self.strategy.check(objective)
         self.task, self.callbacks, self.order, self.inner = task or Classification(), list(callbacks), order, inner
+        self.progress = progress  # None: a bar on a terminal, lines otherwise; False: nothing (the caller reports)
+        self.t_start = time.perf_counter()
         self.model, self.objective, self.cfg, self.seed = model, objective, config, seed
         self.device = device_of(model)
         self.accept_changed_config = accept_changed_config  # the pipeline checked that only optimiser settings differ
@@ -152,7 +156,9 @@ class Trainer:
         n_rows = selector.rows_per_epoch(len(self.x)) if selector else len(self.x)
         micro = max(1, n_rows // self.candidates if drop_last else math.ceil(n_rows / self.candidates))
         self.steps_per_epoch = max(1, micro // self.accumulate)
-        self.total_steps = self.steps_per_epoch * config.epochs
+        self.total_steps = config.steps or self.steps_per_epoch * config.epochs
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        self.stop_reason: str | None = None
         if selector is not None:
             selector.setup(self)  # rows, model, seed and schedule length (static pruning, curricula)
 
@@ -167,6 +173,14 @@ class Trainer:
     def reduce(self, t: torch.Tensor) -> torch.Tensor:
         """The mean of ``t`` over this run's ranks."""
         return dist.all_reduce_mean(t) if self.world > 1 else t
+
+    def elapsed(self) -> float:
+        """Seconds of training so far (those before a resume included)."""
+        return time.perf_counter() - self.t_start
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the loop to end after this step, as if its budget were spent (a callback's early stop)."""
+        self.stop_reason = reason
 
     def _barrier(self) -> None:
         if self.world > 1:
@@ -207,11 +221,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def _config_hash(self) -> str:
-        parts = [self.cfg.model_dump(), self.seed, len(self.x), self.world]
+        # the device is not part of the recipe a resume must match (resume a CPU run on a GPU and back);
+        # defaults of fields added later are left out, so checkpoints written before them still resume
+        parts = [self.cfg.model_dump(exclude={"device"} | ({"dtype"} if self.cfg.dtype == "float32" else set())
+                                     | ({"steps"} if self.cfg.steps is None else set())),
+                 self.seed, len(self.x), self.world]
         if self.selector is not None:  # a resume with another selector (or other selector settings) is refused
             parts.append(self.selector.spec())
         if self.strategy.spec() is not None:  # likewise another step strategy (backprop adds nothing: old hashes hold)
             parts.append(self.strategy.spec())
+        if self.task.spec() is not None:  # and another task setting (e.g. the LM task's loss weights)
+            parts.append(self.task.spec())
         blob = json.dumps(parts, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -231,7 +251,7 @@ class Trainer:
                 folder, tensors,
                 {"kind": "train-state", "step": step, "epoch": epoch, "micro": micro, "history": history,
                  "optimizer": opt_meta, "config_hash": self._config_hash(), "elapsed": elapsed, "seen": seen,
-                 "selector_stats": self.selector.stats if self.selector else {}},
+                 "selector_stats": self.selector.stats if self.selector else {}, "stopped": self.stop_reason},
             )
             for old in sorted(self.ckpt_dir.glob("step-*"))[:-2]:  # keep the two newest
                 shutil.rmtree(old, ignore_errors=True)
@@ -285,6 +305,7 @@ class Trainer:
         saved = tensors.get("callbacks", {})
         for i, cb in enumerate(self.callbacks):
             cb.load_state_tensors({k.split("/", 1)[1]: v for k, v in saved.items() if k.split("/", 1)[0] == str(i)})
+        self.stop_reason = state.get("stopped")  # a run a callback ended stays ended
         state["path"] = str(ckpt)
         return state
 
@@ -305,20 +326,36 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float]:
-        if self.val is None or len(self.val[0]) == 0:
-            return {}
-
-        logits = predict(self.model, self.val[0])
-        m = classification_metrics(logits, self.val[1])
-        return {"val_accuracy": m["accuracy"], "val_nll": m["nll"]}
+        """The task's validation metrics (classification: accuracy and NLL on ``val``)."""
+        return self.task.evaluate(self)
 
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: bool = False) -> TrainResult:
         if not self.inner:
-            return self._fit(resume)
+            home = device_of(self.model)
+            target = resolve_device(self.cfg.device)
+            if target.type == "cuda" and dist.world_size() > 1:
+                target = torch.device("cuda", dist.local_rank())
+            homes = [device_of(t) for t in self.teachers]
+            self._move(target, [target] * len(self.teachers))
+            try:
+                res = self._fit(resume)
+            finally:
+                self._move(home, homes)
+            res.model = res.model.to(home)
+            return res
         cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
         with torch.random.fork_rng(devices=cuda):  # the run around an inner one keeps its own random stream
             return self._fit(resume)
+
+    def _move(self, device: torch.device, teacher_devices: list[torch.device]) -> None:
+        if device_of(self.model) != device:
+            self.model.to(device)
+            self.objective.to(device)
+        for t, d in zip(self.teachers, teacher_devices):
+            if device_of(t) != d:
+                t.to(d)
+        self.device = device
 
     def _fit(self, resume: bool) -> TrainResult:
         cfg = self.cfg
@@ -349,14 +386,18 @@ class Trainer:
         self.model.train()
         t_start = time.perf_counter() - elapsed
         micro_per_epoch = self.steps_per_epoch * self.accumulate
-        show = False if self.inner or self.rank != 0 else None
+        self.t_start = t_start
+        show = False if self.inner or self.rank != 0 or self.progress is False else None
         with StepProgress(self.name, self.total_steps, completed=step, enabled=show) as bar, \
                 lifecycle.graceful_stop():  # SIGTERM / Ctrl-C: stop at a step boundary below, with a checkpoint
-            for epoch in range(epoch0, cfg.epochs):
+            for epoch in range(epoch0, self.epochs):
                 order = self._epoch_order(epoch)
                 epoch_loss, epoch_n = 0.0, 0
                 start_micro = micro0 if epoch == epoch0 else 0
+                last_epoch = epoch + 1 == self.epochs
                 for micro in range(start_micro, micro_per_epoch):
+                    if step >= self.total_steps or self.stop_reason:  # a step budget, or a callback's early stop
+                        break
                     if micro % self.accumulate == 0:
                         torch.manual_seed(self.rng_seed(4, step))  # dropout etc.
                         lr = lr_at(step, self.total_steps, self.steps_per_epoch, cfg.lr, cfg.schedule,
@@ -383,18 +424,21 @@ class Trainer:
                     bar.update(1, loss=lval, lr=lr, **{"samples/s": f"{rate:.0f}"})
                     if self.on_metrics and self.rank == 0 and (step % 10 == 0 or step == 1):
                         self.on_metrics(step, {f"train_{k}": float(v.detach()) for k, v in losses.items()} | {"lr": lr})
-                    end_of_epoch = micro + 1 == micro_per_epoch
+                    for cb in self.callbacks:
+                        cb.on_step_end(self, step)
+                    end_of_epoch = micro + 1 == micro_per_epoch or step >= self.total_steps or bool(self.stop_reason)
                     if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not end_of_epoch:
                         pending = self._save(opt, step, epoch, micro + 1, history, time.perf_counter() - t_start, seen)
                         last_save = time.perf_counter()
                     if not end_of_epoch:
                         self._stop_if_asked(opt, step, epoch, micro + 1, history, t_start, seen)
-                self.objective.on_epoch_end(epoch, cfg.epochs)
+                last_epoch = last_epoch or step >= self.total_steps or bool(self.stop_reason)
+                self.objective.on_epoch_end(epoch, self.epochs)
                 for cb in self.callbacks:
                     cb.on_epoch_end(self, epoch)
                 rec = {"step": step, "epoch": epoch + 1, "train_loss": epoch_loss / max(1, epoch_n),
                        "seconds": time.perf_counter() - t_start}
-                if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                if (epoch + 1) % cfg.eval_every == 0 or last_epoch:
                     rec |= self.evaluate()
                 history.append(rec)
                 if self.on_metrics and self.rank == 0:
@@ -402,10 +446,14 @@ class Trainer:
                 # End-of-epoch checkpoints: the last epoch always; otherwise when checkpoint_every is unset and
                 # at least 30 s have passed (many tiny epochs would otherwise spend their time in fsync).
                 now = time.perf_counter()
-                if epoch + 1 == cfg.epochs or (not cfg.checkpoint_every and now - last_save >= 30.0):
+                if last_epoch or (not cfg.checkpoint_every and now - last_save >= 30.0):
                     pending = self._save(opt, step, epoch + 1, 0, history, now - t_start, seen)
                     last_save = now
+                if last_epoch:
+                    break
                 self._stop_if_asked(opt, step, epoch + 1, 0, history, t_start, seen)
+        for cb in self.callbacks:
+            cb.on_train_end(self)
         final = self.objective.finalize(self.model)
         seconds = time.perf_counter() - t_start
         selection = {}

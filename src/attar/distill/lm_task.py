@@ -1,0 +1,404 @@
+"""The language-model task: causal LMs on the one Trainer (SFT, token KD, on-policy GKD), logits in chunks.
+
+:class:`LMTask` plugs token sequences into :class:`attar.train.trainer.Trainer`, which then gives language
+models what every other route has: checkpoints and exact resume, DDP, gradient accumulation, ``train.device``
+and ``train.dtype``, the NaN guard and graceful stops. The task turns rows of an
+:class:`~attar.text.charlm.LMSplit` into a batch (replacing a fraction λ of them with the student's own
+continuations when on-policy, and fetching the teacher's view of the batch from the top-k cache or the live
+teacher); :class:`LMLoss` turns the batch into ``α·CE + (1−α)·KD``; :class:`LMMonitor` (a callback) measures
+held-out perplexity every ``eval_every`` steps, keeps the best weights and watches for teacher hacking.
+
+**Logits in chunks.** A real vocabulary (150k–262k tokens) makes ``[batch, length, vocab]`` logits the largest
+tensor of a step, and KD needs the teacher's too. So the task runs each model only up to its last hidden
+state, keeps the scored positions (response tokens; prompt and padding never reach the head), and
+:class:`LMLoss` applies the output head to ``chunk_tokens`` positions at a time under activation
+checkpointing: the forward keeps no logits, the backward recomputes one chunk's. Teacher and student logits
+of a whole batch never exist at once, and the loss equals the unchunked one in value and gradient (the
+sums are the same sums, regrouped). A model whose head cannot be split off this way (checked once, on a few
+tokens, against its own ``logits``) runs whole, as before.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from attar.distill.divergences import divergence, is_batchwise
+from attar.distill.lm_objectives import LMTeacherCache, TopK, VocabMap, _bucketise
+from attar.distill.lm_sampling import sample_continuations, trim_padding
+from attar.errors import AttarError
+from attar.rng import generator
+from attar.text.charlm import LMSplit
+from attar.train.callbacks import Callback
+from attar.train.objective import Batch, Objective, device_of
+from attar.train.task import Task
+
+#: Logit elements (tokens × vocabulary) one chunk may hold when ``chunk_tokens`` is automatic: 2**24 float32
+#: values are 64 MiB, about 64 positions of a 262k vocabulary.
+AUTO_CHUNK_ELEMENTS = 2**24
+
+
+# ---------------------------------------------------------------------------------------------- running a model
+class HeadSplit:
+    """A causal LM run as ``hidden = body(ids)`` then ``logits = head(hidden)``: the cut chunked losses need."""
+
+    def __init__(self, model: nn.Module):
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model
+        prefix = getattr(inner, "base_model_prefix", "")
+        self.model = model
+        self.body = getattr(inner, prefix, None) if prefix else None
+        self.head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+        self.softcap = getattr(getattr(inner, "config", None), "final_logit_softcapping", None)
+        self.ok = self.body is not None and self.head is not None and self.body is not inner
+
+    def hidden(self, ids: Tensor, attn: Tensor | None) -> Tensor:
+        out = self.body(input_ids=ids, attention_mask=attn)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        z = _at_least_float32(self.head(hidden))
+        if self.softcap:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
+    def full_logits(self, ids: Tensor, attn: Tensor | None) -> Tensor:
+        out = self.model(input_ids=ids, attention_mask=attn)
+        return _at_least_float32(out.logits if hasattr(out, "logits") else out)
+
+    @torch.no_grad()
+    def verify(self, vocab_guard: int | None = None) -> bool:
+        """True when body + head reproduce the model's own logits on a few tokens (else run models whole)."""
+        if not self.ok:
+            return False
+        was = self.model.training
+        self.model.eval()
+        try:
+            dev = device_of(self.model)
+            v = vocab_guard or self.head.weight.shape[0]
+            ids = (torch.arange(8, device=dev) * 7919 % max(1, v)).unsqueeze(0)
+            want = self.full_logits(ids, None)
+            got = self.logits(self.hidden(ids, None))
+            return got.shape == want.shape and bool(torch.allclose(got, want, rtol=1e-4, atol=1e-4))
+        except Exception:  # an architecture whose body needs other inputs: run it whole
+            return False
+        finally:
+            self.model.train(was)
+
+
+def _at_least_float32(z: Tensor) -> Tensor:
+    """Losses in float32 or better: half-precision logits are upcast, float64 (exactness tests) kept."""
+    return z if z.dtype in (torch.float32, torch.float64) else z.float()
+
+
+def scored(mask: Tensor) -> Tensor:
+    """``[B, L-1]``: position ``t`` is scored when token ``t+1`` is a response token."""
+    return mask[:, 1:].bool()
+
+
+def auto_chunk(vocab: int, chunk_tokens: int | None) -> int:
+    """Positions per chunk: ``chunk_tokens`` when set (0 = no chunking), else AUTO_CHUNK_ELEMENTS / vocab."""
+    if chunk_tokens is not None:
+        return chunk_tokens
+    return max(1, AUTO_CHUNK_ELEMENTS // max(1, vocab))
+
+
+# ---------------------------------------------------------------------------------------------- the batch
+@dataclass
+class LMBatch(Batch):
+    """Token rows (``x``: ids ``[B, L]``, ``y``: prompt lengths) with what the loss needs per scored token.
+
+    Scored tokens are taken row-major (``scored(mask)``); per token: ``targets`` (next token ids),
+    ``ground_truth`` (False on the student's own on-policy rows: no CE there) and the teacher's view, from
+    the cache (``from_cache`` tokens, ``cached``: TopK rows) or live (the other tokens, ``teacher_hidden``
+    rows or ``teacher_logits`` rows when the teacher runs whole)."""
+
+    mask: Tensor | None = None
+    on_policy: Tensor | None = None
+    targets: Tensor | None = None
+    ground_truth: Tensor | None = None
+    from_cache: Tensor | None = None
+    cached: TopK | None = None
+    teacher_hidden: Tensor | None = None
+
+
+class LMTask(Task):
+    """Rows of an LMSplit on the Trainer (module doc). ``teacher``/``cache``/``vmap`` as in ``distill_lm``."""
+
+    def __init__(self, split: LMSplit, pad_id: int, eos_id: int | None, *, alpha: float, divergence_name: str,
+                 temperature: float, divergence_args: dict, on_policy: float = 0.0, sample_temperature: float = 1.0,
+                 teacher: nn.Module | None = None, cache: LMTeacherCache | None = None, vmap: VocabMap | None = None,
+                 teacher_pad_id: int | None = None, chunk_tokens: int | None = None):
+        self.split, self.pad_id, self.eos_id = split, pad_id, eos_id
+        self.alpha, self.divergence_name, self.temperature = alpha, divergence_name, temperature
+        self.divergence_args, self.on_policy, self.sample_temperature = dict(divergence_args), on_policy, sample_temperature
+        self.teacher, self.cache, self.vmap, self.teacher_pad_id = teacher, cache, vmap, teacher_pad_id
+        self.chunk_tokens = chunk_tokens
+        self.student_split: HeadSplit | None = None
+        self.teacher_split: HeadSplit | None = None
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.alpha < 1
+
+    @property
+    def vocab(self) -> int | None:
+        return self.vmap.student_size if self.vmap is not None else None
+
+    def spec(self) -> dict:
+        return {"lm": {"alpha": self.alpha, "divergence": self.divergence_name, "temperature": self.temperature,
+                       "divergence_args": self.divergence_args, "on_policy": self.on_policy,
+                       "sample_temperature": self.sample_temperature, "cache": self.cache is not None}}
+
+    def _splits(self, model: nn.Module) -> tuple[HeadSplit | None, HeadSplit | None]:
+        if self.student_split is None or self.student_split.model is not model:
+            s = HeadSplit(model)
+            self.student_split = s if s.verify() else None
+            if self.teacher is not None and self.needs_teacher:
+                t = HeadSplit(self.teacher)
+                self.teacher_split = t if t.verify() else None
+        return self.student_split, self.teacher_split
+
+    # -------------------------------------------------------------------------------------- rows -> batch
+    def batch(self, trainer, rows: Tensor, epoch: int, micro: int) -> LMBatch:
+        part = self.split.rows(rows)
+        ids, mask = part.ids, part.mask
+        on_rows = torch.zeros(len(rows), dtype=torch.bool)
+        n_on = int(round(self.on_policy * len(rows))) if self.on_policy > 0 else 0
+        if n_on:
+            step = epoch * trainer.steps_per_epoch + micro // trainer.accumulate
+            g = generator(trainer.seed, 2, step)
+            pick = torch.randperm(len(rows), generator=g)[:n_on]
+            on_rows[pick] = True
+            gen = sample_continuations(trainer.model, part.rows(pick), self.pad_id, self.eos_id,
+                                       self.sample_temperature, g, vocab_size=self.vocab)
+            ids, mask = ids.clone(), mask.clone()
+            ids[pick], mask[pick] = gen.ids, gen.mask
+        ids, mask = trim_padding(ids, mask, self.pad_id)
+        pos = scored(mask)
+        row_of = torch.arange(len(rows)).unsqueeze(1).expand_as(pos)[pos]
+        b = LMBatch(x=ids.to(trainer.device), y=part.prompt_len, idx=rows, mask=mask, on_policy=on_rows,
+                    targets=ids[:, 1:][pos], ground_truth=~on_rows[row_of])
+        if not self.needs_teacher:
+            return b
+        from_cache = torch.zeros(len(row_of), dtype=torch.bool)
+        if self.cache is not None:
+            from_cache = ~on_rows[row_of]
+            if bool(from_cache.any()):
+                b.cached = self.cache.get(rows, ids.shape[1]).select(
+                    torch.cat([pos, torch.zeros(len(rows), 1, dtype=torch.bool)], 1) & ~on_rows.unsqueeze(1))
+        b.from_cache = from_cache
+        live_rows = torch.unique(row_of[~from_cache])
+        if len(live_rows):
+            b.teacher_hidden, b.teacher_logits = self._teacher_view(trainer, ids[live_rows], pos[live_rows])
+        return b
+
+    @torch.no_grad()
+    def _teacher_view(self, trainer, ids: Tensor, pos: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """The live teacher on ``ids`` at the scored positions: hidden states (chunked head) or logits."""
+        _, t_split = self._splits(trainer.model)
+        t_ids = self.vmap.teacher_ids(ids) if not self.vmap.identity else ids
+        if not self.vmap.identity:  # padding is never scored; the teacher reads its own pad id there
+            t_ids = torch.where(ids == self.pad_id, torch.as_tensor(self.teacher_pad_id or 0), t_ids)
+        dev = device_of(self.teacher)
+        attn = (ids != self.pad_id).long().to(dev)
+        if t_split is not None:
+            h = t_split.hidden(t_ids.to(dev), attn)
+            return h[:, :-1][pos.to(dev)].to(trainer.device), None
+        z = HeadSplit(self.teacher).full_logits(t_ids.to(dev), attn)
+        return None, self.vmap.to_student(z[:, :-1][pos.to(dev)]).to(trainer.device)
+
+    # -------------------------------------------------------------------------------------- batch -> losses
+    def forward(self, model: nn.Module, objective: Objective, batch: LMBatch) -> tuple[dict[str, Tensor], None]:
+        s_split, _ = self._splits(model)
+        ids = batch.x
+        attn = (ids != self.pad_id).long()
+        pos = scored(batch.mask).to(ids.device)
+        if s_split is not None:
+            h = s_split.hidden(ids, attn)[:, :-1][pos]
+            head = s_split.logits
+        else:
+            h = HeadSplit(model).full_logits(ids, attn)[:, :-1][pos]
+            head = _identity
+        return objective(batch, (h, head, self)), None
+
+    def teacher_logits_of(self, batch: LMBatch, live: slice | Tensor) -> Tensor:
+        """The live teacher's logits over the student's vocabulary for live tokens ``live``."""
+        if batch.teacher_hidden is None:
+            return batch.teacher_logits[live]
+        return self.vmap.to_student(self.teacher_split.logits(batch.teacher_hidden[live]))
+
+
+def _identity(z: Tensor) -> Tensor:
+    return z
+
+
+# ---------------------------------------------------------------------------------------------- the loss
+class LMLoss(Objective):
+    """``α·CE + (1−α)·KD`` over the scored tokens of an :class:`LMBatch`, the head applied in chunks.
+
+    CE is the mean over ground-truth tokens, KD the mean over all scored tokens (on-policy ones included),
+    exactly as the unchunked :func:`~attar.distill.lm_objectives.token_ce_loss` and
+    :func:`~attar.distill.lm_objectives.token_kd_loss`; with no scored token both are 0 (kept on the graph)."""
+
+    def __init__(self, alpha: float, divergence_name: str = "kl", temperature: float = 1.0,
+                 divergence_args: dict | None = None, chunk_tokens: int | None = None):
+        super().__init__()
+        self.alpha, self.divergence_name, self.temperature = alpha, divergence_name, temperature
+        self.divergence_args = dict(divergence_args or {})
+        self.chunk_tokens = chunk_tokens
+        self.needs_teacher = alpha < 1
+        if is_batchwise(divergence_name) and chunk_tokens:
+            raise AttarError(f"divergence {divergence_name!r} compares all scored tokens as one set, so its logits "
+                             "cannot be split into chunks; set chunk_tokens: 0 (or leave it automatic).")
+
+    def forward(self, batch: LMBatch, outputs: tuple[Tensor, Callable[[Tensor], Tensor], LMTask]) -> dict[str, Tensor]:
+        h, head, task = outputs
+        n = h.shape[0]
+        zero = h.sum() * 0.0
+        if n == 0:
+            return {"loss": zero}
+        vocab = task.vocab or _head_size(head, h)
+        chunk = n if is_batchwise(self.divergence_name) else auto_chunk(vocab, self.chunk_tokens) or n
+        gt = batch.ground_truth.to(h.device)
+        targets = batch.targets.to(h.device)
+        n_gt = int(gt.sum())
+        want_ce, want_kd = self.alpha > 0 and n_gt > 0, self.alpha < 1
+        from_cache = batch.from_cache.to(h.device) if want_kd else None
+        live_index = (torch.cumsum((~from_cache).long(), 0) - 1) if want_kd else None
+        cache_index = (torch.cumsum(from_cache.long(), 0) - 1) if want_kd else None
+
+        def part(hc: Tensor, start: int) -> tuple[Tensor, Tensor]:
+            z = head(hc)
+            if task.vocab is not None:
+                z = z[:, : task.vocab]
+            sl = slice(start, start + hc.shape[0])
+            ce = kd = z.sum() * 0.0
+            if want_ce:
+                g = gt[sl]
+                if bool(g.any()):
+                    ce = nn.functional.cross_entropy(z[g], targets[sl][g], reduction="sum")
+            if want_kd:
+                kd = self._kd_sum(z, batch, task, from_cache[sl], live_index[sl], cache_index[sl])
+            return ce, kd
+
+        ce_sum, kd_sum = zero, zero
+        many = chunk < n
+        for start in range(0, n, chunk):
+            hc = h[start : start + chunk]
+            ce, kd = checkpoint(part, hc, start, use_reentrant=False) if many and torch.is_grad_enabled() \
+                else part(hc, start)
+            ce_sum, kd_sum = ce_sum + ce, kd_sum + kd
+        losses: dict[str, Tensor] = {}
+        loss = zero
+        if self.alpha > 0:
+            ce = ce_sum / max(1, n_gt)
+            loss = loss + self.alpha * ce
+            losses["ce"] = ce.detach()
+        if want_kd:
+            kd = kd_sum if is_batchwise(self.divergence_name) else kd_sum / n
+            loss = loss + (1 - self.alpha) * kd
+            losses["kd"] = kd.detach()
+        losses["loss"] = loss
+        return losses
+
+    def _kd_sum(self, z: Tensor, batch: LMBatch, task: LMTask, from_cache: Tensor, live_index: Tensor,
+                cache_index: Tensor) -> Tensor:
+        """Sum over this chunk's tokens of the divergence (batch-wise divergences: token-weighted means)."""
+        name, T, args = self.divergence_name, self.temperature, self.divergence_args
+        batchwise = is_batchwise(name)
+        total = z.sum() * 0.0
+        n_all = max(1, int(batch.from_cache.numel()))
+        if bool(from_cache.any()):
+            c = cache_index[from_cache]
+            topk = TopK(batch.cached.values[c], batch.cached.index[c], batch.cached.rest[c], batch.cached.vocab_size,
+                        batch.cached.temperature)
+            s, t = _bucketise(z[from_cache], topk, T)
+            total = total + (divergence(name, s, t, T, "mean", **args) * (len(c) / n_all) if batchwise
+                             else divergence(name, s, t, T, "none", **args).sum())
+        live = ~from_cache
+        if bool(live.any()):
+            t = task.teacher_logits_of(batch, live_index[live]).to(z.device)
+            s = z[live]
+            total = total + (divergence(name, s, t, T, "mean", **args) * (int(live.sum()) / n_all) if batchwise
+                             else divergence(name, s, t, T, "none", **args).sum())
+        return total
+
+
+def _head_size(head: Callable[[Tensor], Tensor], h: Tensor) -> int:
+    w = getattr(getattr(head, "__self__", None), "head", None)
+    return int(w.weight.shape[0]) if w is not None else int(h.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------- the monitor
+class LMMonitor(Callback):
+    """Every ``eval_every`` steps: held-out perplexity, the teacher's NLL of student samples (on-policy), the best
+    weights kept, and the teacher-hacking guard (``lm.py``'s module doc). Its records, the best weights and the
+    guard's counters are checkpointed with the run, so a resumed run records what an uninterrupted one does."""
+
+    def __init__(self, eval_every: int, total_steps: int, val: LMSplit | None, monitor: LMSplit | None,
+                 measure: Callable[[nn.Module], dict[str, float]], restore_best: bool, patience: int,
+                 stop_on_hacking: bool, on_metrics: Callable[[int, dict], None] | None = None):
+        self.eval_every, self.total_steps, self.val, self.monitor = eval_every, total_steps, val, monitor
+        self.measure, self.restore_best, self.patience, self.stop_on_hacking = measure, restore_best, patience, stop_on_hacking
+        self.on_metrics = on_metrics
+        self.history: list[dict[str, Any]] = []
+        self.best_ppl, self.best_step, self.best_state = float("inf"), 0, None
+        self.rising, self.hacking, self.stopped, self.restored = 0, False, None, None
+        self.last: dict[str, float] = {}
+
+    def on_batch_end(self, trainer, batch, outputs, losses) -> None:
+        self.last = {k: float(v.detach()) for k, v in losses.items()}
+
+    def on_step_end(self, trainer, step: int) -> None:
+        if step % self.eval_every and step != trainer.total_steps:
+            return
+        rec: dict[str, Any] = {"step": step, **self.last, "seconds": trainer.elapsed()}
+        rec |= self.measure(trainer.model)
+        self.history.append(rec)
+        if self.on_metrics is not None and trainer.rank == 0:
+            self.on_metrics(step, rec)
+        if "val_ppl" not in rec:
+            return
+        if rec["val_ppl"] < self.best_ppl:
+            self.best_ppl, self.best_step, self.rising = rec["val_ppl"], step, 0
+            if self.restore_best:
+                self.best_state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+        elif len(self.history) >= 2 and rec["val_ppl"] > self.history[-2].get("val_ppl", float("inf")):
+            self.rising += 1
+        else:
+            self.rising = 0
+        tn = [h["teacher_nll_of_samples"] for h in self.history[-(self.patience + 1):] if "teacher_nll_of_samples" in h]
+        if self.rising >= self.patience and len(tn) == self.patience + 1 and tn[-1] < tn[0]:
+            self.hacking = True
+            if self.stop_on_hacking:
+                self.stopped = step
+                trainer.request_stop("teacher hacking suspected")
+
+    def on_train_end(self, trainer) -> None:
+        last = self.history[-1].get("val_ppl", self.best_ppl) if self.history else self.best_ppl
+        if self.restore_best and self.best_state is not None and last > self.best_ppl:
+            trainer.model.load_state_dict(self.best_state)
+            self.restored = self.best_step
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        meta = {"history": self.history, "best_ppl": self.best_ppl if self.best_ppl < float("inf") else None,
+                "best_step": self.best_step, "rising": self.rising, "hacking": self.hacking, "stopped": self.stopped}
+        out = {"meta": torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)}
+        for k, v in (self.best_state or {}).items():
+            out[f"best/{k}"] = v
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        if "meta" not in tensors:
+            return
+        meta = json.loads(bytes(tensors["meta"].tolist()).decode())
+        self.history = meta["history"]
+        self.best_ppl = meta["best_ppl"] if meta["best_ppl"] is not None else float("inf")
+        self.best_step, self.rising, self.hacking, self.stopped = meta["best_step"], meta["rising"], meta["hacking"], meta["stopped"]
+        best = {k[5:]: v for k, v in tensors.items() if k.startswith("best/")}
+        self.best_state = best or None
