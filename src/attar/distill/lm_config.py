@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class LMDistillConfig(BaseModel):
@@ -43,3 +43,52 @@ class LMDistillConfig(BaseModel):
     gradient_checkpointing: bool = Field(False, description="recompute the student's activations in the backward pass")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class LMModelSpec(BaseModel):
+    """A causal LM in a recipe: exactly one of a packaged model, a Hugging Face folder, a fresh byte-level GPT-2
+    or an earlier stage's model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pretrained: str | None = Field(None, description="a packaged model: smollm2-135m, gemma3-270m, qwen2.5-coder-0.5b/1.5b")
+    hf: str | None = Field(None, description="a local Hugging Face causal-LM folder")
+    byte: dict[str, int] | None = Field(None, description="a fresh byte-level GPT-2: {layers, d_model, heads, context}")
+    stage: str | None = Field(None, description="the model an earlier lm stage wrote")
+
+    @model_validator(mode="after")
+    def _one(self) -> "LMModelSpec":
+        given = [k for k in ("pretrained", "hf", "byte", "stage") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of pretrained, hf, byte or stage (got {', '.join(given) or 'none'})")
+        if self.byte is not None:
+            unknown = sorted(set(self.byte) - {"layers", "d_model", "heads", "context"})
+            if unknown:
+                raise ValueError(f"byte: unknown field(s) {unknown}; it takes layers, d_model, heads, context")
+        return self
+
+
+class LMTextSpec(BaseModel):
+    """Text for a language model: a built-in corpus or a .txt/.csv/.tsv/.parquet file, cut into prompt + continuation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("fortunes", description="a built-in text set, or a path to a .txt/.csv/.tsv/.parquet file")
+    text_column: str | None = None
+    prompt_len: int = Field(16, ge=1)
+    max_len: int = Field(128, ge=3)
+    train_limit: int | None = Field(None, ge=1)
+    val_limit: int | None = Field(None, ge=1)
+    test_limit: int | None = Field(None, ge=1)
+
+
+class LMStageOptions(BaseModel):
+    """The ``lm:`` block of an ``lm`` stage: train or distil a causal LM on text."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    student: LMModelSpec
+    teacher: LMModelSpec | None = Field(None, description="with train.alpha < 1: the model to distil")
+    data: LMTextSpec = Field(default_factory=LMTextSpec)
+    train: LMDistillConfig = Field(default_factory=LMDistillConfig, description="alpha defaults to 1 (plain next-token CE) without a teacher")
+    cache_topk: int | None = Field(None, ge=1, description="run the teacher once and keep its top-k log-probs per token")

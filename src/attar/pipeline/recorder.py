@@ -145,7 +145,9 @@ class RunRecorder:
             if Path(path).exists():
                 self.store.add_artifact(self.run_id, st.name, name, name if name == "data" else "model", str(path))
         self.store.finish_stage(self.run_id, st.name, "done")
-        self.log("  " + "  ".join(_fmt(k, row[k]) for k in ("accuracy", "nll", "ece", "params", "images") if k in row))
+        self.log("  " + "  ".join(_fmt(k, row[k]) for k in ("accuracy", "nll", "ece", "test_ppl", "teacher_test_ppl",
+                                                            "kl_to_teacher", "top1_agreement", "params", "images")
+                                   if k in row))
         return row
 
     # ------------------------------------------------------------------ closing

@@ -1,0 +1,166 @@
+"""``lm`` stage: train or distil a causal language model on text, on the one Trainer (:mod:`attar.distill.lm`).
+
+Models are ``{pretrained: smollm2-135m}`` (a packaged model, converted once to a Hugging Face folder),
+``{hf: FOLDER}``, ``{byte: {layers: 2, d_model: 128}}`` (a fresh byte-level GPT-2) or ``{stage: NAME}`` (an
+earlier ``lm`` stage's model). Without a teacher the stage is next-token training (``alpha`` 1); with one,
+token-level KD with any divergence, a top-k teacher cache (``cache_topk``) and on-policy rows. The stage
+checkpoints into ``<run>/<stage>/checkpoints`` (``attar run --resume`` continues a killed run to the same weights),
+writes ``<run>/<stage>/model`` (a Hugging Face folder with the tokenizer) and reports held-out perplexity,
+the teacher's, and KL(teacher‖student) and top-1 agreement with the teacher on the test text::
+
+    - name: student
+      kind: lm
+      lm:
+        student: {byte: {layers: 1, d_model: 64}}
+        teacher: {stage: teacher}
+        data: {name: fortunes, max_len: 96}
+        train: {steps: 200, alpha: 0.2, divergence: gjsd, divergence_args: {beta: 0.5}}
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from attar.distill.lm import _config, distill_lm, perplexity
+from attar.distill.lm_config import LMModelSpec, LMStageOptions
+from attar.distill.lm_objectives import LMTeacherCache, check_vocab
+from attar.distill.lm_task import HeadSplit, scored
+from attar.distill.lm_sampling import trim_padding
+from attar.errors import AttarError
+from attar.io import atomic_write_json, staged_folder
+from attar.stages.base import STAGES, EarlierStage, StageContext, StageInputs, StageKind, StageResult
+from attar.text.charlm import LMSplit, byte_tokenizer, load_causal_lm, make_byte_lm, save_causal_lm
+from attar.text.lm_io import lm_context, lm_dataset, read_texts, scored_vocab
+from attar.text.sources import TEXT_BUILTINS
+from attar.text.pretrained_lm import get_pretrained, load_pretrained_lm, resolve_lm
+
+
+@STAGES.register("lm")
+class LMStage(StageKind):
+    """Train or distil a causal language model on text (``lm: {student, teacher, data, train}``)."""
+
+    needs_data = False
+
+    @classmethod
+    def options_model(cls):
+        return LMStageOptions
+
+    @classmethod
+    def references(cls, st: Any) -> list[str]:
+        o = st.lm
+        return [m.stage for m in (o.student, o.teacher) if m is not None and m.stage]
+
+    def preflight(self, inputs: StageInputs):
+        o = inputs.options
+        with inputs.context("lm"):
+            settings = _settings(o, inputs.seed)
+            for role, m in (("student", o.student), ("teacher", o.teacher)):
+                if m is None:
+                    continue
+                if m.pretrained is not None:
+                    get_pretrained(m.pretrained, field=f"lm.{role}.pretrained")
+                elif m.hf is not None:
+                    resolve_lm({"hf": m.hf})
+                elif m.stage is not None and inputs.earlier[m.stage].kind != "lm":
+                    raise AttarError(f"lm.{role}: stage {m.stage!r} is a {inputs.earlier[m.stage].kind} stage; "
+                                     "an lm stage reads the model of an earlier lm stage.")
+            if read_texts(o.data.name, o.data.text_column) == o.data.name and not TEXT_BUILTINS.get(o.data.name).available():
+                TEXT_BUILTINS.get(o.data.name).load()  # says what is missing and the install command
+            if o.cache_topk is not None and settings.alpha >= 1:
+                raise AttarError("cache_topk with train.alpha 1 has no effect (pure cross-entropy never reads the "
+                                 "teacher); lower train.alpha or drop cache_topk.")
+        return None
+
+    def run(self, inputs: StageInputs, ctx: StageContext) -> StageResult:
+        o: LMStageOptions = inputs.options
+        out = ctx.stage_dir / "model"
+        metrics_file = ctx.stage_dir / "lm-metrics.json"
+        if ctx.resume and (out / "config.json").exists() and metrics_file.exists():
+            model, _ = load_causal_lm(out)
+            inputs.log(f"  finished earlier: loaded {out}")
+            saved = json.loads(metrics_file.read_text())
+            return StageResult(model, {"hf": str(out)}, saved["history"], metrics=saved["metrics"],
+                               artifacts={"model": out})
+        with inputs.context("lm"):
+            cfg = _settings(o, inputs.seed)
+            student, stok = _load(o.student, "student", inputs.earlier)
+            teacher, ttok = _load(o.teacher, "teacher", inputs.earlier) if o.teacher is not None else (None, None)
+            vmap = check_vocab(teacher, student, ttok, stok) if teacher is not None else None
+            contexts = [c for c in (lm_context(student), lm_context(teacher) if teacher is not None else None) if c]
+            d = o.data
+            data = lm_dataset(d.name, stok, min(contexts) if contexts else None, text_column=d.text_column,
+                              prompt_len=d.prompt_len, max_len=d.max_len, seed=cfg.seed, train_limit=d.train_limit,
+                              val_limit=d.val_limit, test_limit=d.test_limit)
+            vocab = vmap.student_size if vmap is not None else scored_vocab(student, stok)
+            inputs.log(f"  text: {data.info['sizes']} rows, {data.info['response_tokens']['train']:,} training tokens")
+            cache = None
+            if o.cache_topk is not None and teacher is not None and cfg.alpha < 1:
+                cache, built = LMTeacherCache.load_or_build(ctx.stage_dir / "teacher-cache.safetensors", teacher,
+                                                            data.train.ids, o.cache_topk, cfg.temperature, vmap=vmap,
+                                                            pad_id=data.pad_id)
+                inputs.log(f"  teacher cache {'built' if built else 'reused'}: {cache.mode}")
+            res = distill_lm(student, data, teacher if cfg.alpha < 1 else None, cfg, cache=cache,
+                             student_tokenizer=stok, teacher_tokenizer=ttok, ckpt_dir=ctx.stage_dir / "checkpoints",
+                             resume=ctx.resume, on_metrics=ctx.on_metrics)
+        metrics: dict[str, Any] = {"test_ppl": perplexity(res.model, data.test, data.pad_id, vocab_size=vocab),
+                                   "steps": res.metrics["steps"],
+                                   "train_s": round(float(res.metrics["train_seconds"]), 1),
+                                   "params": sum(p.numel() for p in res.model.parameters())}
+        if teacher is not None:
+            metrics["teacher_test_ppl"] = perplexity(teacher, data.test, data.pad_id, vocab_size=vocab)
+            metrics |= agreement(teacher, res.model, data.test, data.pad_id, vocab)
+        with staged_folder(out) as tmp:
+            save_causal_lm(res.model, stok, tmp)
+        atomic_write_json(metrics_file, {"metrics": metrics, "history": res.history})
+        return StageResult(res.model, {"hf": str(out)}, res.history, metrics=metrics, artifacts={"model": out})
+
+
+def _settings(o: LMStageOptions, seed: int):
+    """The stage's training settings: alpha 1 without a teacher, the recipe's seed unless the block sets one."""
+    given = o.train.model_fields_set
+    update: dict[str, Any] = {}
+    if o.teacher is None:
+        if "alpha" in given and o.train.alpha < 1:
+            raise AttarError(f"train.alpha={o.train.alpha} mixes in a KD term, but the stage has no teacher; add "
+                             "lm.teacher or drop train.alpha.")
+        update["alpha"] = 1.0
+    if "seed" not in given:
+        update["seed"] = seed
+    return _config(o.train.model_copy(update=update), {})
+
+
+def _load(spec: LMModelSpec, role: str, earlier: dict[str, EarlierStage]) -> tuple[Any, Any]:
+    if spec.byte is not None:
+        return make_byte_lm(**spec.byte), byte_tokenizer()
+    if spec.stage is not None:
+        e = earlier[spec.stage]
+        if not e.spec.get("hf"):
+            raise AttarError(f"lm.{role}: stage {spec.stage!r} left no language-model folder.")
+        return load_causal_lm(e.spec["hf"])
+    return load_pretrained_lm({"pretrained": spec.pretrained} if spec.pretrained else {"hf": spec.hf})
+
+
+@torch.no_grad()
+def agreement(teacher, student, split: LMSplit, pad_id: int, vocab: int | None, batch_size: int = 4) -> dict[str, float]:
+    """Mean KL(teacher‖student) per response token and how often the two models' top-1 next tokens agree."""
+    kl, agree, n = 0.0, 0, 0
+    t_split, s_split = HeadSplit(teacher), HeadSplit(student)
+    for m in (teacher, student):
+        m.eval()
+    for i in range(0, len(split), batch_size):
+        ids, mask = trim_padding(split.ids[i : i + batch_size], split.mask[i : i + batch_size], pad_id)
+        pos = scored(mask)
+        attn = (ids != pad_id).long()
+        zt = t_split.full_logits(ids, attn)[:, :-1][pos]
+        zs = s_split.full_logits(ids, attn)[:, :-1][pos]
+        if vocab:
+            zt, zs = zt[:, :vocab], zs[:, :vocab]
+        lt, ls = torch.log_softmax(zt.float(), -1), torch.log_softmax(zs.float(), -1)
+        kl += float((lt.exp() * (lt - ls)).sum())
+        agree += int((zt.argmax(-1) == zs.argmax(-1)).sum())
+        n += len(zt)
+    return {"kl_to_teacher": kl / max(1, n), "top1_agreement": agree / max(1, n)}
+

@@ -1,0 +1,113 @@
+"""The ``lm`` recipe stage: train a byte-level teacher and distil it into a smaller student with `attar run`,
+resume a killed LM run to identical weights, and refuse mistakes with the field named."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from attar.errors import AttarError
+from attar.pipeline import Pipeline
+from attar.recipe import load_recipe
+
+WORDS = ["time", "love", "code", "rain", "salt", "wind", "fire", "snow", "stone", "river", "light", "song"]
+
+
+def _corpus(path: Path, n: int = 240) -> Path:
+    g = torch.Generator().manual_seed(0)
+    lines = []
+    for i in range(n):
+        w = [WORDS[int(j)] for j in torch.randint(0, len(WORDS), (6,), generator=g)]
+        lines.append(f"the {w[0]} and the {w[1]} went to the {w[2]}, said {w[3]} number {i}, to {w[4]} {w[5]}.")
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _recipe(tmp_path: Path, teacher_steps: int = 30, ckpt: int = 0) -> Path:
+    corpus = _corpus(tmp_path / "corpus.txt")
+    r = tmp_path / "lm.yaml"
+    r.write_text(f"""\
+name: lm-test
+seed: 1
+stages:
+  - name: teacher
+    kind: lm
+    lm:
+      student: {{byte: {{layers: 1, d_model: 48, heads: 2, context: 96}}}}
+      data: {{name: {corpus}, max_len: 80}}
+      train: {{steps: {teacher_steps}, batch_size: 16, lr: 0.005, eval_every: 10, checkpoint_every: {ckpt}}}
+  - name: student
+    kind: lm
+    lm:
+      student: {{byte: {{layers: 1, d_model: 16, heads: 2, context: 96}}}}
+      teacher: {{stage: teacher}}
+      data: {{name: {corpus}, max_len: 80}}
+      train: {{steps: 20, batch_size: 16, lr: 0.005, eval_every: 10, alpha: 0.5}}
+      cache_topk: 8
+""")
+    return r
+
+
+def test_lm_recipe_trains_a_teacher_and_distils_a_student(tmp_path):
+    recipe, text = load_recipe(_recipe(tmp_path))
+    run = Pipeline(recipe, text, home=tmp_path / "home", log=lambda *a, **k: None).run()
+    rows = {s: json.loads((run / s / "lm-metrics.json").read_text())["metrics"] for s in ("teacher", "student")}
+    assert rows["teacher"]["test_ppl"] < 258 and rows["student"]["test_ppl"] < 258  # better than uniform bytes
+    assert rows["student"]["teacher_test_ppl"] == pytest.approx(rows["teacher"]["test_ppl"])
+    assert 0 <= rows["student"]["top1_agreement"] <= 1 and rows["student"]["kl_to_teacher"] >= 0
+    for stage in ("teacher", "student"):
+        assert (run / stage / "model" / "config.json").exists()
+    assert (run / "student" / "teacher-cache.safetensors").exists()
+    assert "test_ppl" in (run / "report.md").read_text()
+
+
+@pytest.mark.parametrize("block,field", [
+    ("lm: {student: {byte: {layers: 1}}, train: {alpha: 0.5}}", "no teacher"),
+    ("lm: {student: {pretrained: gpt-17}}", "gpt-17"),
+    ("lm: {student: {byte: {layers: 1}, hf: x}}", "exactly one of"),
+    ("lm: {student: {byte: {layers: 1}}, data: {name: nowhere.txt}}", "no such file"),
+])
+def test_lm_stage_mistakes_are_refused_before_any_work(tmp_path, block, field):
+    r = tmp_path / "bad.yaml"
+    r.write_text(f"name: bad\nstages:\n  - name: s\n    kind: lm\n    {block}\n")
+    with pytest.raises((AttarError, ValueError), match=field):
+        Pipeline(*load_recipe(r), home=tmp_path / "home", log=lambda *a, **k: None).run()
+    assert not (tmp_path / "home").exists() or not list((tmp_path / "home").glob("*/s/model"))
+
+
+ENV = {**os.environ, "CI": "true", "ATTAR_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_sigkill_of_an_lm_run_then_resume_matches_uninterrupted(tmp_path):
+    recipe = _recipe(tmp_path, teacher_steps=400, ckpt=10)
+    cmd = lambda home, *a: [sys.executable, "-m", "attar.cli", "run", *a, "--home", str(home)]  # noqa: E731
+    subprocess.run(cmd(tmp_path / "ref", str(recipe)), check=True, env=ENV, capture_output=True)
+    home = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(home, str(recipe)), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed, deadline = False, time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if any(int(p.parent.name.split("-")[1]) >= 30 for p in home.glob("*/teacher/checkpoints/step-*/manifest.json")):
+            proc.send_signal(signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert killed, "the run finished before it could be killed; the test needs a longer run"
+    run_dir = next(p for p in home.iterdir() if (p / "run.json").exists())
+    res = subprocess.run(cmd(home, "--resume", str(run_dir)), env=ENV, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    ref_dir = next(p for p in (tmp_path / "ref").iterdir() if (p / "run.json").exists())
+    for stage in ("teacher", "student"):
+        a = load_file(ref_dir / stage / "model" / "model.safetensors")
+        b = load_file(run_dir / stage / "model" / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage
