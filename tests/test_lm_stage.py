@@ -111,3 +111,32 @@ def test_sigkill_of_an_lm_run_then_resume_matches_uninterrupted(tmp_path):
         a = load_file(ref_dir / stage / "model" / "model.safetensors")
         b = load_file(run_dir / stage / "model" / "model.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage
+
+
+def test_prune_then_recover_by_distillation_from_the_unpruned_model(tmp_path):
+    corpus = _corpus(tmp_path / "corpus.txt")
+    r = tmp_path / "prune.yaml"
+    r.write_text(f"""\
+name: prune-test
+stages:
+  - name: full
+    kind: lm
+    lm:
+      student: {{byte: {{layers: 3, d_model: 48, heads: 2, context: 96}}}}
+      data: {{name: {corpus}, max_len: 80}}
+      train: {{steps: 40, batch_size: 16, lr: 0.005, eval_every: 20}}
+  - name: pruned
+    kind: lm
+    lm:
+      student: {{stage: full, prune: {{layers: 1}}}}
+      teacher: {{stage: full}}
+      data: {{name: {corpus}, max_len: 80}}
+      train: {{steps: 30, batch_size: 16, lr: 0.005, eval_every: 10, alpha: 0.0}}
+""")
+    run = Pipeline(*load_recipe(r), home=tmp_path / "home", log=lambda *a, **k: None).run()
+    m = json.loads((run / "pruned" / "lm-metrics.json").read_text())["metrics"]
+    assert m["layers"] == "3->1" and m["test_ppl"] < m["pruned_ppl"]
+    from attar.text.charlm import load_causal_lm
+    from attar.text.lm_prune import decoder_layers
+
+    assert len(decoder_layers(load_causal_lm(run / "pruned" / "model")[0])) == 1

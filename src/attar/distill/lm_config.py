@@ -45,6 +45,15 @@ class LMDistillConfig(BaseModel):
     dtype: Literal["float32", "bfloat16"] = "float32"
 
 
+class LMPruneSpec(BaseModel):
+    """Depth pruning of the loaded model before training: keep the ``layers`` most influential decoder layers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    layers: int = Field(..., ge=1, description="decoder layers to keep (block influence on the training text)")
+    calibration_rows: int = Field(64, ge=1, description="training rows the importance is measured on")
+
+
 class LMModelSpec(BaseModel):
     """A causal LM in a recipe: exactly one of a packaged model, a Hugging Face folder, a fresh byte-level GPT-2
     or an earlier stage's model."""
@@ -55,6 +64,7 @@ class LMModelSpec(BaseModel):
     hf: str | None = Field(None, description="a local Hugging Face causal-LM folder")
     byte: dict[str, int] | None = Field(None, description="a fresh byte-level GPT-2: {layers, d_model, heads, context}")
     stage: str | None = Field(None, description="the model an earlier lm stage wrote")
+    prune: LMPruneSpec | None = Field(None, description="drop decoder layers first (prune, then recover by training)")
 
     @model_validator(mode="after")
     def _one(self) -> "LMModelSpec":

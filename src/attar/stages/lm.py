@@ -33,6 +33,8 @@ from attar.errors import AttarError
 from attar.io import atomic_write_json, staged_folder
 from attar.stages.base import STAGES, EarlierStage, StageContext, StageInputs, StageKind, StageResult
 from attar.text.charlm import LMSplit, byte_tokenizer, load_causal_lm, make_byte_lm, save_causal_lm
+from attar.checkpoint import latest_checkpoint
+from attar.text.lm_prune import drop_layers, prune_depth
 from attar.text.lm_io import lm_context, lm_dataset, read_texts, scored_vocab
 from attar.text.sources import TEXT_BUILTINS
 from attar.text.pretrained_lm import get_pretrained, load_pretrained_lm, resolve_lm
@@ -64,7 +66,9 @@ class LMStage(StageKind):
                     get_pretrained(m.pretrained, field=f"lm.{role}.pretrained")
                 elif m.hf is not None:
                     resolve_lm({"hf": m.hf})
-                elif m.stage is not None and inputs.earlier[m.stage].kind != "lm":
+                if m.prune is not None and role == "teacher":
+                    raise AttarError("lm.teacher.prune: prune the student; the teacher is the unpruned model.")
+                if m.stage is not None and inputs.earlier[m.stage].kind != "lm":
                     raise AttarError(f"lm.{role}: stage {m.stage!r} is a {inputs.earlier[m.stage].kind} stage; "
                                      "an lm stage reads the model of an earlier lm stage.")
             if read_texts(o.data.name, o.data.text_column) == o.data.name and not TEXT_BUILTINS.get(o.data.name).available():
@@ -95,6 +99,19 @@ class LMStage(StageKind):
                               prompt_len=d.prompt_len, max_len=d.max_len, seed=cfg.seed, train_limit=d.train_limit,
                               val_limit=d.val_limit, test_limit=d.test_limit)
             vocab = vmap.student_size if vmap is not None else scored_vocab(student, stok)
+            pruned: dict[str, Any] = {}
+            if o.student.prune is not None and not (ctx.resume and latest_checkpoint(ctx.stage_dir / "checkpoints")):
+                p = o.student.prune
+                student, info = prune_depth(student, data.train.ids[: p.calibration_rows], data.pad_id, p.layers)
+                pruned = {"pruned_ppl": perplexity(student, data.test, data.pad_id, vocab_size=vocab),
+                          "layers": f"{info['layers_before']}->{info['layers_after']}"}
+                inputs.log(f"  pruned {info['layers_before']} -> {info['layers_after']} layers (dropped "
+                           f"{info['dropped']}); test perplexity now {pruned['pruned_ppl']:.2f}")
+                atomic_write_json(ctx.stage_dir / "prune.json", info | pruned)
+            elif o.student.prune is not None:  # resuming: rebuild the same pruned shape, the checkpoint has the weights
+                info = json.loads((ctx.stage_dir / "prune.json").read_text())
+                student = drop_layers(student, info["dropped"])
+                pruned = {"pruned_ppl": info["pruned_ppl"], "layers": info["layers"]}
             inputs.log(f"  text: {data.info['sizes']} rows, {data.info['response_tokens']['train']:,} training tokens")
             cache = None
             if o.cache_topk is not None and teacher is not None and cfg.alpha < 1:
@@ -108,7 +125,7 @@ class LMStage(StageKind):
         metrics: dict[str, Any] = {"test_ppl": perplexity(res.model, data.test, data.pad_id, vocab_size=vocab),
                                    "steps": res.metrics["steps"],
                                    "train_s": round(float(res.metrics["train_seconds"]), 1),
-                                   "params": sum(p.numel() for p in res.model.parameters())}
+                                   "params": sum(p.numel() for p in res.model.parameters())} | pruned
         if teacher is not None:
             metrics["teacher_test_ppl"] = perplexity(teacher, data.test, data.pad_id, vocab_size=vocab)
             metrics |= agreement(teacher, res.model, data.test, data.pad_id, vocab)
