@@ -12,7 +12,7 @@ from attar.cli.app import app
 from attar.console import fail as _fail
 from attar.errors import AttarError
 
-from attar.cli import run, methods, data, runs  # noqa: E402,F401,I001  (registration, in help order)
+from attar.cli import run, methods, data, models, runs  # noqa: E402,F401,I001  (registration, in help order)
 
 
 def _mount_merge() -> None:

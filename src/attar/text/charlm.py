@@ -1,7 +1,7 @@
 """Causal language models for distillation: a byte-level tokenizer, tiny GPT-2 models, and LM data.
 
-No pretrained causal LM is available offline, so attar trains its own teacher: a small GPT-2
-(``transformers.GPT2LMHeadModel``) over a **byte-level vocabulary** of 258 tokens. The choice:
+attar trains its own small teachers (real pretrained ones come from :mod:`attar.text.pretrained_lm`):
+a small GPT-2 (``transformers.GPT2LMHeadModel``) over a **byte-level vocabulary** of 258 tokens. The choice:
 
 * **Bytes, not characters.** Token id ``b`` *is* byte ``b`` (0..255) of the UTF-8 text, so any text
   (accents, emoji) is representable with no unknown token and no vocabulary to learn; two special
@@ -107,8 +107,10 @@ def save_causal_lm(model: Any, tokenizer: Any, folder: str | Path) -> Path:
     return folder
 
 
-def load_causal_lm(path: str | Path) -> tuple[Any, Any]:
-    """``(AutoModelForCausalLM, AutoTokenizer)`` from a local Hugging Face folder; nothing is downloaded."""
+def load_causal_lm(path: str | Path, dtype: Any = None) -> tuple[Any, Any]:
+    """``(AutoModelForCausalLM, AutoTokenizer)`` from a local Hugging Face folder; nothing is downloaded.
+
+    ``dtype``: the weights' dtype (default ``torch.float32``, whatever the folder was saved in)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
@@ -117,7 +119,8 @@ def load_causal_lm(path: str | Path) -> tuple[Any, Any]:
         raise AttarError(f"{p} is not a Hugging Face model folder (no config.json); give a folder written by "
                          "save_pretrained (attar.text.charlm.make_byte_lm(folder) makes one).")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True,
+                                                     dtype=torch.float32 if dtype is None else dtype)
     except Exception as e:
         raise AttarError(f"cannot load {p} as a causal LM ({type(e).__name__}: {e}).") from None
     try:

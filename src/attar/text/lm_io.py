@@ -21,13 +21,9 @@ def load_lm(path: Path, role: str) -> tuple[Any, Any]:
                          "or give a Hugging Face causal-LM folder (config.json, weights, tokenizer).")
     if not p.is_dir():
         raise AttarError(f"the {role} {p} is a file; give a Hugging Face causal-LM folder (config.json, weights, tokenizer).")
-    model_type = _model_type(p)
+    model_type = model_type_of(p)
     if model_type is not None:
-        from transformers.models.auto.modeling_auto import (
-            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        )
-
-        if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        if not is_causal_lm_type(model_type):
             raise AttarError(f"the {role} folder {p} holds a {model_type!r} model, which is not a causal language model "
                              "(AutoModelForCausalLM cannot load it); give a causal-LM folder such as one written by "
                              "`attar lm new`.")
@@ -37,12 +33,20 @@ def load_lm(path: Path, role: str) -> tuple[Any, Any]:
         raise AttarError(f"{role}: {e}") from None
 
 
-def _model_type(folder: Path) -> str | None:
+def model_type_of(folder: Path) -> str | None:
+    """``model_type`` of the folder's config.json, or None when it is missing, unreadable or has none."""
     try:
         cfg = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         return None  # load_causal_lm explains a missing or broken config.json
     return cfg.get("model_type") if isinstance(cfg, dict) else None
+
+
+def is_causal_lm_type(model_type: str) -> bool:
+    """Whether ``AutoModelForCausalLM`` loads models of this ``model_type`` (llama, qwen2, gpt2, ...)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 
 def lm_context(model: Any) -> int | None:
