@@ -34,5 +34,27 @@ def main(out: Path, resume: bool) -> None:
     print(f"rank {dist.rank()} world {dist.world_size()} steps {res.steps} acc {res.history[-1]['val_accuracy']:.3f}")
 
 
+def main_lm(out: Path) -> None:
+    """Token KD between two byte-level GPT-2s, each rank on its shard of every batch (the LM task under DDP)."""
+    from attar.distill.lm import distill_lm
+    from attar.text.charlm import byte_tokenizer, lm_data, make_byte_lm
+
+    dist.maybe_init()
+    out.mkdir(parents=True, exist_ok=True)
+    texts = [f"line {i}: the {w} of {v} is {u}." for i, (w, v, u) in
+             enumerate(zip(["sea", "sky", "sun", "moon"] * 16, ["time", "salt", "wind", "rain"] * 16, "abcdefgh" * 8))]
+    data = lm_data(texts, byte_tokenizer(), prompt_len=6, max_len=40, seed=0)
+    teacher = make_byte_lm(layers=1, d_model=32, heads=2, context=64, seed=0)
+    student = make_byte_lm(layers=1, d_model=16, heads=2, context=64, seed=1)
+    res = distill_lm(student, data, teacher, steps=8, batch_size=8, lr=5e-3, eval_every=4, alpha=0.5,
+                     checkpoint_every=4, progress=False, ckpt_dir=out / "ckpt")
+    save_file({k: v.clone() for k, v in res.model.state_dict().items()}, str(out / f"rank{dist.rank()}.safetensors"))
+    print(f"lm rank {dist.rank()} world {dist.world_size()} steps {res.metrics['steps']} "
+          f"ppl {res.history[0]['val_ppl']:.2f}->{res.history[-1]['val_ppl']:.2f}")
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), resume=len(sys.argv) > 2 and sys.argv[2] == "resume")
+    if len(sys.argv) > 2 and sys.argv[2] == "lm":
+        main_lm(Path(sys.argv[1]))
+    else:
+        main(Path(sys.argv[1]), resume=len(sys.argv) > 2 and sys.argv[2] == "resume")

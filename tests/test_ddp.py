@@ -68,3 +68,15 @@ def test_ddp_ranks_identical_and_resume_exact(tmp_path):
         got = _weights(killed, rank)
         for k in r0:
             assert torch.equal(got[k], r0[k]), f"rank {rank}: {k} differs after resume"
+
+
+@pytest.mark.slow
+def test_ddp_lm_distillation_ranks_agree(tmp_path):
+    """The LM task under torchrun: both ranks end with the same student, and a checkpoint was written once."""
+    res = subprocess.run(_torchrun(tmp_path, "lm", port=_free_port()), env=ENV, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = _weights(tmp_path, 0), _weights(tmp_path, 1)
+    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
+    assert "lm rank 0 world 2 steps 8" in res.stdout
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("step-*")) == ["step-00000004", "step-00000008"]

@@ -33,7 +33,7 @@ def test_builtin_quickstart_is_valid():
 @pytest.mark.parametrize(
     "old,new,line,field,words",
     [
-        ("kind: train", "kind: trian", 5, "stages[0].kind", "known kinds: condense, distill, evaluate, finetune, merge, train"),
+        ("kind: train", "kind: trian", 5, "stages[0].kind", "known kinds: condense, distill, evaluate, finetune, lm, merge, train"),
         ("model: {arch: mlp}", "model: {arch: mlp, widht: 3}", 6, "stages[0].model.widht", "unknown field"),
         ("kind: train", "kind: train\n    train: {lr: fast}", 6, "stages[0].train.lr", "valid number"),
         ("teacher: teacher", "teacher: nobody", 9, "stages", "'nobody', which is no stage"),

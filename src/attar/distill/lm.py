@@ -51,9 +51,15 @@ from torch import Tensor, nn
 
 from attar.distill.divergences import DIVERGENCES, divergence_params
 from attar.distill.lm_config import LMDistillConfig
-from attar.distill.lm_objectives import LMTeacherCache, check_vocab, teacher_lm_logits, token_ce_loss
+from attar.distill.lm_monitor import LMMonitor
+from attar.distill.lm_objectives import (
+    LMTeacherCache,
+    check_vocab,
+    teacher_lm_logits,
+    token_ce_loss,
+)
 from attar.distill.lm_sampling import sample_continuations, trim_padding
-from attar.distill.lm_task import HeadSplit, LMLoss, LMMonitor, LMTask, auto_chunk, scored
+from attar.distill.lm_task import HeadSplit, LMLoss, LMTask, auto_chunk, scored
 from attar.errors import AttarError
 from attar.registry import validation_error
 from attar.rng import generator

@@ -24,20 +24,33 @@ from typing import Any
 
 import torch
 
+from attar.checkpoint import latest_checkpoint
 from attar.distill.lm import _config, distill_lm, perplexity
 from attar.distill.lm_config import LMModelSpec, LMStageOptions
 from attar.distill.lm_objectives import LMTeacherCache, check_vocab
-from attar.distill.lm_task import HeadSplit, scored
 from attar.distill.lm_sampling import trim_padding
+from attar.distill.lm_task import HeadSplit, scored
 from attar.errors import AttarError
 from attar.io import atomic_write_json, staged_folder
-from attar.stages.base import STAGES, EarlierStage, StageContext, StageInputs, StageKind, StageResult
-from attar.text.charlm import LMSplit, byte_tokenizer, load_causal_lm, make_byte_lm, save_causal_lm
-from attar.checkpoint import latest_checkpoint
-from attar.text.lm_prune import drop_layers, prune_depth
+from attar.stages.base import (
+    STAGES,
+    EarlierStage,
+    StageContext,
+    StageInputs,
+    StageKind,
+    StageResult,
+)
+from attar.text.charlm import (
+    LMSplit,
+    byte_tokenizer,
+    load_causal_lm,
+    make_byte_lm,
+    save_causal_lm,
+)
 from attar.text.lm_io import lm_context, lm_dataset, read_texts, scored_vocab
-from attar.text.sources import TEXT_BUILTINS
+from attar.text.lm_prune import drop_layers, prune_depth
 from attar.text.pretrained_lm import get_pretrained, load_pretrained_lm, resolve_lm
+from attar.text.sources import TEXT_BUILTINS
 
 
 @STAGES.register("lm")

@@ -42,7 +42,7 @@ from attar.train.strategy import (
     optimizer_from_tensors,
     optimizer_to_tensors,
 )
-from attar.train.task import Classification, Task, predict
+from attar.train.task import Classification, Task, predict  # noqa: F401  (predict: re-exported, callers import it from here)
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
 
