@@ -94,3 +94,8 @@ class ModelSpec(_Strict):
 
 
 Split = Literal["train", "val", "test"]
+
+
+#: The network dataset condensation matches through unless told otherwise: the ConvNet of width 128 and depth 3 of
+#: DC, DSA, DM and MTT (kept here, torch-free, so `attar condense --help` and the library read one default).
+CONDENSE_MODEL = ModelSpec(arch="convnet", width=128, depth=3)

@@ -26,6 +26,7 @@ from attar.cli.app import THREADS_HELP, parse_sets
 from attar.console import fail as _fail
 from attar.errors import AttarError
 from attar.paths import check_out_dir
+from attar.specs import CONDENSE_MODEL
 
 app = typer.Typer(help="Condense a data set into a few synthetic images per class (dataset distillation).",
                   add_completion=False, invoke_without_command=True)
@@ -48,8 +49,8 @@ def condense_cli(
     iterations: Optional[int] = typer.Option(None, "--iterations", help="outer iterations (default: the method's)"),
     seed: int = typer.Option(0, "--seed"),
     init: str = typer.Option("real", "--init", help="real | noise (learned methods)"),
-    width: Optional[int] = typer.Option(None, "--width", help="ConvNet width (default 128)"),
-    depth: Optional[int] = typer.Option(None, "--depth", help="ConvNet depth (default 3)"),
+    width: Optional[int] = typer.Option(None, "--width", help=f"ConvNet width (default {CONDENSE_MODEL.width})"),
+    depth: Optional[int] = typer.Option(None, "--depth", help=f"ConvNet depth (default {CONDENSE_MODEL.depth})"),
     sets: Optional[list[str]] = typer.Option(None, "--set", help="a method field, FIELD=VALUE (repeatable), e.g. --set batch_real=64"),
     soft_labels: Optional[Path] = typer.Option(None, "--soft-labels", help="teacher model artifact for soft labels"),
     flip: bool = typer.Option(False, "--flip", help="FYI plug-in: match every synthetic image and its horizontal flip"),
@@ -77,7 +78,7 @@ def condense_cli(
         spec = DataSpec(imagefolder=data) if Path(data).is_dir() else DataSpec(name=data)
         if train_limit:
             spec = spec.model_copy(update={"train_limit": train_limit})
-        model = ModelSpec(arch="convnet", width=width or 128, depth=depth or 3)
+        model = ModelSpec(arch="convnet", width=width or CONDENSE_MODEL.width, depth=depth or CONDENSE_MODEL.depth)
         path = condense(spec, method, ipc, out, iterations, seed, model=model, init=init, params=parse_sets(sets),
                         soft_labels=soft_labels, flip=flip, zca=zca, zca_eps=zca_eps, overwrite=overwrite)
         if png:

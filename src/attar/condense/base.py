@@ -23,11 +23,11 @@ from attar.registry import Params as _Params
 from attar.registry import Registry, validation_error
 from attar.rng import generator as gen  # noqa: F401  (the condensers import gen from here)
 from attar.rng import seed_of
-from attar.specs import ModelSpec
+from attar.specs import CONDENSE_MODEL, ModelSpec
 
 CONDENSERS: Registry[type["Condenser"]] = Registry("condensation method")
 
-DEFAULT_MODEL = ModelSpec(arch="convnet", width=128, depth=3)
+DEFAULT_MODEL = CONDENSE_MODEL
 
 
 class Params(_Params):
