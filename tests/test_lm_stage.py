@@ -140,3 +140,40 @@ stages:
     from attar.text.lm_prune import decoder_layers
 
     assert len(decoder_layers(load_causal_lm(run / "pruned" / "model")[0])) == 1
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # PEFT on GPT-2's Conv1D: it sets fan_in_fan_out itself
+def test_lora_on_a_causal_lm_round_trips_through_peft(tmp_path):
+    from peft import PeftModel
+
+    from attar.text.charlm import load_causal_lm
+
+    corpus = _corpus(tmp_path / "corpus.txt")
+    r = tmp_path / "lora.yaml"
+    r.write_text(f"""\
+name: lora-test
+stages:
+  - name: base
+    kind: lm
+    lm:
+      student: {{byte: {{layers: 1, d_model: 32, heads: 2, context: 96}}}}
+      data: {{name: {corpus}, max_len: 80}}
+      train: {{steps: 10, batch_size: 16, lr: 0.005, eval_every: 10}}
+  - name: tuned
+    kind: lm
+    lm:
+      student: {{stage: base, lora: {{rank: 4, alpha: 8}}}}
+      data: {{name: {corpus}, max_len: 80}}
+      train: {{steps: 15, batch_size: 16, lr: 0.01, eval_every: 15}}
+""")
+    run = Pipeline(*load_recipe(r), home=tmp_path / "home", log=lambda *a, **k: None).run()
+    m = json.loads((run / "tuned" / "lm-metrics.json").read_text())["metrics"]
+    assert 0 < m["trainable"] < m["params"] / 5
+    base, _ = load_causal_lm(run / "base" / "model")
+    merged, _ = load_causal_lm(run / "tuned" / "model")
+    adapted = PeftModel.from_pretrained(base, run / "tuned" / "adapter").eval()
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(adapted(input_ids=ids).logits, merged.eval()(input_ids=ids).logits, atol=1e-5)
+        fresh, _ = load_causal_lm(run / "base" / "model")  # the adapter changed the model
+        assert not torch.allclose(fresh.eval()(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-4)

@@ -54,6 +54,19 @@ class LMPruneSpec(BaseModel):
     calibration_rows: int = Field(64, ge=1, description="training rows the importance is measured on")
 
 
+class LMLoraSpec(BaseModel):
+    """LoRA (PEFT) on the student: only the adapters train; the stage writes the adapter (PEFT format) and the
+    merged model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names to adapt (e.g. [q_proj, v_proj]); all-linear: every linear layer but the head")
+
+
 class LMModelSpec(BaseModel):
     """A causal LM in a recipe: exactly one of a packaged model, a Hugging Face folder, a fresh byte-level GPT-2
     or an earlier stage's model."""
@@ -65,6 +78,7 @@ class LMModelSpec(BaseModel):
     byte: dict[str, int] | None = Field(None, description="a fresh byte-level GPT-2: {layers, d_model, heads, context}")
     stage: str | None = Field(None, description="the model an earlier lm stage wrote")
     prune: LMPruneSpec | None = Field(None, description="drop decoder layers first (prune, then recover by training)")
+    lora: LMLoraSpec | None = Field(None, description="train LoRA adapters instead of every weight")
 
     @model_validator(mode="after")
     def _one(self) -> "LMModelSpec":

@@ -26,7 +26,7 @@ import torch
 
 from attar.checkpoint import latest_checkpoint
 from attar.distill.lm import _config, distill_lm, perplexity
-from attar.distill.lm_config import LMModelSpec, LMStageOptions
+from attar.distill.lm_config import LMLoraSpec, LMModelSpec, LMStageOptions
 from attar.distill.lm_objectives import LMTeacherCache, check_vocab
 from attar.distill.lm_sampling import trim_padding
 from attar.distill.lm_task import HeadSplit, scored
@@ -125,6 +125,10 @@ class LMStage(StageKind):
                 info = json.loads((ctx.stage_dir / "prune.json").read_text())
                 student = drop_layers(student, info["dropped"])
                 pruned = {"pruned_ppl": info["pruned_ppl"], "layers": info["layers"]}
+            if o.student.lora is not None:
+                student = with_lora(student, o.student.lora)
+                n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
+                inputs.log(f"  LoRA rank {o.student.lora.rank}: {n_train:,} trainable parameters")
             inputs.log(f"  text: {data.info['sizes']} rows, {data.info['response_tokens']['train']:,} training tokens")
             cache = None
             if o.cache_topk is not None and teacher is not None and cfg.alpha < 1:
@@ -135,17 +139,24 @@ class LMStage(StageKind):
             res = distill_lm(student, data, teacher if cfg.alpha < 1 else None, cfg, cache=cache,
                              student_tokenizer=stok, teacher_tokenizer=ttok, ckpt_dir=ctx.stage_dir / "checkpoints",
                              resume=ctx.resume, on_metrics=ctx.on_metrics)
-        metrics: dict[str, Any] = {"test_ppl": perplexity(res.model, data.test, data.pad_id, vocab_size=vocab),
+        model, arts = res.model, {"model": out}
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if o.student.lora is not None:  # the adapter in PEFT format, then the merged model like any other
+            with staged_folder(ctx.stage_dir / "adapter") as tmp:
+                model.save_pretrained(str(tmp))
+            arts["adapter"] = ctx.stage_dir / "adapter"
+            model = model.merge_and_unload()
+        metrics: dict[str, Any] = {"test_ppl": perplexity(model, data.test, data.pad_id, vocab_size=vocab),
                                    "steps": res.metrics["steps"],
                                    "train_s": round(float(res.metrics["train_seconds"]), 1),
-                                   "params": sum(p.numel() for p in res.model.parameters())} | pruned
+                                   "params": sum(p.numel() for p in model.parameters()), "trainable": trainable} | pruned
         if teacher is not None:
             metrics["teacher_test_ppl"] = perplexity(teacher, data.test, data.pad_id, vocab_size=vocab)
-            metrics |= agreement(teacher, res.model, data.test, data.pad_id, vocab)
+            metrics |= agreement(teacher, model, data.test, data.pad_id, vocab)
         with staged_folder(out) as tmp:
-            save_causal_lm(res.model, stok, tmp)
+            save_causal_lm(model, stok, tmp)
         atomic_write_json(metrics_file, {"metrics": metrics, "history": res.history})
-        return StageResult(res.model, {"hf": str(out)}, res.history, metrics=metrics, artifacts={"model": out})
+        return StageResult(model, {"hf": str(out)}, res.history, metrics=metrics, artifacts=arts)
 
 
 def _settings(o: LMStageOptions, seed: int):
@@ -171,6 +182,18 @@ def _load(spec: LMModelSpec, role: str, earlier: dict[str, EarlierStage]) -> tup
             raise AttarError(f"lm.{role}: stage {spec.stage!r} left no language-model folder.")
         return load_causal_lm(e.spec["hf"])
     return load_pretrained_lm({"pretrained": spec.pretrained} if spec.pretrained else {"hf": spec.hf})
+
+
+def with_lora(model, spec: LMLoraSpec):
+    """``model`` wrapped by PEFT with LoRA adapters on ``spec.targets`` (task CAUSAL_LM); the rest frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    try:
+        return get_peft_model(model, LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                                                target_modules=spec.targets, task_type="CAUSAL_LM"))
+    except ValueError as e:  # e.g. target modules that the model does not have
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise AttarError(f"lm.student.lora.targets: {e}. This model's linear layers are named {names}.") from None
 
 
 @torch.no_grad()
