@@ -177,3 +177,33 @@ stages:
         assert torch.allclose(adapted(input_ids=ids).logits, merged.eval()(input_ids=ids).logits, atol=1e-5)
         fresh, _ = load_causal_lm(run / "base" / "model")  # the adapter changed the model
         assert not torch.allclose(fresh.eval()(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-4)
+
+
+def test_sft_rows_train_on_the_response_only_with_a_chat_template(tmp_path):
+    from attar.text.charlm import byte_tokenizer, lm_pairs
+
+    tok = byte_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    split = lm_pairs(["hi"], ["yo"], tok, max_len=40, chat_template=True)
+    n_prompt = len("<user>hi<assistant>")
+    assert int(split.prompt_len[0]) == n_prompt
+    assert tok.decode(split.ids[0][:n_prompt]) == "<user>hi<assistant>"
+    assert split.mask[0].nonzero().flatten().tolist() == [n_prompt, n_prompt + 1, n_prompt + 2]  # "y", "o", EOS
+    with pytest.raises(AttarError, match="has no chat template"):
+        lm_pairs(["hi"], ["yo"], byte_tokenizer(), chat_template=True)
+
+    rows = tmp_path / "sft.jsonl"
+    rows.write_text("\n".join(json.dumps({"q": f"what is {w}?", "a": f"{w} is a word."}) for w in WORDS * 4))
+    r = tmp_path / "sft.yaml"
+    block = f"data: {{name: {rows}, prompt_field: q, response_field: a, max_len: 48}}"
+    r.write_text(f"name: sft\nstages:\n  - name: s\n    kind: lm\n    lm:\n      student: {{byte: {{layers: 1, d_model: 16, "
+                 f"heads: 2, context: 64}}}}\n      {block}\n      train: {{steps: 4, batch_size: 8, eval_every: 4}}\n")
+    run = Pipeline(*load_recipe(r), home=tmp_path / "home", log=lambda *a, **k: None).run()
+    assert json.loads((run / "s" / "lm-metrics.json").read_text())["metrics"]["test_ppl"] > 1
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"q": "x", "a": "y"}) + "\n" + json.dumps({"q": "x"}) + "\n")
+    r.write_text(r.read_text().replace(str(rows), str(bad)))
+    with pytest.raises(AttarError, match="line 2: no field 'a'"):
+        Pipeline(*load_recipe(r), home=tmp_path / "home2", log=lambda *a, **k: None).run()

@@ -97,13 +97,25 @@ class LMTextSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field("fortunes", description="a built-in text set, or a path to a .txt/.csv/.tsv/.parquet file")
+    name: str = Field("fortunes", description="a built-in text set, or a path to a .txt/.jsonl/.csv/.tsv/.parquet file")
     text_column: str | None = None
+    prompt_field: str | None = Field(None, description="SFT rows: the field holding the prompt (with response_field)")
+    response_field: str | None = Field(None, description="SFT rows: the field holding the response (the loss is on it)")
+    chat_template: bool = Field(False, description="SFT rows: wrap each prompt as a user turn in the tokenizer's chat template")
     prompt_len: int = Field(16, ge=1)
     max_len: int = Field(128, ge=3)
     train_limit: int | None = Field(None, ge=1)
     val_limit: int | None = Field(None, ge=1)
     test_limit: int | None = Field(None, ge=1)
+
+
+    @model_validator(mode="after")
+    def _pairs(self) -> "LMTextSpec":
+        if (self.prompt_field is None) != (self.response_field is None):
+            raise ValueError("prompt_field and response_field go together (prompt/response rows), or neither (plain text)")
+        if self.chat_template and self.prompt_field is None:
+            raise ValueError("chat_template applies to prompt/response rows: set prompt_field and response_field")
+        return self
 
 
 class LMStageOptions(BaseModel):

@@ -43,11 +43,18 @@ from attar.stages.base import (
 from attar.text.charlm import (
     LMSplit,
     byte_tokenizer,
+    lm_pair_data,
     load_causal_lm,
     make_byte_lm,
     save_causal_lm,
 )
-from attar.text.lm_io import lm_context, lm_dataset, read_texts, scored_vocab
+from attar.text.lm_io import (
+    lm_context,
+    lm_dataset,
+    read_pairs,
+    read_texts,
+    scored_vocab,
+)
 from attar.text.lm_prune import drop_layers, prune_depth
 from attar.text.pretrained_lm import get_pretrained, load_pretrained_lm, resolve_lm
 from attar.text.sources import TEXT_BUILTINS
@@ -84,7 +91,9 @@ class LMStage(StageKind):
                 if m.stage is not None and inputs.earlier[m.stage].kind != "lm":
                     raise AttarError(f"lm.{role}: stage {m.stage!r} is a {inputs.earlier[m.stage].kind} stage; "
                                      "an lm stage reads the model of an earlier lm stage.")
-            if read_texts(o.data.name, o.data.text_column) == o.data.name and not TEXT_BUILTINS.get(o.data.name).available():
+            if o.data.prompt_field is not None:
+                read_pairs(o.data.name, o.data.prompt_field, o.data.response_field)
+            elif read_texts(o.data.name, o.data.text_column) == o.data.name and not TEXT_BUILTINS.get(o.data.name).available():
                 TEXT_BUILTINS.get(o.data.name).load()  # says what is missing and the install command
             if o.cache_topk is not None and settings.alpha >= 1:
                 raise AttarError("cache_topk with train.alpha 1 has no effect (pure cross-entropy never reads the "
@@ -108,9 +117,17 @@ class LMStage(StageKind):
             vmap = check_vocab(teacher, student, ttok, stok) if teacher is not None else None
             contexts = [c for c in (lm_context(student), lm_context(teacher) if teacher is not None else None) if c]
             d = o.data
-            data = lm_dataset(d.name, stok, min(contexts) if contexts else None, text_column=d.text_column,
-                              prompt_len=d.prompt_len, max_len=d.max_len, seed=cfg.seed, train_limit=d.train_limit,
-                              val_limit=d.val_limit, test_limit=d.test_limit)
+            if d.prompt_field is not None:
+                if contexts and d.max_len > min(contexts):
+                    raise AttarError(f"data.max_len {d.max_len} is longer than the model's context of {min(contexts)}.")
+                prompts, responses = read_pairs(d.name, d.prompt_field, d.response_field)
+                data = lm_pair_data(prompts, responses, stok, d.max_len, d.chat_template, seed=cfg.seed,
+                                    train_limit=d.train_limit, val_limit=d.val_limit, test_limit=d.test_limit,
+                                    name=d.name)
+            else:
+                data = lm_dataset(d.name, stok, min(contexts) if contexts else None, text_column=d.text_column,
+                                  prompt_len=d.prompt_len, max_len=d.max_len, seed=cfg.seed, train_limit=d.train_limit,
+                                  val_limit=d.val_limit, test_limit=d.test_limit)
             vocab = vmap.student_size if vmap is not None else scored_vocab(student, stok)
             pruned: dict[str, Any] = {}
             if o.student.prune is not None and not (ctx.resume and latest_checkpoint(ctx.stage_dir / "checkpoints")):

@@ -183,14 +183,22 @@ def _special_ids(tokenizer: Any) -> tuple[int | None, int | None, int]:
     return bos, eos, int(pad)
 
 
+def _ids(out: Any) -> list[int]:
+    """Token ids from apply_chat_template, which returns a list or (transformers 5) a BatchEncoding."""
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
 def _encode(texts: Sequence[str], tokenizer: Any) -> list[list[int]]:
     return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
 
-def lm_pairs(prompts: Sequence[str], responses: Sequence[str], tokenizer: Any, max_len: int = 256) -> LMSplit:
+def lm_pairs(prompts: Sequence[str], responses: Sequence[str], tokenizer: Any, max_len: int = 256,
+             chat_template: bool = False) -> LMSplit:
     """Prompt/response pairs -> ``[BOS] prompt response [EOS]`` with the mask on response (+EOS) tokens.
 
-    Rows longer than ``max_len`` keep their prompt and lose the end of the response; a row whose
+    ``chat_template``: the prompt becomes a user turn in the tokenizer's chat template, ending with the
+    assistant's header (``add_generation_prompt``), so the model learns to answer as it will be asked at
+    inference. Rows longer than ``max_len`` keep their prompt and lose the end of the response; a row whose
     prompt alone fills ``max_len`` is refused (it would have nothing to learn)."""
     if len(prompts) != len(responses):
         raise AttarError(f"lm_pairs: {len(prompts)} prompts but {len(responses)} responses.")
@@ -199,8 +207,18 @@ def lm_pairs(prompts: Sequence[str], responses: Sequence[str], tokenizer: Any, m
     bos, eos, pad = _special_ids(tokenizer)
     head = [bos] if bos is not None else []
     tail = [eos] if eos is not None else []
+    if chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise AttarError(f"chat_template: the tokenizer ({type(tokenizer).__name__}) has no chat template; use an "
+                             "instruction-tuned model's tokenizer, or set chat_template: false to train on plain "
+                             "prompt + response text.")
+        encoded = [_ids(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                      tokenize=True)) for p in prompts]
+        head = []  # the template brings its own start
+    else:
+        encoded = _encode(prompts, tokenizer)
     rows, plen = [], []
-    for i, (p, r) in enumerate(zip(_encode(prompts, tokenizer), _encode(responses, tokenizer))):
+    for i, (p, r) in enumerate(zip(encoded, _encode(responses, tokenizer))):
         p = head + p
         if len(p) >= max_len:
             raise AttarError(f"lm_pairs: row {i}'s prompt has {len(p)} tokens, max_len={max_len} leaves no room for "
@@ -258,6 +276,27 @@ def lm_data(source: str | Sequence[str], tokenizer: Any, prompt_len: int = 16, m
         texts, name = [str(t) for t in source], "texts"
     texts = list(dict.fromkeys(t for t in texts if t.strip()))
     split, dropped = lm_texts(texts, tokenizer, prompt_len, max_len)
+    info = {"source": name, "prompt_len": prompt_len, "max_len": max_len, "texts": len(texts), "dropped_short": dropped}
+    return split_lm_rows(split, tokenizer, info, val_fraction, test_fraction, seed, train_limit, val_limit, test_limit)
+
+
+def lm_pair_data(prompts: Sequence[str], responses: Sequence[str], tokenizer: Any, max_len: int = 128,
+                 chat_template: bool = False, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
+                 train_limit: int | None = None, val_limit: int | None = None, test_limit: int | None = None,
+                 name: str = "pairs") -> LMData:
+    """SFT data: prompt/response rows (:func:`lm_pairs`, loss on the response only), split like :func:`lm_data`
+    (duplicate pairs dropped first)."""
+    pairs = list(dict.fromkeys((str(p), str(r)) for p, r in zip(prompts, responses) if str(r).strip()))
+    if not pairs:
+        raise AttarError(f"{name}: no prompt/response row has a non-empty response.")
+    split = lm_pairs([p for p, _ in pairs], [r for _, r in pairs], tokenizer, max_len, chat_template)
+    info = {"source": name, "max_len": max_len, "chat_template": chat_template, "texts": len(pairs), "dropped_short": 0}
+    return split_lm_rows(split, tokenizer, info, val_fraction, test_fraction, seed, train_limit, val_limit, test_limit)
+
+
+def split_lm_rows(split: LMSplit, tokenizer: Any, info: dict[str, Any], val_fraction: float, test_fraction: float,
+                  seed: int, train_limit: int | None, val_limit: int | None, test_limit: int | None) -> LMData:
+    """Train/val/test rows: the test rows fixed for every seed, validation drawn with ``seed``, then the limits."""
     n = len(split)
     n_test = max(1, int(round(n * test_fraction)))
     n_val = int(round(n * val_fraction))
@@ -271,7 +310,7 @@ def lm_data(source: str | Sequence[str], tokenizer: Any, prompt_len: int = 16, m
     train, val, test = (split.rows(cut(train_idx, train_limit)), split.rows(cut(val_idx, val_limit)),
                         split.rows(cut(test_idx, test_limit)))
     _, eos, pad = _special_ids(tokenizer)
-    info = {"source": name, "prompt_len": prompt_len, "max_len": max_len, "texts": len(texts), "dropped_short": dropped,
-            "sizes": {"train": len(train), "val": len(val), "test": len(test)},
-            "response_tokens": {"train": train.response_tokens, "val": val.response_tokens, "test": test.response_tokens}}
+    info = info | {"sizes": {"train": len(train), "val": len(val), "test": len(test)},
+                   "response_tokens": {"train": train.response_tokens, "val": val.response_tokens,
+                                       "test": test.response_tokens}}
     return LMData(train, val, test, pad, eos, info)

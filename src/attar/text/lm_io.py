@@ -105,3 +105,43 @@ def lm_dataset(data: str, tok: Any, context: int | None, *, text_column: Optiona
                          f"lower --max-len to at most {context}.")
     return lm_data(read_texts(data, text_column), tok, prompt_len=prompt_len, max_len=max_len, seed=seed,
                    train_limit=train_limit, val_limit=val_limit, test_limit=test_limit)
+
+
+def read_pairs(data: str, prompt_field: str, response_field: str) -> tuple[list[str], list[str]]:
+    """Prompt/response rows from a .jsonl (one JSON object per line), .csv, .tsv or .parquet file."""
+    p = Path(data).expanduser()
+    suffix = p.suffix.lower()
+    if suffix not in (".jsonl", ".csv", ".tsv", ".parquet", ".pq"):
+        raise AttarError(f"data {data!r}: prompt/response rows come from a .jsonl, .csv, .tsv or .parquet file.")
+    if not p.is_file():
+        raise AttarError(f"data {p}: no such file.")
+    if suffix == ".jsonl":
+        prompts, responses = [], []
+        for n, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise AttarError(f"data {p}, line {n}: not valid JSON ({e.msg}).") from None
+            missing = [f for f in (prompt_field, response_field) if not isinstance(row, dict) or f not in row]
+            if missing:
+                have = ", ".join(map(repr, row)) if isinstance(row, dict) else type(row).__name__
+                raise AttarError(f"data {p}, line {n}: no field {missing[0]!r} (the row has {have}); set "
+                                 "data.prompt_field / data.response_field to the names your rows use.")
+            prompts.append(str(row[prompt_field]))
+            responses.append(str(row[response_field]))
+        return prompts, responses
+    import pandas as pd
+
+    try:
+        df = pd.read_parquet(p) if suffix in (".parquet", ".pq") else pd.read_csv(p, sep="\t" if suffix == ".tsv" else ",")
+    except Exception as e:  # noqa: BLE001 - any reader failure is the user's file
+        raise AttarError(f"data {p}: cannot read it ({type(e).__name__}: {e}).") from None
+    for f in (prompt_field, response_field):
+        if f not in df.columns:
+            cols = ", ".join(repr(str(c)) for c in list(df.columns)[:20])
+            raise AttarError(f"data {p}: no column {f!r}; the columns are {cols}. Set data.prompt_field / "
+                             "data.response_field.")
+    df = df[[prompt_field, response_field]].dropna()
+    return [str(x) for x in df[prompt_field]], [str(x) for x in df[response_field]]
