@@ -11,6 +11,7 @@ import torch
 from attar.distill.lm import distill_lm, train_lm
 from attar.distill.lm_objectives import LMTeacherCache, check_vocab, token_ce_loss, token_kd_loss
 from attar.distill.lm_task import HeadSplit, LMLoss, LMTask
+from attar.errors import AttarError
 from attar.text.charlm import byte_tokenizer, lm_data, make_byte_lm
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.usefixtures("one_thread")]
@@ -138,3 +139,20 @@ def test_lm_training_stops_on_a_step_budget_with_accumulation(data):
     model = make_byte_lm(layers=1, d_model=16, heads=2, context=64, seed=0)
     res = train_lm(model, data, steps=5, batch_size=4, accumulate=2, eval_every=5, progress=False)
     assert res.metrics["steps"] == 5 and [h["step"] for h in res.history] == [5]
+
+
+def test_a_run_that_does_not_fit_is_refused_with_the_estimate_and_the_fix(data, monkeypatch):
+    from attar.distill import lm_memory
+
+    teacher, student = _pair(torch.float32)
+    parts = lm_memory.estimate_lm_memory(student, teacher, batch_size=8, length=40, chunk_tokens=None)
+    n_params = sum(p.numel() for m in (teacher, student) for p in m.parameters())
+    assert parts["weights"] == 4 * n_params and parts["optimizer"] == 12 * sum(p.numel() for p in student.parameters())
+    assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
+    whole = lm_memory.estimate_lm_memory(student, teacher, batch_size=8, length=40, chunk_tokens=0)
+    assert whole["logits"] >= parts["logits"]
+    monkeypatch.setattr(lm_memory, "available_bytes", lambda device: 1024)
+    before = [p.clone() for p in student.parameters()]
+    with pytest.raises(AttarError, match=r"needs about .* GiB .* are free .*gradient_checkpointing.*lora"):
+        distill_lm(student, data, teacher, steps=2, batch_size=8, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, student.parameters()))  # refused before any step

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from attar.distill.divergences import DIVERGENCES, divergence_params
 from attar.distill.lm_config import LMDistillConfig
+from attar.distill.lm_memory import check_fits, estimate_lm_memory
 from attar.distill.lm_monitor import LMMonitor
 from attar.distill.lm_objectives import (
     LMTeacherCache,
@@ -66,7 +67,7 @@ from attar.rng import generator
 from attar.text.charlm import LMData, LMSplit
 from attar.train.config import TrainConfig
 from attar.train.objective import device_of
-from attar.train.trainer import Trainer
+from attar.train.trainer import Trainer, resolve_device
 
 __all__ = ["LMDistillConfig", "LMResult", "distill_lm", "train_lm", "perplexity", "sample_continuations",
            "teacher_generations", "sequence_kd"]
@@ -206,6 +207,10 @@ def distill_lm(student: nn.Module, data: LMData, teacher: nn.Module | None = Non
             rec["teacher_nll_of_samples"] = float(token_ce_loss(tz, smp.ids, smp.mask))
         return rec
 
+    parts = estimate_lm_memory(student, teacher if needs_teacher else None, batch_size=min(cfg.batch_size, len(train)),
+                               length=train.ids.shape[1], chunk_tokens=cfg.chunk_tokens,
+                               gradient_checkpointing=cfg.gradient_checkpointing)
+    check_fits(parts, resolve_device(cfg.device), where="distill_lm: ")
     tcfg = TrainConfig(epochs=1, steps=cfg.steps, batch_size=min(cfg.batch_size, len(train)), lr=cfg.lr,
                        weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip,
                        accumulate=cfg.accumulate, checkpoint_every=cfg.checkpoint_every, schedule="cosine",

@@ -27,6 +27,7 @@ import torch
 from attar.checkpoint import latest_checkpoint
 from attar.distill.lm import _config, distill_lm, perplexity
 from attar.distill.lm_config import LMLoraSpec, LMModelSpec, LMStageOptions
+from attar.distill.lm_memory import estimate_lm_memory
 from attar.distill.lm_objectives import LMTeacherCache, check_vocab
 from attar.distill.lm_sampling import trim_padding
 from attar.distill.lm_task import HeadSplit, scored
@@ -153,6 +154,12 @@ class LMStage(StageKind):
                                                             data.train.ids, o.cache_topk, cfg.temperature, vmap=vmap,
                                                             pad_id=data.pad_id)
                 inputs.log(f"  teacher cache {'built' if built else 'reused'}: {cache.mode}")
+            parts = estimate_lm_memory(student, teacher if cfg.alpha < 1 else None, batch_size=cfg.batch_size,
+                                       length=data.train.ids.shape[1], chunk_tokens=cfg.chunk_tokens,
+                                       gradient_checkpointing=cfg.gradient_checkpointing)
+            inputs.log(f"  memory estimate {parts['total'] / 2**30:.2f} GiB (weights {parts['weights'] / 2**30:.2f}, "
+                       f"optimizer {parts['optimizer'] / 2**30:.2f}, activations {parts['activations'] / 2**30:.2f}, "
+                       f"logits {parts['logits'] / 2**30:.2f})")
             res = distill_lm(student, data, teacher if cfg.alpha < 1 else None, cfg, cache=cache,
                              student_tokenizer=stok, teacher_tokenizer=ttok, ckpt_dir=ctx.stage_dir / "checkpoints",
                              resume=ctx.resume, on_metrics=ctx.on_metrics)
