@@ -188,8 +188,10 @@ class LMTask(Task):
         if self.cache is not None:
             from_cache = ~on_rows[row_of]
             if bool(from_cache.any()):
-                b.cached = self.cache.get(rows, ids.shape[1]).select(
+                tk = self.cache.get(rows, ids.shape[1]).select(
                     torch.cat([pos, torch.zeros(len(rows), 1, dtype=torch.bool)], 1) & ~on_rows.unsqueeze(1))
+                dev = trainer.device  # the loss indexes these rows with tensors on the model's device
+                b.cached = TopK(tk.values.to(dev), tk.index.to(dev), tk.rest.to(dev), tk.vocab_size, tk.temperature)
         b.from_cache = from_cache
         live_rows = torch.unique(row_of[~from_cache])
         if len(live_rows):
