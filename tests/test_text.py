@@ -172,3 +172,26 @@ def test_brown_corpus_reads_paragraphs_with_their_genre(tmp_path, monkeypatch):
     monkeypatch.setenv("ATTAR_CORPORA", str(tmp_path / "none"))
     with pytest.raises(AttarError, match="get-corpus.sh brown"):
         sources.TEXT_BUILTINS.get("brown").load()
+
+
+def test_sotu_and_moby_dick_read_from_stdlib_json(tmp_path, monkeypatch):
+    from attar.text import sources
+
+    (tmp_path / "sotu").mkdir()
+    long = " ".join(f"Sentence {i} is about the union and its many states." for i in range(20))
+    (tmp_path / "sotu" / "1790_a_n.json").write_text(json.dumps({"year": "1790", "party": "Federalist", "text": long}))
+    (tmp_path / "moby-dick").mkdir()
+    body = "CHAPTER 1. Loomings.\n\nCall me Ishmael. Some years ago, never mind how long, I went to sea.\n\nShort."
+    (tmp_path / "moby-dick" / "chapter_1.json").write_text(json.dumps({"chapter": "1", "text": body}))
+    (tmp_path / "moby-dick" / "chapter_100.json").write_text(json.dumps({"chapter": "100", "text": body}))
+    monkeypatch.setenv("ATTAR_CORPORA", str(tmp_path))
+    for f in (sources._decode_sotu, sources._decode_moby_dick):
+        f.cache_clear()
+    sotu = sources.TEXT_BUILTINS.get("sotu").load()
+    assert len(sotu.texts) == 3 and sotu.classes == ["federalist"] and sotu.texts[0].startswith("Sentence 0 is")
+    assert " ".join(sotu.texts) == long  # passages of ~80 words, nothing lost
+    moby = sources.TEXT_BUILTINS.get("moby-dick").load()
+    assert moby.texts == ["Call me Ishmael. Some years ago, never mind how long, I went to sea."] * 2
+    assert [moby.classes[i] for i in moby.y.tolist()] == ["early", "late"]
+    for f in (sources._decode_sotu, sources._decode_moby_dick):
+        f.cache_clear()

