@@ -17,13 +17,16 @@ app.add_typer(data_app, name="data")
 
 @data_app.command("list")
 def data_list():
-    """Show the built-in data sets and whether each is installed."""
+    """Show the built-in data sets (images and tables, then text) and whether each is installed."""
     from attar.data import list_datasets
+    from attar.text.sources import list_text_datasets
 
-    t = Table("name", "available", "description", "install")
-    for d in list_datasets():
-        t.add_row(d["name"], "yes" if d["available"] else "[red]no[/]", d["description"], "" if d["available"] else d["install"])
-    out.print(t)
+    for title, rows in (("images and tables", list_datasets()), ("text (finetune, lm stages, attar lm)", list_text_datasets())):
+        t = Table("name", "available", "description", "install", title=title)
+        for d in rows:
+            t.add_row(d["name"], "yes" if d["available"] else "[red]no[/]", d["description"],
+                      "" if d["available"] else d["install"])
+        out.print(t)
 
 
 @data_app.command("show")
