@@ -165,9 +165,14 @@ def _soften(name: str, s: Tensor, t: Tensor, temperature: float) -> tuple[Tensor
         raise AttarError(f"divergence {name!r}: temperature must be a positive number, got {temperature!r}.")
     dtype = torch.promote_types(s.dtype, torch.float32) if s.is_floating_point() else torch.float32
     t = t.detach()
-    log_q = torch.log_softmax(s.to(dtype) / temperature, dim=-1).clamp_min(_LOG_FLOOR)
-    log_p = torch.log_softmax(t.to(dtype) / temperature, dim=-1).clamp_min(_LOG_FLOOR)
-    return log_q, log_p
+    # Each skipped op is a full pass over [B, C] forward and backward (a 150k vocabulary makes that the step's cost):
+    # no division at T = 1, the teacher floored in place (no graph), and the student floored only when its logits
+    # hold a -inf (finite logits give finite log-probabilities).
+    log_q = torch.log_softmax(s.to(dtype) if temperature == 1 else s.to(dtype) / temperature, dim=-1)
+    log_p = torch.log_softmax(t.to(dtype) if temperature == 1 else t.to(dtype) / temperature, dim=-1)
+    if not bool(torch.isfinite(s).all()):
+        log_q = log_q.clamp_min(_LOG_FLOOR)
+    return log_q, log_p.clamp_min_(_LOG_FLOOR)
 
 
 def _kl_rows(log_a: Tensor, log_b: Tensor) -> Tensor:

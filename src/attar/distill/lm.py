@@ -127,7 +127,7 @@ def perplexity(model: nn.Module, split: LMSplit, pad_id: int, batch_size: int = 
             h = (split_model.full_logits(ids_d, attn) if whole else split_model.hidden(ids_d, attn))[:, :-1][pos.to(dev)]
             y = ids[:, 1:][pos].to(dev)
             v = vocab_size or (h.shape[-1] if whole else split_model.head.weight.shape[0])
-            chunk = auto_chunk(v, chunk_tokens) or len(h)
+            chunk = auto_chunk(v, chunk_tokens, len(h))
             for a in range(0, len(h), chunk):
                 z = h[a : a + chunk] if whole else split_model.logits(h[a : a + chunk])
                 nll += float(nn.functional.cross_entropy(z[:, :vocab_size] if vocab_size else z, y[a : a + chunk],

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from attar.distill.lm_task import AUTO_CHUNK_ELEMENTS
+from attar.distill.lm_task import auto_chunk
 from attar.errors import AttarError
 
 __all__ = ["estimate_lm_memory", "available_bytes", "check_fits"]
@@ -42,7 +42,7 @@ def estimate_lm_memory(student: nn.Module, teacher: nn.Module | None, *, batch_s
     tokens = batch_size * length
     per_value = 2 if gradient_checkpointing else 16
     # per position: the student's logits, their softmax and gradient (3), the teacher's logits and softmax (2)
-    chunk = tokens if (chunk_tokens == 0 or not vocab) else (chunk_tokens or max(1, AUTO_CHUNK_ELEMENTS // vocab))
+    chunk = auto_chunk(vocab, chunk_tokens, tokens)
     logits = min(chunk, tokens) * max(vocab, 1) * 4 * (3 + (2 if teacher is not None else 0))
     parts = {"weights": 4 * (params + t_params), "optimizer": 12 * trainable,
              "activations": tokens * hidden * layers * 4 * per_value, "logits": logits}

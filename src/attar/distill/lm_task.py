@@ -13,7 +13,7 @@ held-out perplexity every ``eval_every`` steps, keeps the best weights and watch
 tensor of a step, and KD needs the teacher's too. So the task runs each model only up to its last hidden
 state, keeps the scored positions (response tokens; prompt and padding never reach the head), and
 :class:`LMLoss` applies the output head to ``chunk_tokens`` positions at a time under activation
-checkpointing: the forward keeps no logits, the backward recomputes one chunk's. Teacher and student logits
+checkpointing (automatic: whole while a batch's logits stay under 256 MiB, 64 MiB chunks beyond): the forward keeps no logits, the backward recomputes one chunk's. Teacher and student logits
 of a whole batch never exist at once, and the loss equals the unchunked one in value and gradient (the
 sums are the same sums, regrouped). A model whose head cannot be split off this way (checked once, on a few
 tokens, against its own ``logits``) runs whole, as before.
@@ -37,8 +37,10 @@ from attar.text.charlm import LMSplit
 from attar.train.objective import Batch, Objective, device_of
 from attar.train.task import Task
 
-#: Logit elements (tokens × vocabulary) one chunk may hold when ``chunk_tokens`` is automatic: 2**24 float32
-#: values are 64 MiB, about 64 positions of a 262k vocabulary.
+#: When ``chunk_tokens`` is automatic: a batch whose logits hold at most AUTO_WHOLE_ELEMENTS values (256 MiB of
+#: float32) runs whole, with no recomputation; a larger one in chunks of AUTO_CHUNK_ELEMENTS values (64 MiB, about
+#: 64 positions of a 262k vocabulary).
+AUTO_WHOLE_ELEMENTS = 2**26
 AUTO_CHUNK_ELEMENTS = 2**24
 
 
@@ -99,10 +101,13 @@ def scored(mask: Tensor) -> Tensor:
     return mask[:, 1:].bool()
 
 
-def auto_chunk(vocab: int, chunk_tokens: int | None) -> int:
-    """Positions per chunk: ``chunk_tokens`` when set (0 = no chunking), else AUTO_CHUNK_ELEMENTS / vocab."""
+def auto_chunk(vocab: int, chunk_tokens: int | None, n_tokens: int) -> int:
+    """Positions per chunk of ``n_tokens`` scored positions: ``chunk_tokens`` when set (0 = all at once), else all
+    at once while the logits stay under AUTO_WHOLE_ELEMENTS, and AUTO_CHUNK_ELEMENTS / vocab positions beyond."""
     if chunk_tokens is not None:
-        return chunk_tokens
+        return chunk_tokens or max(1, n_tokens)
+    if n_tokens * max(1, vocab) <= AUTO_WHOLE_ELEMENTS:
+        return max(1, n_tokens)
     return max(1, AUTO_CHUNK_ELEMENTS // max(1, vocab))
 
 
@@ -264,7 +269,7 @@ class LMLoss(Objective):
         if n == 0:
             return {"loss": zero}
         vocab = task.vocab or _head_size(head, h)
-        chunk = n if is_batchwise(self.divergence_name) else auto_chunk(vocab, self.chunk_tokens) or n
+        chunk = n if is_batchwise(self.divergence_name) else auto_chunk(vocab, self.chunk_tokens, n)
         gt = batch.ground_truth.to(h.device)
         targets = batch.targets.to(h.device)
         n_gt = int(gt.sum())
