@@ -163,7 +163,9 @@ included); {args.threads} threads, {platform.machine()}, torch {torch.__version_
 | attar Trainer + LM task, `chunk_tokens: 256` (4 chunks, checkpointed) | {whole['step_s']:.2f} | {whole['step_s'] / lim['step_s']:.2f} | {whole['peak_rss_mb']:.0f} | {whole['estimate_mb']:.0f} |
 
 Chunking costs a second pass of the output heads (recomputed in the backward) and saves the `[B, L, V]` logits
-of both models: here {lim['peak_rss_mb'] - whole['peak_rss_mb']:.0f} MB of peak memory against the limit. Reproduce:
+of both models: here {lim['peak_rss_mb'] - whole['peak_rss_mb']:.0f} MB of peak memory against the limit. attar's estimate
+(`attar.distill.lm_memory`, checked before the first step) counts tensors only, not the runtime or allocator slack:
+the measured peak is {at['peak_rss_mb'] / max(1, at['estimate_mb']):.1f}× it here. Reproduce:
 `.venv/bin/python bench/lm_step_perf.py --batch {args.batch} --length {args.length} --steps {args.steps}` on an
 otherwise idle machine.
 """
