@@ -57,6 +57,22 @@ stages:
     return r
 
 
+def _run_stages(tmp_path: Path, *stages: dict) -> Path:
+    """Run ``lm`` stages (name, then the ``lm:`` block; ``data`` defaults to the test corpus) as one recipe."""
+    import yaml
+
+    corpus = str(_corpus(tmp_path / "corpus.txt"))
+    recipe = {"name": "lm-test", "stages": [{"name": name, "kind": "lm", "lm": {"data": {"name": corpus, "max_len": 80}} | lm}
+                                            for name, lm in stages]}
+    r = tmp_path / "recipe.yaml"
+    r.write_text(yaml.safe_dump(recipe))
+    return Pipeline(*load_recipe(r), home=tmp_path / "home", log=lambda *a, **k: None).run()
+
+
+def _byte(layers: int, d_model: int) -> dict:
+    return {"byte": {"layers": layers, "d_model": d_model, "heads": 2, "context": 96}}
+
+
 def test_lm_recipe_trains_a_teacher_and_distils_a_student(tmp_path):
     recipe, text = load_recipe(_recipe(tmp_path))
     run = Pipeline(recipe, text, home=tmp_path / "home", log=lambda *a, **k: None).run()
@@ -114,26 +130,11 @@ def test_sigkill_of_an_lm_run_then_resume_matches_uninterrupted(tmp_path):
 
 
 def test_prune_then_recover_by_distillation_from_the_unpruned_model(tmp_path):
-    corpus = _corpus(tmp_path / "corpus.txt")
-    r = tmp_path / "prune.yaml"
-    r.write_text(f"""\
-name: prune-test
-stages:
-  - name: full
-    kind: lm
-    lm:
-      student: {{byte: {{layers: 3, d_model: 48, heads: 2, context: 96}}}}
-      data: {{name: {corpus}, max_len: 80}}
-      train: {{steps: 40, batch_size: 16, lr: 0.005, eval_every: 20}}
-  - name: pruned
-    kind: lm
-    lm:
-      student: {{stage: full, prune: {{layers: 1}}}}
-      teacher: {{stage: full}}
-      data: {{name: {corpus}, max_len: 80}}
-      train: {{steps: 30, batch_size: 16, lr: 0.005, eval_every: 10, alpha: 0.0}}
-""")
-    run = Pipeline(*load_recipe(r), home=tmp_path / "home", log=lambda *a, **k: None).run()
+    run = _run_stages(tmp_path,
+                      ("full", {"student": _byte(3, 48), "train": {"steps": 40, "batch_size": 16, "lr": 0.005,
+                                                                    "eval_every": 20}}),
+                      ("pruned", {"student": {"stage": "full", "prune": {"layers": 1}}, "teacher": {"stage": "full"},
+                                  "train": {"steps": 30, "batch_size": 16, "lr": 0.005, "eval_every": 10, "alpha": 0.0}}))
     m = json.loads((run / "pruned" / "lm-metrics.json").read_text())["metrics"]
     assert m["layers"] == "3->1" and m["test_ppl"] < m["pruned_ppl"]
     from attar.text.charlm import load_causal_lm
@@ -148,25 +149,11 @@ def test_lora_on_a_causal_lm_round_trips_through_peft(tmp_path):
 
     from attar.text.charlm import load_causal_lm
 
-    corpus = _corpus(tmp_path / "corpus.txt")
-    r = tmp_path / "lora.yaml"
-    r.write_text(f"""\
-name: lora-test
-stages:
-  - name: base
-    kind: lm
-    lm:
-      student: {{byte: {{layers: 1, d_model: 32, heads: 2, context: 96}}}}
-      data: {{name: {corpus}, max_len: 80}}
-      train: {{steps: 10, batch_size: 16, lr: 0.005, eval_every: 10}}
-  - name: tuned
-    kind: lm
-    lm:
-      student: {{stage: base, lora: {{rank: 4, alpha: 8}}}}
-      data: {{name: {corpus}, max_len: 80}}
-      train: {{steps: 15, batch_size: 16, lr: 0.01, eval_every: 15}}
-""")
-    run = Pipeline(*load_recipe(r), home=tmp_path / "home", log=lambda *a, **k: None).run()
+    run = _run_stages(tmp_path,
+                      ("base", {"student": _byte(1, 32), "train": {"steps": 10, "batch_size": 16, "lr": 0.005,
+                                                                   "eval_every": 10}}),
+                      ("tuned", {"student": {"stage": "base", "lora": {"rank": 4, "alpha": 8}},
+                                 "train": {"steps": 15, "batch_size": 16, "lr": 0.01, "eval_every": 15}}))
     m = json.loads((run / "tuned" / "lm-metrics.json").read_text())["metrics"]
     assert 0 < m["trainable"] < m["params"] / 5
     base, _ = load_causal_lm(run / "base" / "model")
