@@ -8,6 +8,8 @@ peak resident memory is its own) on the same token batches (random ids, every po
   ``[B, L, V]`` logits of both, AdamW step. The least any KD step can do.
 * ``attar`` — the same step through ``attar.train.trainer.Trainer`` with the LM task and ``LMLoss`` (forward KL,
   automatic chunking: whole logits here, since a batch's are under 256 MiB).
+* ``sft`` / ``cached`` — a plain SFT step of the student, and a KD step reading a top-64 teacher cache (built
+  before the timed steps): the cached-teacher overhead over SFT.
 * ``attar-chunked`` — the same with ``chunk_tokens: 256`` (the head applied 256 positions at a time under
   activation checkpointing), what a large vocabulary or batch gets automatically.
 
@@ -77,7 +79,7 @@ def run_limit(args) -> list[float]:
     return times
 
 
-def run_attar(args, chunk: int | None) -> list[float]:
+def run_attar(args, chunk: int | None, mode: str = "kd") -> list[float]:
     import torch
 
     from attar.distill.lm_objectives import check_vocab
@@ -93,8 +95,15 @@ def run_attar(args, chunk: int | None) -> list[float]:
     mask[:, 0] = False
     split = LMSplit(ids, mask, torch.ones(len(ids), dtype=torch.long))
     vmap = check_vocab(teacher, student)
-    task = LMTask(split, pad_id=-1, eos_id=None, alpha=0.0, divergence_name="kl", temperature=1.0, divergence_args={},
-                  teacher=teacher, vmap=vmap, chunk_tokens=chunk)
+    cache = None
+    if mode == "cached":  # the teacher runs once, before the timed steps; its top-64 per token are kept
+        from attar.distill.lm_objectives import LMTeacherCache
+
+        cache = LMTeacherCache.build(teacher, ids, k=64, temperature=1.0, batch_size=args.batch)
+        ESTIMATE["cache_bytes_per_token"] = cache.bytes / ids.numel()
+    alpha = 1.0 if mode == "sft" else 0.0
+    task = LMTask(split, pad_id=-1, eos_id=None, alpha=alpha, divergence_name="kl", temperature=1.0, divergence_args={},
+                  teacher=teacher if mode == "kd" else None, cache=cache, vmap=vmap, chunk_tokens=chunk)
     times: list[float] = []
 
     class Clock(Callback):
@@ -111,8 +120,9 @@ def run_attar(args, chunk: int | None) -> list[float]:
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch, lr=1e-5, weight_decay=0.0, eval_every=10**9)
     order = lambda epoch: torch.arange(len(ids))  # noqa: E731  (the limit's batch order)
     Clock.t = time.perf_counter()
-    Trainer(student, LMLoss(0.0, "kl", 1.0, {}, chunk), ids, split.prompt_len, cfg, teachers=[teacher], task=task,
-            callbacks=[Clock()], order=order, progress=False).fit()
+    Trainer(student, LMLoss(alpha, "kl", 1.0, {}, chunk), ids, split.prompt_len, cfg,
+            teachers=[teacher] if mode == "kd" else [], teacher_cache=cache, task=task, callbacks=[Clock()], order=order,
+            progress=False).fit()
     return times
 
 
@@ -120,11 +130,17 @@ def child(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    times = run_limit(args) if args.mode == "limit" else run_attar(args, 256 if args.mode == "attar-chunked" else None)
+    if args.mode == "limit":
+        times = run_limit(args)
+    elif args.mode in ("sft", "cached"):
+        times = run_attar(args, None, args.mode)
+    else:
+        times = run_attar(args, 256 if args.mode == "attar-chunked" else None)
     timed = times[args.warmup:]
     print(json.dumps({"mode": args.mode, "step_s": statistics.median(timed), "steps": times,
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "estimate_mb": ESTIMATE.get("total", 0) / 2**20}))
+                      "estimate_mb": ESTIMATE.get("total", 0) / 2**20,
+                      "cache_bytes_per_token": ESTIMATE.get("cache_bytes_per_token")}))
 
 
 def main() -> None:
@@ -139,7 +155,7 @@ def main() -> None:
     if args.mode:
         return child(args)
     res = {}
-    for mode in ("limit", "attar", "attar-chunked"):
+    for mode in ("limit", "attar", "attar-chunked", "sft", "cached"):
         cmd = [sys.executable, __file__, "--mode", mode, *[f"--{k}={getattr(args, k)}" for k in
                                                           ("batch", "length", "steps", "warmup", "threads")]]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
@@ -161,6 +177,10 @@ included); {args.threads} threads, {platform.machine()}, torch {torch.__version_
 | limit: plain PyTorch, whole logits of both models | {lim['step_s']:.2f} | 1.00 | {lim['peak_rss_mb']:.0f} | — |
 | attar Trainer + LM task, automatic (whole logits: under 256 MiB here) | {at['step_s']:.2f} | {at['step_s'] / lim['step_s']:.2f} | {at['peak_rss_mb']:.0f} | {at['estimate_mb']:.0f} |
 | attar Trainer + LM task, `chunk_tokens: 256` (4 chunks, checkpointed) | {whole['step_s']:.2f} | {whole['step_s'] / lim['step_s']:.2f} | {whole['peak_rss_mb']:.0f} | {whole['estimate_mb']:.0f} |
+
+Cached teacher: a KD step that reads the teacher's top-64 log-probs per token from the cache (built once before the
+timed steps; {res['cached']['cache_bytes_per_token']:.0f} bytes per token) takes {res['cached']['step_s']:.2f} s, against
+{res['sft']['step_s']:.2f} s for a plain SFT step (next-token CE, no teacher) of the same student: **{res['cached']['step_s'] / res['sft']['step_s']:.2f}×**.
 
 Chunking costs a second pass of the output heads (recomputed in the backward) and saves the `[B, L, V]` logits
 of both models: here {lim['peak_rss_mb'] - whole['peak_rss_mb']:.0f} MB of peak memory against the limit. attar's estimate

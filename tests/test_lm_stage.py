@@ -194,3 +194,22 @@ def test_sft_rows_train_on_the_response_only_with_a_chat_template(tmp_path):
     r.write_text(r.read_text().replace(str(rows), str(bad)))
     with pytest.raises(AttarError, match="line 2: no field 'a'"):
         Pipeline(*load_recipe(r), home=tmp_path / "home2", log=lambda *a, **k: None).run()
+
+
+def test_packed_text_fills_every_row_and_keeps_test_texts_apart(tmp_path):
+    from attar.text.charlm import byte_tokenizer, lm_packed, lm_packed_data
+
+    tok = byte_tokenizer()
+    split = lm_packed(["abc", "de"], tok, block=4)  # [BOS] a b c [EOS] [BOS] d e [EOS] -> 9 tokens, 2 rows of 4
+    assert split.ids.tolist() == [[tok.bos_token_id, 97, 98, 99], [tok.eos_token_id, tok.bos_token_id, 100, 101]]
+    assert split.mask[:, 0].tolist() == [False, False] and bool(split.mask[:, 1:].all())
+    texts = [f"text number {i} says {WORDS[i % len(WORDS)]}" for i in range(60)]
+    a = lm_packed_data(texts, tok, max_len=32, seed=0)
+    b = lm_packed_data(texts, tok, max_len=32, seed=1)
+    assert torch.equal(a.test.ids, b.test.ids) and not torch.equal(a.train.ids, b.train.ids)
+    test_text = tok.decode(a.test.ids.flatten())
+    assert not any(t in test_text for t in (tok.decode(r) for r in a.train.ids))  # no block shared across splits
+    run = _run_stages(tmp_path, ("s", {"student": _byte(1, 16), "data": {"name": str(_corpus(tmp_path / "c.txt")),
+                                                                         "pack": True, "max_len": 48},
+                                       "train": {"steps": 3, "batch_size": 4, "eval_every": 3}}))
+    assert json.loads((run / "s" / "lm-metrics.json").read_text())["metrics"]["test_ppl"] > 1

@@ -102,6 +102,7 @@ class LMTextSpec(BaseModel):
     prompt_field: str | None = Field(None, description="SFT rows: the field holding the prompt (with response_field)")
     response_field: str | None = Field(None, description="SFT rows: the field holding the response (the loss is on it)")
     chat_template: bool = Field(False, description="SFT rows: wrap each prompt as a user turn in the tokenizer's chat template")
+    pack: bool = Field(False, description="plain text joined end to end and cut into max_len-token rows, every token scored")
     prompt_len: int = Field(16, ge=1)
     max_len: int = Field(128, ge=3)
     train_limit: int | None = Field(None, ge=1)
@@ -113,6 +114,8 @@ class LMTextSpec(BaseModel):
     def _pairs(self) -> "LMTextSpec":
         if (self.prompt_field is None) != (self.response_field is None):
             raise ValueError("prompt_field and response_field go together (prompt/response rows), or neither (plain text)")
+        if self.pack and self.prompt_field is not None:
+            raise ValueError("pack applies to plain text; prompt/response rows keep one pair per row")
         if self.chat_template and self.prompt_field is None:
             raise ValueError("chat_template applies to prompt/response rows: set prompt_field and response_field")
         return self

@@ -44,6 +44,7 @@ from attar.stages.base import (
 from attar.text.charlm import (
     LMSplit,
     byte_tokenizer,
+    lm_packed_data,
     lm_pair_data,
     load_causal_lm,
     make_byte_lm,
@@ -125,6 +126,11 @@ class LMStage(StageKind):
                 data = lm_pair_data(prompts, responses, stok, d.max_len, d.chat_template, seed=cfg.seed,
                                     train_limit=d.train_limit, val_limit=d.val_limit, test_limit=d.test_limit,
                                     name=d.name)
+            elif d.pack:
+                if contexts and d.max_len > min(contexts):
+                    raise AttarError(f"data.max_len {d.max_len} is longer than the model's context of {min(contexts)}.")
+                data = lm_packed_data(read_texts(d.name, d.text_column), stok, d.max_len, seed=cfg.seed,
+                                      train_limit=d.train_limit, val_limit=d.val_limit, test_limit=d.test_limit)
             else:
                 data = lm_dataset(d.name, stok, min(contexts) if contexts else None, text_column=d.text_column,
                                   prompt_len=d.prompt_len, max_len=d.max_len, seed=cfg.seed, train_limit=d.train_limit,

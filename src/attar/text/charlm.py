@@ -268,13 +268,7 @@ def lm_data(source: str | Sequence[str], tokenizer: Any, prompt_len: int = 16, m
     Duplicate texts are removed first (so no test text is also a training text). The test rows are
     drawn with a fixed seed (the same for every ``seed``); validation is drawn from the rest with
     ``seed``; the limits then keep the first rows of each (already shuffled) split."""
-    if isinstance(source, str):
-        from attar.text.sources import TEXT_BUILTINS
-
-        texts, name = list(TEXT_BUILTINS.get(source).load().texts), source
-    else:
-        texts, name = [str(t) for t in source], "texts"
-    texts = list(dict.fromkeys(t for t in texts if t.strip()))
+    texts, name = _texts_of(source)
     split, dropped = lm_texts(texts, tokenizer, prompt_len, max_len)
     info = {"source": name, "prompt_len": prompt_len, "max_len": max_len, "texts": len(texts), "dropped_short": dropped}
     return split_lm_rows(split, tokenizer, info, val_fraction, test_fraction, seed, train_limit, val_limit, test_limit)
@@ -292,6 +286,67 @@ def lm_pair_data(prompts: Sequence[str], responses: Sequence[str], tokenizer: An
     split = lm_pairs([p for p, _ in pairs], [r for _, r in pairs], tokenizer, max_len, chat_template)
     info = {"source": name, "max_len": max_len, "chat_template": chat_template, "texts": len(pairs), "dropped_short": 0}
     return split_lm_rows(split, tokenizer, info, val_fraction, test_fraction, seed, train_limit, val_limit, test_limit)
+
+
+def lm_packed(texts: Sequence[str], tokenizer: Any, block: int) -> LMSplit:
+    """Texts joined end to end (``[BOS] text [EOS]`` each) and cut into rows of exactly ``block`` tokens, every token
+    after a row's first scored: the usual way to train on running text without padding. The last partial row is
+    dropped."""
+    if block < 2:
+        raise AttarError(f"packing needs blocks of at least 2 tokens, got max_len={block}.")
+    bos, eos, pad = _special_ids(tokenizer)
+    stream: list[int] = []
+    for enc in _encode(texts, tokenizer):
+        stream += ([bos] if bos is not None else []) + enc + ([eos] if eos is not None else [])
+    n = len(stream) // block
+    if n == 0:
+        raise AttarError(f"packing: {len(stream)} tokens make no full block of max_len={block}; lower max_len.")
+    ids = torch.tensor(stream[: n * block], dtype=torch.long).view(n, block)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[:, 0] = False
+    return LMSplit(ids, mask, torch.ones(n, dtype=torch.long))
+
+
+def lm_packed_data(source: str | Sequence[str], tokenizer: Any, max_len: int = 128, val_fraction: float = 0.1,
+                   test_fraction: float = 0.1, seed: int = 0, train_limit: int | None = None,
+                   val_limit: int | None = None, test_limit: int | None = None) -> LMData:
+    """Packed LM data (:func:`lm_packed`): the texts are split into train/val/test first (test texts fixed for every
+    seed, as in :func:`lm_data`), then each split is packed, so no block mixes test and training text. The limits
+    count blocks."""
+    texts, name = _texts_of(source)
+    n = len(texts)
+    n_test, n_val = max(1, int(round(n * test_fraction))), int(round(n * val_fraction))
+    if n_test + n_val >= n:
+        raise AttarError(f"lm_data: {n} texts are too few for test_fraction={test_fraction} and val_fraction={val_fraction}.")
+    perm = np.random.default_rng(_TEST_SEED + 7919).permutation(n)
+    test_idx, pool = perm[:n_test], perm[n_test:]
+    pool = pool[np.random.default_rng(seed + 104729).permutation(len(pool))]
+    parts = {}
+    for split_name, idx, lim in (("train", pool[n_val:], train_limit), ("val", pool[:n_val], val_limit),
+                                 ("test", test_idx, test_limit)):
+        if len(idx) == 0:
+            parts[split_name] = LMSplit(torch.zeros(0, max_len, dtype=torch.long), torch.zeros(0, max_len, dtype=torch.bool),
+                                        torch.zeros(0, dtype=torch.long))
+            continue
+        packed = lm_packed([texts[i] for i in idx], tokenizer, max_len)
+        parts[split_name] = packed.rows(torch.arange(min(lim, len(packed)) if lim else len(packed)))
+    _, eos, pad = _special_ids(tokenizer)
+    train, val, test = parts["train"], parts["val"], parts["test"]
+    info = {"source": name, "packed": True, "max_len": max_len, "texts": n,
+            "sizes": {"train": len(train), "val": len(val), "test": len(test)},
+            "response_tokens": {"train": train.response_tokens, "val": val.response_tokens, "test": test.response_tokens}}
+    return LMData(train, val, test, pad, eos, info)
+
+
+def _texts_of(source: str | Sequence[str]) -> tuple[list[str], str]:
+    """Distinct non-blank texts of a built-in text set or a list of strings, and a name for them."""
+    if isinstance(source, str):
+        from attar.text.sources import TEXT_BUILTINS
+
+        texts, name = list(TEXT_BUILTINS.get(source).load().texts), source
+    else:
+        texts, name = [str(t) for t in source], "texts"
+    return list(dict.fromkeys(t for t in texts if t.strip())), name
 
 
 def split_lm_rows(split: LMSplit, tokenizer: Any, info: dict[str, Any], val_fraction: float, test_fraction: float,
