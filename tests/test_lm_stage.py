@@ -213,3 +213,15 @@ def test_packed_text_fills_every_row_and_keeps_test_texts_apart(tmp_path):
                                                                          "pack": True, "max_len": 48},
                                        "train": {"steps": 3, "batch_size": 4, "eval_every": 3}}))
     assert json.loads((run / "s" / "lm-metrics.json").read_text())["metrics"]["test_ppl"] > 1
+
+
+def test_mezo_trains_a_causal_lm_with_forward_passes_only(tmp_path):
+    run = _run_stages(tmp_path, ("m", {"student": _byte(1, 16), "optimizer": "mezo", "mezo_eps": 1e-3,
+                                       "train": {"steps": 6, "batch_size": 8, "lr": 1e-3, "eval_every": 3}}))
+    saved = json.loads((run / "m" / "lm-metrics.json").read_text())
+    assert saved["metrics"]["steps"] == 6 and len(saved["history"]) == 2
+    r = tmp_path / "bad.yaml"
+    r.write_text("name: b\nstages:\n  - name: s\n    kind: lm\n    lm: {student: {byte: {layers: 1}}, teacher: {byte: "
+                 "{layers: 1}}, optimizer: mezo, train: {alpha: 0.5}}\n")
+    with pytest.raises(AttarError, match="mezo trains with next-token CE only"):
+        Pipeline(*load_recipe(r), home=tmp_path / "home2", log=lambda *a, **k: None).run()

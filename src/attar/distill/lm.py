@@ -67,6 +67,7 @@ from attar.rng import generator
 from attar.text.charlm import LMData, LMSplit
 from attar.train.config import TrainConfig
 from attar.train.objective import device_of
+from attar.train.strategy import StepStrategy
 from attar.train.trainer import Trainer, resolve_device
 
 __all__ = ["LMDistillConfig", "LMResult", "distill_lm", "train_lm", "perplexity", "sample_continuations",
@@ -149,14 +150,16 @@ def distill_lm(student: nn.Module, data: LMData, teacher: nn.Module | None = Non
                *, cache: LMTeacherCache | None = None, student_tokenizer: Any = None, teacher_tokenizer: Any = None,
                token_map: Tensor | dict | None = None, teacher_pad_id: int | None = None,
                on_metrics: Callable[[int, dict], None] | None = None, ckpt_dir: str | Path | None = None,
-               resume: bool = False, progress: bool | None = None, **overrides: Any) -> LMResult:
+               resume: bool = False, progress: bool | None = None, strategy: StepStrategy | None = None,
+               **overrides: Any) -> LMResult:
     """Train ``student`` on ``data.train`` with CE and/or token-level KD from ``teacher`` (module doc).
 
     ``cache`` (built on ``data.train.ids``) replaces the live teacher on ground-truth rows; on-policy
     rows always need the live ``teacher``. The vocabularies are checked (:func:`check_vocab`) before
     any step: give both tokenizers for the token → id comparison, or ``token_map`` to bridge two.
     ``ckpt_dir``: write checkpoints there (every ``checkpoint_every`` steps and at the end); ``resume``
-    continues from the newest one and ends with the weights of an uninterrupted run."""
+    continues from the newest one and ends with the weights of an uninterrupted run. ``strategy``: another
+    Trainer step (e.g. :class:`attar.adapt.mezo.MeZOStep` for zeroth-order training)."""
     cfg = _config(config, overrides)
     kd_weight = 1.0 - cfg.alpha
     needs_teacher = kd_weight > 0
@@ -219,7 +222,8 @@ def distill_lm(student: nn.Module, data: LMData, teacher: nn.Module | None = Non
                         cfg.stop_on_hacking, on_metrics)
     trainer = Trainer(student, objective, train.ids, train.prompt_len, tcfg, seed=cfg.seed,
                       teachers=[teacher] if (needs_teacher and teacher is not None) else [], teacher_cache=cache,
-                      ckpt_dir=ckpt_dir, name="lm", task=task, callbacks=[monitor], progress=progress)
+                      ckpt_dir=ckpt_dir, name="lm", task=task, callbacks=[monitor], progress=progress,
+                      strategy=strategy)
     res = trainer.fit(resume=resume)
     student = res.model
     student.eval()

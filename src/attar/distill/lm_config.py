@@ -131,3 +131,6 @@ class LMStageOptions(BaseModel):
     data: LMTextSpec = Field(default_factory=LMTextSpec)
     train: LMDistillConfig = Field(default_factory=LMDistillConfig, description="alpha defaults to 1 (plain next-token CE) without a teacher")
     cache_topk: int | None = Field(None, ge=1, description="run the teacher once and keep its top-k log-probs per token")
+    optimizer: Literal["backprop", "mezo"] = Field(
+        "backprop", description="mezo: zeroth-order steps (two forward passes, no backward; plain next-token training)")
+    mezo_eps: float = Field(1e-3, gt=0, description="MeZO's perturbation scale")

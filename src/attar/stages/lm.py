@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from attar.adapt.mezo import MeZOConfig, MeZOStep
 from attar.checkpoint import latest_checkpoint
 from attar.distill.lm import _config, distill_lm, perplexity
 from attar.distill.lm_config import LMLoraSpec, LMModelSpec, LMStageOptions
@@ -97,6 +98,9 @@ class LMStage(StageKind):
                 read_pairs(o.data.name, o.data.prompt_field, o.data.response_field)
             elif read_texts(o.data.name, o.data.text_column) == o.data.name and not TEXT_BUILTINS.get(o.data.name).available():
                 TEXT_BUILTINS.get(o.data.name).load()  # says what is missing and the install command
+            if o.optimizer == "mezo" and settings.alpha < 1:
+                raise AttarError("optimizer: mezo trains with next-token CE only (train.alpha 1, no teacher); MeZO "
+                                 "estimates one gradient from two losses, a KD term has no place in it.")
             if o.cache_topk is not None and settings.alpha >= 1:
                 raise AttarError("cache_topk with train.alpha 1 has no effect (pure cross-entropy never reads the "
                                  "teacher); lower train.alpha or drop cache_topk.")
@@ -168,7 +172,8 @@ class LMStage(StageKind):
                        f"logits {parts['logits'] / 2**30:.2f})")
             res = distill_lm(student, data, teacher if cfg.alpha < 1 else None, cfg, cache=cache,
                              student_tokenizer=stok, teacher_tokenizer=ttok, ckpt_dir=ctx.stage_dir / "checkpoints",
-                             resume=ctx.resume, on_metrics=ctx.on_metrics)
+                             resume=ctx.resume, on_metrics=ctx.on_metrics,
+                             strategy=MeZOStep(MeZOConfig(eps=o.mezo_eps)) if o.optimizer == "mezo" else None)
         model, arts = res.model, {"model": out}
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if o.student.lora is not None:  # the adapter in PEFT format, then the merged model like any other
