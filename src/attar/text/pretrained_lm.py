@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -32,7 +33,8 @@ from typing import Any, Callable, Mapping
 
 from attar.errors import AttarError
 from attar.io import atomic_write_json, sha256_file, staged_folder
-from attar.paths import check_out_dir, home as attar_home
+from attar.paths import check_out_dir
+from attar.paths import home as attar_home
 
 SOURCE_JSON = "attar-source.json"
 #: The prompt whose logits a conversion must reproduce (GGUF-loaded model vs the written folder, reloaded).
@@ -301,8 +303,9 @@ def _convert(gguf: Path, out: Path, say: Callable[[str], None], progress: bool) 
     from attar.text.hf import _quiet_transformers
 
     _quiet_transformers()
+    live_bar = progress and sys.stderr.isatty() and not os.environ.get("CI")  # in a log the bar is noise
     try:  # transformers' GGUF reader draws its own tqdm bar on stderr, whatever its progress-bar setting
-        with contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.nullcontext() if live_bar else contextlib.redirect_stderr(io.StringIO()):
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                          dtype=torch.float32,
                                                          local_files_only=True, **_dequantize_options())
