@@ -35,16 +35,26 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def _pair():
-    from attar.text.lm_prune import prune_depth
-    from attar.text.pretrained_lm import load_pretrained_lm
+MODEL = {"name": "smollm2-135m"}
 
-    teacher, tok = load_pretrained_lm({"pretrained": "smollm2-135m"}, progress=False)
-    student, _ = load_pretrained_lm({"pretrained": "smollm2-135m"}, progress=False)
+
+def _vocab() -> int:
+    from attar.text.pretrained_lm import get_pretrained
+
+    return get_pretrained(MODEL["name"]).vocab
+
+
+def _pair():
+    """The teacher and, as the student, the same model with half its decoder layers dropped."""
     import torch
 
-    calib = torch.randint(0, 49152, (8, 64), generator=torch.Generator().manual_seed(0))
-    prune_depth(student, calib, pad_id=-1, keep=15)
+    from attar.text.lm_prune import decoder_layers, prune_depth
+    from attar.text.pretrained_lm import load_pretrained_lm
+
+    teacher, tok = load_pretrained_lm({"pretrained": MODEL["name"]}, progress=False)
+    student, _ = load_pretrained_lm({"pretrained": MODEL["name"]}, progress=False)
+    calib = torch.randint(0, _vocab(), (8, 64), generator=torch.Generator().manual_seed(0))
+    prune_depth(student, calib, pad_id=-1, keep=len(decoder_layers(student)) // 2)
     return teacher.eval(), student.train(), tok
 
 
@@ -52,7 +62,7 @@ def _batches(n: int, batch: int, length: int):
     import torch
 
     g = torch.Generator().manual_seed(1)
-    return [torch.randint(1, 49152, (batch, length), generator=g) for _ in range(n)]
+    return [torch.randint(1, _vocab(), (batch, length), generator=g) for _ in range(n)]
 
 
 ESTIMATE: dict = {}
@@ -130,12 +140,13 @@ def child(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    MODEL["name"] = args.model
     if args.mode == "limit":
         times = run_limit(args)
     elif args.mode in ("sft", "cached"):
         times = run_attar(args, None, args.mode)
     else:
-        times = run_attar(args, 256 if args.mode == "attar-chunked" else None)
+        times = run_attar(args, {"attar-chunked": 256, "attar-whole": 0}.get(args.mode))
     timed = times[args.warmup:]
     print(json.dumps({"mode": args.mode, "step_s": statistics.median(timed), "steps": times,
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -150,20 +161,26 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m (step time) or gemma3-270m (memory)")
     ap.add_argument("--mode", default=None)
     args = ap.parse_args()
     if args.mode:
         return child(args)
+    MODEL["name"] = args.model
     res = {}
-    for mode in ("limit", "attar", "attar-chunked", "sft", "cached"):
+    large = args.model != "smollm2-135m"
+    for mode in ("limit", "attar", "attar-whole") if large else ("limit", "attar", "attar-chunked", "sft", "cached"):
         cmd = [sys.executable, __file__, "--mode", mode, *[f"--{k}={getattr(args, k)}" for k in
-                                                          ("batch", "length", "steps", "warmup", "threads")]]
+                                                          ("batch", "length", "steps", "warmup", "threads", "model")]]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         res[mode] = json.loads(out)
         print(res[mode]["mode"], f"{res[mode]['step_s']:.2f} s/step", f"peak {res[mode]['peak_rss_mb']:.0f} MB")
-    lim, at, whole = res["limit"], res["attar"], res["attar-chunked"]
     import torch
     from _doc import replace_section
+
+    if large:
+        return write_large(args, res)
+    lim, at, whole = res["limit"], res["attar"], res["attar-chunked"]
 
     body = f"""## LM distillation step: attar vs its limit, chunked vs whole logits
 
@@ -190,6 +207,34 @@ the measured peak is {at['peak_rss_mb'] / max(1, at['estimate_mb']):.1f}× it he
 otherwise idle machine.
 """
     replace_section(ROOT / "docs" / "benchmarks.md", "lm-step-perf", body, "Benchmarks")
+
+
+def write_large(args, res: dict) -> None:
+    """The memory table of a large-vocabulary model: whole logits vs attar's automatic chunks."""
+    import torch
+    from _doc import replace_section
+
+    lim, at, whole = res["limit"], res["attar"], res["attar-whole"]
+    v = _vocab()
+    body = f"""## LM distillation memory with a 262k vocabulary: Gemma-3-270M, chunked vs whole logits
+
+Teacher {args.model} (vocabulary {v:,}), student the same with half its layers pruned; batch {args.batch} × {args.length}
+tokens (whole logits of one model: {args.batch * (args.length - 1) * v * 4 / 2**30:.2f} GiB in float32), forward KL on every
+position, AdamW; median of {args.steps - args.warmup} timed steps after {args.warmup} warm-up, each configuration in its own
+process; {args.threads} threads, {platform.machine()}, torch {torch.__version__}.
+
+| configuration | s / step | ratio to limit | peak RSS (MB) | attar's estimate (MB) |
+|---|---|---|---|---|
+| limit: plain PyTorch, whole logits of both models | {lim['step_s']:.2f} | 1.00 | {lim['peak_rss_mb']:.0f} | — |
+| attar, whole logits (`chunk_tokens: 0`) | {whole['step_s']:.2f} | {whole['step_s'] / lim['step_s']:.2f} | {whole['peak_rss_mb']:.0f} | {whole['estimate_mb']:.0f} |
+| attar, automatic chunks (64 positions) | {at['step_s']:.2f} | {at['step_s'] / lim['step_s']:.2f} | {at['peak_rss_mb']:.0f} | {at['estimate_mb']:.0f} |
+
+Automatic chunking saves {lim['peak_rss_mb'] - at['peak_rss_mb']:.0f} MB of peak memory against the limit
+({whole['peak_rss_mb'] - at['peak_rss_mb']:.0f} MB against attar's own whole-logit path). Reproduce:
+`.venv/bin/python bench/lm_step_perf.py --model {args.model} --batch {args.batch} --length {args.length} --steps {args.steps}
+--warmup {args.warmup}` (after `attar models convert {args.model}`), on an otherwise idle machine.
+"""
+    replace_section(ROOT / "docs" / "benchmarks.md", "lm-step-perf-large", body, "Benchmarks")
 
 
 if __name__ == "__main__":
