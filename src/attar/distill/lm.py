@@ -60,7 +60,7 @@ from attar.distill.lm_objectives import (
     token_ce_loss,
 )
 from attar.distill.lm_sampling import sample_continuations, trim_padding
-from attar.distill.lm_task import HeadSplit, LMLoss, LMTask, auto_chunk, scored
+from attar.distill.lm_task import LMLoss, LMTask, auto_chunk, head_split, scored
 from attar.errors import AttarError
 from attar.registry import validation_error
 from attar.rng import generator
@@ -116,21 +116,18 @@ def perplexity(model: nn.Module, split: LMSplit, pad_id: int, batch_size: int = 
     model.eval()
     nll, n = 0.0, 0
     dev = device_of(model)
-    split_model = HeadSplit(model)
-    whole = not split_model.verify()
+    split_model = head_split(model)
     try:
         for i in range(0, len(split), batch_size):
             ids, mask = trim_padding(split.ids[i : i + batch_size], split.mask[i : i + batch_size], pad_id)
             pos = scored(mask)
             if not bool(pos.any()):
                 continue
-            ids_d, attn = ids.to(dev), (ids != pad_id).long().to(dev)
-            h = (split_model.full_logits(ids_d, attn) if whole else split_model.hidden(ids_d, attn))[:, :-1][pos.to(dev)]
+            h, head = split_model.at(ids.to(dev), (ids != pad_id).long().to(dev), pos.to(dev))
             y = ids[:, 1:][pos].to(dev)
-            v = vocab_size or (h.shape[-1] if whole else split_model.head.weight.shape[0])
-            chunk = auto_chunk(v, chunk_tokens, len(h))
+            chunk = auto_chunk(vocab_size or split_model.width(h, head), chunk_tokens, len(h))
             for a in range(0, len(h), chunk):
-                z = h[a : a + chunk] if whole else split_model.logits(h[a : a + chunk])
+                z = head(h[a : a + chunk])
                 nll += float(nn.functional.cross_entropy(z[:, :vocab_size] if vocab_size else z, y[a : a + chunk],
                                                          reduction="sum"))
             n += len(y)

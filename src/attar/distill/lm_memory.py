@@ -81,4 +81,5 @@ def check_fits(parts: dict[str, int], device: torch.device, already_loaded: bool
 
 
 def describe(parts: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in parts.items())
+    """``total 2.45 GiB, weights 0.80 GiB, ...``: an estimate as one line for logs."""
+    return ", ".join(f"{k} {parts[k] / GiB:.2f} GiB" for k in ("total", *(k for k in parts if k != "total")))

@@ -21,8 +21,9 @@ tokens, against its own ``logits``) runs whole, as before.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +57,20 @@ class HeadSplit:
         self.head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
         self.softcap = getattr(getattr(inner, "config", None), "final_logit_softcapping", None)
         self.ok = self.body is not None and self.head is not None and self.body is not inner
+        self._verified: bool | None = None
+
+    def at(self, ids: Tensor, attn: Tensor | None, pos: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """The model's rows at scored positions ``pos`` (``[B, L-1]``) and the function that makes them logits: last
+        hidden states and the head when the split reproduces the model (checked once), else its logits as they are."""
+        if self._verified is None:
+            self._verified = self.verify()
+        if self._verified:
+            return self.hidden(ids, attn)[:, :-1][pos], self.logits
+        return self.full_logits(ids, attn)[:, :-1][pos], _identity
+
+    def width(self, rows: Tensor, head: Callable[[Tensor], Tensor]) -> int:
+        """How many logits a row of :meth:`at` becomes (the head's rows, or the logits' own width)."""
+        return int(self.head.weight.shape[0]) if head is not _identity else int(rows.shape[-1])
 
     def hidden(self, ids: Tensor, attn: Tensor | None) -> Tensor:
         out = self.body(input_ids=ids, attention_mask=attn)
@@ -89,6 +104,20 @@ class HeadSplit:
             return False
         finally:
             self.model.train(was)
+
+
+_SPLITS: "weakref.WeakKeyDictionary[nn.Module, HeadSplit]" = weakref.WeakKeyDictionary()
+
+
+def head_split(model: nn.Module) -> HeadSplit:
+    """The :class:`HeadSplit` of ``model``, made (and checked against the model's logits) once per model."""
+    if model not in _SPLITS:
+        _SPLITS[model] = HeadSplit(model)
+    return _SPLITS[model]
+
+
+def _identity(z: Tensor) -> Tensor:
+    return z
 
 
 def _at_least_float32(z: Tensor) -> Tensor:
@@ -142,8 +171,6 @@ class LMTask(Task):
         self.divergence_args, self.on_policy, self.sample_temperature = dict(divergence_args), on_policy, sample_temperature
         self.teacher, self.cache, self.vmap, self.teacher_pad_id = teacher, cache, vmap, teacher_pad_id
         self.chunk_tokens = chunk_tokens
-        self.student_split: HeadSplit | None = None
-        self.teacher_split: HeadSplit | None = None
 
     @property
     def needs_teacher(self) -> bool:
@@ -157,15 +184,6 @@ class LMTask(Task):
         return {"lm": {"alpha": self.alpha, "divergence": self.divergence_name, "temperature": self.temperature,
                        "divergence_args": self.divergence_args, "on_policy": self.on_policy,
                        "sample_temperature": self.sample_temperature, "cache": self.cache is not None}}
-
-    def _splits(self, model: nn.Module) -> tuple[HeadSplit | None, HeadSplit | None]:
-        if self.student_split is None or self.student_split.model is not model:
-            s = HeadSplit(model)
-            self.student_split = s if s.verify() else None
-            if self.teacher is not None and self.needs_teacher:
-                t = HeadSplit(self.teacher)
-                self.teacher_split = t if t.verify() else None
-        return self.student_split, self.teacher_split
 
     # -------------------------------------------------------------------------------------- rows -> batch
     def batch(self, trainer, rows: Tensor, epoch: int, micro: int) -> LMBatch:
@@ -206,41 +224,38 @@ class LMTask(Task):
     @torch.no_grad()
     def _teacher_view(self, trainer, ids: Tensor, pos: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """The live teacher on ``ids`` at the scored positions: hidden states (chunked head) or logits."""
-        _, t_split = self._splits(trainer.model)
         t_ids = self.vmap.teacher_ids(ids) if not self.vmap.identity else ids
         if not self.vmap.identity:  # padding is never scored; the teacher reads its own pad id there
             t_ids = torch.where(ids == self.pad_id, torch.as_tensor(self.teacher_pad_id or 0), t_ids)
         dev = device_of(self.teacher)
         attn = (ids != self.pad_id).long().to(dev)
-        if t_split is not None:
-            h = t_split.hidden(t_ids.to(dev), attn)
-            return h[:, :-1][pos.to(dev)].to(trainer.device), None
-        z = HeadSplit(self.teacher).full_logits(t_ids.to(dev), attn)
-        return None, self.vmap.to_student(z[:, :-1][pos.to(dev)]).to(trainer.device)
+        rows, head = head_split(self.teacher).at(t_ids.to(dev), attn, pos.to(dev))
+        if head is _identity:
+            return None, self.vmap.to_student(rows).to(trainer.device)
+        return rows.to(trainer.device), None
 
     # -------------------------------------------------------------------------------------- batch -> losses
     def forward(self, model: nn.Module, objective: Objective, batch: LMBatch) -> tuple[dict[str, Tensor], None]:
-        s_split, _ = self._splits(model)
+        split = head_split(model)
         ids = batch.x
-        attn = (ids != self.pad_id).long()
-        pos = scored(batch.mask).to(ids.device)
-        if s_split is not None:
-            h = s_split.hidden(ids, attn)[:, :-1][pos]
-            head = s_split.logits
-        else:
-            h = HeadSplit(model).full_logits(ids, attn)[:, :-1][pos]
-            head = _identity
-        return objective(batch, (h, head, self)), None
+        rows, head = split.at(ids, (ids != self.pad_id).long(), scored(batch.mask).to(ids.device))
+        return objective(batch, ScoredRows(rows, head, self.vocab or split.width(rows, head), self)), None
 
     def teacher_logits_of(self, batch: LMBatch, live: slice | Tensor) -> Tensor:
         """The live teacher's logits over the student's vocabulary for live tokens ``live``."""
         if batch.teacher_hidden is None:
             return batch.teacher_logits[live]
-        return self.vmap.to_student(self.teacher_split.logits(batch.teacher_hidden[live]))
+        return self.vmap.to_student(head_split(self.teacher).logits(batch.teacher_hidden[live]))
 
 
-def _identity(z: Tensor) -> Tensor:
-    return z
+class ScoredRows(NamedTuple):
+    """What the LM task hands its loss: the student's rows at the scored positions, the function that makes them
+    logits, how many logits that is, and the task (for the teacher's view of the batch)."""
+
+    rows: Tensor
+    head: Callable[[Tensor], Tensor]
+    width: int
+    task: LMTask
 
 
 # ---------------------------------------------------------------------------------------------- the loss
@@ -262,13 +277,12 @@ class LMLoss(Objective):
             raise AttarError(f"divergence {divergence_name!r} compares all scored tokens as one set, so its logits "
                              "cannot be split into chunks; set chunk_tokens: 0 (or leave it automatic).")
 
-    def forward(self, batch: LMBatch, outputs: tuple[Tensor, Callable[[Tensor], Tensor], LMTask]) -> dict[str, Tensor]:
-        h, head, task = outputs
+    def forward(self, batch: LMBatch, outputs: ScoredRows) -> dict[str, Tensor]:
+        h, head, vocab, task = outputs
         n = h.shape[0]
         zero = h.sum() * 0.0
         if n == 0:
             return {"loss": zero}
-        vocab = task.vocab or _head_size(head, h)
         chunk = n if is_batchwise(self.divergence_name) else auto_chunk(vocab, self.chunk_tokens, n)
         gt = batch.ground_truth.to(h.device)
         targets = batch.targets.to(h.device)
@@ -334,7 +348,3 @@ class LMLoss(Objective):
                              else divergence(name, s, t, T, "none", **args).sum())
         return total
 
-
-def _head_size(head: Callable[[Tensor], Tensor], h: Tensor) -> int:
-    w = getattr(getattr(head, "__self__", None), "head", None)
-    return int(w.weight.shape[0]) if w is not None else int(h.shape[-1])

@@ -28,10 +28,10 @@ from attar.adapt.mezo import MeZOConfig, MeZOStep
 from attar.checkpoint import latest_checkpoint
 from attar.distill.lm import _config, distill_lm, perplexity
 from attar.distill.lm_config import LMLoraSpec, LMModelSpec, LMStageOptions
-from attar.distill.lm_memory import estimate_lm_memory
+from attar.distill.lm_memory import describe, estimate_lm_memory
 from attar.distill.lm_objectives import LMTeacherCache, check_vocab
 from attar.distill.lm_sampling import trim_padding
-from attar.distill.lm_task import HeadSplit, scored
+from attar.distill.lm_task import head_split, scored
 from attar.errors import AttarError
 from attar.io import atomic_write_json, staged_folder
 from attar.stages.base import (
@@ -123,16 +123,14 @@ class LMStage(StageKind):
             vmap = check_vocab(teacher, student, ttok, stok) if teacher is not None else None
             contexts = [c for c in (lm_context(student), lm_context(teacher) if teacher is not None else None) if c]
             d = o.data
+            if (d.prompt_field is not None or d.pack) and contexts and d.max_len > min(contexts):
+                raise AttarError(f"data.max_len {d.max_len} is longer than the model's context of {min(contexts)}.")
             if d.prompt_field is not None:
-                if contexts and d.max_len > min(contexts):
-                    raise AttarError(f"data.max_len {d.max_len} is longer than the model's context of {min(contexts)}.")
                 prompts, responses = read_pairs(d.name, d.prompt_field, d.response_field)
                 data = lm_pair_data(prompts, responses, stok, d.max_len, d.chat_template, seed=cfg.seed,
                                     train_limit=d.train_limit, val_limit=d.val_limit, test_limit=d.test_limit,
                                     name=d.name)
             elif d.pack:
-                if contexts and d.max_len > min(contexts):
-                    raise AttarError(f"data.max_len {d.max_len} is longer than the model's context of {min(contexts)}.")
                 data = lm_packed_data(read_texts(d.name, d.text_column), stok, d.max_len, seed=cfg.seed,
                                       train_limit=d.train_limit, val_limit=d.val_limit, test_limit=d.test_limit)
             else:
@@ -167,9 +165,7 @@ class LMStage(StageKind):
             parts = estimate_lm_memory(student, teacher if cfg.alpha < 1 else None, batch_size=cfg.batch_size,
                                        length=data.train.ids.shape[1], chunk_tokens=cfg.chunk_tokens,
                                        gradient_checkpointing=cfg.gradient_checkpointing)
-            inputs.log(f"  memory estimate {parts['total'] / 2**30:.2f} GiB (weights {parts['weights'] / 2**30:.2f}, "
-                       f"optimizer {parts['optimizer'] / 2**30:.2f}, activations {parts['activations'] / 2**30:.2f}, "
-                       f"logits {parts['logits'] / 2**30:.2f})")
+            inputs.log(f"  memory estimate: {describe(parts)}")
             res = distill_lm(student, data, teacher if cfg.alpha < 1 else None, cfg, cache=cache,
                              student_tokenizer=stok, teacher_tokenizer=ttok, ckpt_dir=ctx.stage_dir / "checkpoints",
                              resume=ctx.resume, on_metrics=ctx.on_metrics,
@@ -235,15 +231,16 @@ def with_lora(model, spec: LMLoraSpec):
 def agreement(teacher, student, split: LMSplit, pad_id: int, vocab: int | None, batch_size: int = 4) -> dict[str, float]:
     """Mean KL(teacher‖student) per response token and how often the two models' top-1 next tokens agree."""
     kl, agree, n = 0.0, 0, 0
-    t_split, s_split = HeadSplit(teacher), HeadSplit(student)
     for m in (teacher, student):
         m.eval()
     for i in range(0, len(split), batch_size):
         ids, mask = trim_padding(split.ids[i : i + batch_size], split.mask[i : i + batch_size], pad_id)
-        pos = scored(mask)
-        attn = (ids != pad_id).long()
-        zt = t_split.full_logits(ids, attn)[:, :-1][pos]
-        zs = s_split.full_logits(ids, attn)[:, :-1][pos]
+        pos, attn = scored(mask), (ids != pad_id).long()
+        logits = []
+        for m in (teacher, student):  # logits at the scored positions only
+            rows, head = head_split(m).at(ids, attn, pos)
+            logits.append(head(rows))
+        zt, zs = logits
         if vocab:
             zt, zs = zt[:, :vocab], zs[:, :vocab]
         lt, ls = torch.log_softmax(zt.float(), -1), torch.log_softmax(zs.float(), -1)

