@@ -182,6 +182,10 @@ class Trainer:
         """Ask the loop to end after this step, as if its budget were spent (a callback's early stop)."""
         self.stop_reason = reason
 
+    def _spent(self, step: int) -> bool:
+        """The run ends here: its step budget is spent, or a callback asked it to stop."""
+        return step >= self.total_steps or bool(self.stop_reason)
+
     def _barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
@@ -394,9 +398,8 @@ class Trainer:
                 order = self._epoch_order(epoch)
                 epoch_loss, epoch_n = 0.0, 0
                 start_micro = micro0 if epoch == epoch0 else 0
-                last_epoch = epoch + 1 == self.epochs
                 for micro in range(start_micro, micro_per_epoch):
-                    if step >= self.total_steps or self.stop_reason:  # a step budget, or a callback's early stop
+                    if self._spent(step):
                         break
                     if micro % self.accumulate == 0:
                         torch.manual_seed(self.rng_seed(4, step))  # dropout etc.
@@ -426,13 +429,13 @@ class Trainer:
                         self.on_metrics(step, {f"train_{k}": float(v.detach()) for k, v in losses.items()} | {"lr": lr})
                     for cb in self.callbacks:
                         cb.on_step_end(self, step)
-                    end_of_epoch = micro + 1 == micro_per_epoch or step >= self.total_steps or bool(self.stop_reason)
+                    end_of_epoch = micro + 1 == micro_per_epoch or self._spent(step)
                     if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not end_of_epoch:
                         pending = self._save(opt, step, epoch, micro + 1, history, time.perf_counter() - t_start, seen)
                         last_save = time.perf_counter()
                     if not end_of_epoch:
                         self._stop_if_asked(opt, step, epoch, micro + 1, history, t_start, seen)
-                last_epoch = last_epoch or step >= self.total_steps or bool(self.stop_reason)
+                last_epoch = epoch + 1 == self.epochs or self._spent(step)
                 self.objective.on_epoch_end(epoch, self.epochs)
                 for cb in self.callbacks:
                     cb.on_epoch_end(self, epoch)
