@@ -63,3 +63,11 @@ def test_every_shipped_recipe_parses():
     assert shipped
     for p in shipped:
         load_recipe(p)
+
+
+def test_a_bare_data_name_means_name():
+    text = GOOD.replace("data: {name: digits}", "data: digits")
+    assert text != GOOD
+    assert parse_recipe(text, "r.yaml").data.name == "digits"
+    with pytest.raises(AttarError, match="exactly one source"):
+        parse_recipe(GOOD.replace("data: {name: digits}", "data: {}"), "r.yaml")

@@ -41,6 +41,12 @@ class DataSpec(_Strict):
     train_limit: int | None = Field(None, gt=0, description="keep at most this many training rows (seeded)")
     labeled_per_class: int | None = Field(None, gt=0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _a_bare_name(cls, value: Any) -> Any:
+        """``data: digits`` is what people write first; it means ``{name: digits}``."""
+        return {"name": value} if isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _one_source(self) -> "DataSpec":
         sources = [k for k in SOURCES if getattr(self, k)]
