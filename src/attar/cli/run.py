@@ -25,6 +25,10 @@ def run(
         False, "--allow-optim-change",
         help="with --resume and a recipe: continue unfinished stages with changed optimiser settings (lr, "
              "weight_decay, grad_clip, ...); the change is recorded in the run"),
+    tensorboard: bool = typer.Option(
+        False, "--tensorboard",
+        help="also write every stage's metrics as TensorBoard event files in runs/<id>/<stage>/tensorboard/ "
+             "(`tensorboard --logdir runs/<id>`); needs `pip install 'attar[tensorboard]'`"),
 ):
     """Run a recipe's stages in order and write report.md / report.html.
 
@@ -48,7 +52,8 @@ def run(
         else:
             path = builtin_recipe_path("quickstart")
             out.print(f"No recipe given: running the built-in quickstart ({path}).")
-        run_dir = run_recipe(path, resume_dir=resume, home=home, allow_optim_change=allow_optim_change)
+        run_dir = run_recipe(path, resume_dir=resume, home=home, allow_optim_change=allow_optim_change,
+                             tensorboard=tensorboard)
     except AttarError as e:
         _fail(e)
     except RunInterrupted as e:

@@ -1,9 +1,9 @@
-"""`attar runs list|show|compare`: the SQLite run store."""
+"""`attar runs list|show|compare|export`: the SQLite run store."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.table import Table
@@ -69,3 +69,40 @@ def runs_compare(run_a: str, run_b: str, home: Optional[Path] = typer.Option(Non
     from attar.report import render_compare_table
 
     out.print(render_compare_table(rows, run_a, run_b))
+
+
+@runs_app.command("export")
+@errors_as_messages
+def runs_export(
+    run_ids: Optional[List[str]] = typer.Argument(None, help="runs to export (ids, prefixes or latest); "
+                                                             "default: every finished run"),
+    mlflow: bool = typer.Option(False, "--mlflow", help="export to MLflow (needs `pip install 'attar[mlflow]'`)"),
+    tracking_uri: Optional[str] = typer.Option(
+        None, "--tracking-uri", help="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///<home>/mlflow.db"),
+    experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment; default: the recipe's name"),
+    home: Optional[Path] = typer.Option(None, "--home"),
+):
+    """Copy runs into MLflow: a parent run per attar run, a nested run per stage, with params, metrics and
+    artifacts. Exporting a run again skips it."""
+    from attar.paths import home as runs_home
+    from attar.store.mlflow_export import (
+        MlflowExport,
+        default_tracking_uri,
+        export_runs,
+        require_mlflow,
+    )
+
+    if not mlflow:
+        raise AttarError("Name the target to export to: `attar runs export --mlflow` (the only one so far).")
+    require_mlflow()  # before opening anything: one paragraph with the install command
+    store = _store(home)
+    opts = MlflowExport(tracking_uri=tracking_uri or default_tracking_uri(runs_home(home)), experiment=experiment)
+    done = export_runs(store, list(run_ids or []), opts)
+    if not done:
+        out.print("No finished runs to export.")
+    for e in done:
+        what = "already in MLflow, skipped" if e.outcome == "skipped" else f"exported with {e.stages} stage run(s)"
+        out.print(f"{e.run_id}: {what} (MLflow run {e.mlflow_run_id})", highlight=False)
+        for m in e.missing:
+            out.print(f"  artifact no longer on disk, not copied: {m}", highlight=False)
+    out.print(f"tracking URI: {opts.tracking_uri}", highlight=False)

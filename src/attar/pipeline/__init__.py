@@ -22,14 +22,17 @@ from attar.pipeline.resolve import Resolver
 from attar.recipe import Recipe, StageSpec, load_recipe
 from attar.stages import EarlierStage, StageContext, StageInputs
 from attar.train import distributed as dist
+from attar.train.tensorboard_log import require_tensorboard
 
 __all__ = ["Pipeline", "Resolver", "RunRecorder", "run_recipe"]
 
 
 class Pipeline:
-    def __init__(self, recipe: Recipe, recipe_text: str, home: Path | None = None, log=print):
+    def __init__(self, recipe: Recipe, recipe_text: str, home: Path | None = None, log=print,
+                 tensorboard: bool = False):
         self.recipe = recipe
         self.text = recipe_text
+        self.tensorboard = tensorboard  # `attar run --tensorboard`: every stage, whatever its train.log_to says
         self.home = runs_home(home)
         self.log = log if dist.is_main() else (lambda *a, **k: None)
         self.resolver = Resolver(recipe, self.home / "cache", self.log)
@@ -44,6 +47,8 @@ class Pipeline:
     def preflight(self) -> None:
         """Resolve every stage on untrained stand-ins and run the checks that need no training: models build and
         take the data's inputs, class counts agree, each kind's own checks pass. Nothing is written."""
+        if self.tensorboard or any("tensorboard" in st.train.log_to for st in self.recipe.stages):
+            require_tensorboard("--tensorboard" if self.tensorboard else "This recipe's train.log_to")
         earlier = self.resolver.earlier
         earlier.clear()
         for i, st in enumerate(self.recipe.stages):
@@ -86,7 +91,7 @@ class Pipeline:
         (attar.lifecycle) are held until this returns, whichever way it ends."""
         self.preflight()
         with contextlib.ExitStack() as held:
-            rec = RunRecorder(self.recipe, self.text, self.home, held, self.log)
+            rec = RunRecorder(self.recipe, self.text, self.home, held, self.log, tensorboard=self.tensorboard)
             run_dir = rec.open(resume_dir, allow_optim_change)
             self.log(f"run {rec.run_id}  ->  {run_dir}")
             held.enter_context(stop_on_signals())
@@ -119,8 +124,8 @@ def _width(model: torch.nn.Module, probe: torch.Tensor) -> int:
 
 
 def run_recipe(path: str | Path, resume_dir: str | Path | None = None, home: Path | None = None,
-               allow_optim_change: bool = False) -> Path:
+               allow_optim_change: bool = False, tensorboard: bool = False) -> Path:
     recipe, text = load_recipe(path)
     dist.maybe_init()
-    return Pipeline(recipe, text, home=home).run(Path(resume_dir) if resume_dir else None,
-                                                 allow_optim_change=allow_optim_change)
+    pipeline = Pipeline(recipe, text, home=home, tensorboard=tensorboard)
+    return pipeline.run(Path(resume_dir) if resume_dir else None, allow_optim_change=allow_optim_change)

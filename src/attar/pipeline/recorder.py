@@ -29,14 +29,18 @@ from attar.report import write_report
 from attar.stages import StageResult
 from attar.store import RunStore, make_run_dir, now_iso
 from attar.train import distributed as dist
+from attar.train.tensorboard_log import TensorBoardSink
 from attar.train.trainer import predict
 
 Change = tuple[str, Any, Any]
 
 
 class RunRecorder:
-    def __init__(self, recipe: Recipe, text: str, home: Path, held: contextlib.ExitStack, log: Callable[..., None]):
+    def __init__(self, recipe: Recipe, text: str, home: Path, held: contextlib.ExitStack, log: Callable[..., None],
+                 tensorboard: bool = False):
         self.recipe, self.text, self.home, self.held, self.log = recipe, text, home, held, log
+        self.tensorboard = tensorboard  # every stage's metrics also as TensorBoard events (else per train.log_to)
+        self.boards: dict[str, TensorBoardSink] = {}
         self.store: RunStore | None = None
         self.run_id: str | None = None
         self.run_dir: Path | None = None
@@ -110,11 +114,24 @@ class RunRecorder:
 
     # ------------------------------------------------------------------ stages
     def start_stage(self, st, index: int) -> Callable[[int, dict], None] | None:
-        """Record the stage as running; returns the metric sink its trainer reports to."""
+        """Record the stage as running; returns the metric sink its trainer reports to (the store, and TensorBoard
+        event files in ``<run>/<stage>/tensorboard/`` when asked)."""
         if self.store is None:
             return None
         self.store.start_stage(self.run_id, st.name, st.kind, index, st.model_dump(mode="json"))
-        return lambda step, m, _s=st.name: self.store.log_metrics(self.run_id, _s, step, m)
+        if self.tensorboard or "tensorboard" in st.train.log_to:
+            self.boards[st.name] = TensorBoardSink(self.run_dir / st.name / "tensorboard")
+        return lambda step, m, _s=st.name: self._log_metrics(_s, step, m)
+
+    def _log_metrics(self, stage: str, step: int, values: dict) -> None:
+        self.store.log_metrics(self.run_id, stage, step, values)
+        if stage in self.boards:
+            self.boards[stage](step, values)
+
+    def _close_boards(self) -> None:
+        for board in self.boards.values():
+            board.close()
+        self.boards.clear()
 
     def finish_stage(self, st, res: StageResult, bundle) -> dict:
         """Score and record a finished stage; returns its report row."""
@@ -140,7 +157,9 @@ class RunRecorder:
             "val_accuracy": [(h["step"], h["val_accuracy"]) for h in res.history if "val_accuracy" in h],
         }
         if final:
-            self.store.log_metrics(self.run_id, st.name, res.history[-1]["step"] if res.history else 0, final)
+            self._log_metrics(st.name, res.history[-1]["step"] if res.history else 0, final)
+        if st.name in self.boards:
+            self.boards.pop(st.name).close()
         for name, path in res.artifacts.items():
             if Path(path).exists():
                 self.store.add_artifact(self.run_id, st.name, name, name if name == "data" else "model", str(path))
@@ -168,6 +187,8 @@ class RunRecorder:
         """Record how the run ended (``interrupted`` for SIGTERM/Ctrl-C, else ``failed``); returns the error to
         raise (a full disk becomes one paragraph that says what was kept)."""
         e = exc
+        with contextlib.suppress(Exception):  # flush what TensorBoard has; the error below is the one to report
+            self._close_boards()
         if isinstance(exc, OSError) and exc.errno in NO_SPACE:
             e = no_space_error(exc.filename or f"a file under {self.run_dir}", self.run_dir)
         if isinstance(e, RunInterrupted):

@@ -47,6 +47,11 @@ class TrainConfig(_Strict):
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="bfloat16: the forward pass under autocast (weights and optimizer stay float32)"
     )
+    log_to: list[Literal["tensorboard"]] = Field(
+        default_factory=list,
+        description="also write this stage's metrics as TensorBoard event files under <run>/<stage>/tensorboard/ "
+                    "(needs `pip install 'attar[tensorboard]'`; `attar run --tensorboard` does it for every stage)",
+    )
 
 
 #: The fine-tuning route's training defaults (``attar finetune``, finetune stages): a pretrained text model needs

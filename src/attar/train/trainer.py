@@ -227,7 +227,8 @@ class Trainer:
     def _config_hash(self) -> str:
         # the device is not part of the recipe a resume must match (resume a CPU run on a GPU and back);
         # defaults of fields added later are left out, so checkpoints written before them still resume
-        parts = [self.cfg.model_dump(exclude={"device"} | ({"dtype"} if self.cfg.dtype == "float32" else set())
+        # (nor where metrics are also written: log_to changes no weight)
+        parts = [self.cfg.model_dump(exclude={"device", "log_to"} | ({"dtype"} if self.cfg.dtype == "float32" else set())
                                      | ({"steps"} if self.cfg.steps is None else set())),
                  self.seed, len(self.x), self.world]
         if self.selector is not None:  # a resume with another selector (or other selector settings) is refused
@@ -426,7 +427,8 @@ class Trainer:
                     rate = seen / max(1e-9, time.perf_counter() - t_start)
                     bar.update(1, loss=lval, lr=lr, **{"samples/s": f"{rate:.0f}"})
                     if self.on_metrics and self.rank == 0 and (step % 10 == 0 or step == 1):
-                        self.on_metrics(step, {f"train_{k}": float(v.detach()) for k, v in losses.items()} | {"lr": lr})
+                        self.on_metrics(step, {f"train_{k}": float(v.detach()) for k, v in losses.items()}
+                                        | {"lr": lr, "samples_per_s": rate})
                     for cb in self.callbacks:
                         cb.on_step_end(self, step)
                     end_of_epoch = micro + 1 == micro_per_epoch or self._spent(step)
