@@ -95,6 +95,9 @@ def runs_export(
     if not mlflow:
         raise AttarError("Name the target to export to: `attar runs export --mlflow` (the only one so far).")
     require_mlflow()  # before opening anything: one paragraph with the install command
+    import logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its INFO lines about creating its tables
     store = _store(home)
     opts = MlflowExport(tracking_uri=tracking_uri or default_tracking_uri(runs_home(home)), experiment=experiment)
     done = export_runs(store, list(run_ids or []), opts)
@@ -102,7 +105,7 @@ def runs_export(
         out.print("No finished runs to export.")
     for e in done:
         what = "already in MLflow, skipped" if e.outcome == "skipped" else f"exported with {e.stages} stage run(s)"
-        out.print(f"{e.run_id}: {what} (MLflow run {e.mlflow_run_id})", highlight=False)
+        out.print(f"{e.run_id}: {what} (MLflow run {e.mlflow_run_id})", highlight=False, soft_wrap=True)
         for m in e.missing:
-            out.print(f"  artifact no longer on disk, not copied: {m}", highlight=False)
-    out.print(f"tracking URI: {opts.tracking_uri}", highlight=False)
+            out.print(f"  artifact no longer on disk, not copied: {m}", highlight=False, soft_wrap=True)
+    out.print(f"tracking URI: {opts.tracking_uri}", highlight=False, soft_wrap=True)
