@@ -156,3 +156,31 @@ def test_a_run_that_does_not_fit_is_refused_with_the_estimate_and_the_fix(data, 
     with pytest.raises(AttarError, match=r"needs about .* GiB .* are free .*gradient_checkpointing.*lora"):
         distill_lm(student, data, teacher, steps=2, batch_size=8, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before, student.parameters()))  # refused before any step
+
+
+def test_agreement_from_precomputed_teacher_logits_equals_the_live_teacher():
+    """A teacher's test logits computed once (bench: a 1.5B teacher against many students) give the same numbers."""
+    from attar.stages.lm import agreement, scored_logits
+    from attar.text.charlm import LMSplit
+
+    teacher, student = _tiny_llama().eval(), _tiny_llama().eval()
+    torch.manual_seed(3)
+    for p in student.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(1, 90, (5, 12), generator=torch.Generator().manual_seed(2))
+    ids[3, 9:] = 0  # a padded row
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[:, 4:] = True
+    mask[3, 9:] = False
+    split = LMSplit(ids, mask, torch.full((5,), 4))
+    live = agreement(teacher, student, split, 0, None, batch_size=2)
+    stored = agreement(scored_logits(teacher, split, 0, batch_size=2), student, split, 0, None, batch_size=2)
+    assert live == pytest.approx(stored, rel=1e-6) and 0 < live["kl_to_teacher"] and 0 < live["top1_agreement"] <= 1
+    # by hand: position t is scored when token t+1 is a response token
+    with torch.no_grad():
+        attn = (ids != 0).long()
+        zt, zs = teacher(ids, attention_mask=attn).logits[:, :-1], student(ids, attention_mask=attn).logits[:, :-1]
+    at = mask[:, 1:]
+    lt, ls = zt[at].log_softmax(-1), zs[at].log_softmax(-1)
+    assert live["kl_to_teacher"] == pytest.approx(float((lt.exp() * (lt - ls)).sum(-1).mean()), rel=1e-4)
+    assert live["top1_agreement"] == pytest.approx(float((lt.argmax(-1) == ls.argmax(-1)).float().mean()))

@@ -110,6 +110,21 @@ def test_resume_with_a_changed_recipe_is_refused_with_a_diff(tmp_path, change, f
     assert (run_dir / "recipe.yaml").read_text() == before
 
 
+def test_resume_takes_where_a_stage_runs_and_what_it_logs_and_records_it(tmp_path):
+    """train.device and train.log_to change no weight: a resume accepts them without a flag and records them."""
+    assert _run(tmp_path, _recipe(tmp_path, epochs=3)).exit_code == 0
+    (run_dir,) = [p for p in (tmp_path / "home").iterdir() if (p / "run.json").exists()]
+    changed = _recipe(tmp_path, epochs=3, fname="c.yaml")
+    changed.write_text(changed.read_text().replace("checkpoint_every: 5}", "checkpoint_every: 5, device: cpu, "
+                                                   "log_to: [tensorboard]}"))
+    res = _run(tmp_path, changed, "--resume", str(run_dir))
+    assert res.exit_code == 0, res.output
+    meta = json.loads((run_dir / "run.json").read_text())
+    fields = {c["field"] for c in meta["resumed_with_changes"][0]["changes"]}
+    assert fields == {"stages[0].train.device", "stages[0].train.log_to"}
+    assert "log_to: [tensorboard]" in (run_dir / "recipe.yaml").read_text()
+
+
 def test_finished_stage_cannot_change_its_learning_rate(tmp_path):
     assert _run(tmp_path, _recipe(tmp_path)).exit_code == 0
     (run_dir,) = [p for p in (tmp_path / "home").iterdir() if (p / "run.json").exists()]

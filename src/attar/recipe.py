@@ -275,6 +275,17 @@ def _path_order(path: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"[\[\].]+", path) if p)
 
 
+#: Train settings that change where a stage runs or what it also logs, never its weights: a resume takes them as
+#: they are now (and records the change), e.g. a CPU run resumed on a GPU, or TensorBoard switched on.
+NEUTRAL_FIELDS = ("device", "log_to")
+
+
+def is_neutral_field(path: str) -> bool:
+    """``stages[i].train.device`` / ``.log_to`` (or a list item of them): a change a resume accepts as is."""
+    m = re.match(r"stages\[\d+\]\.train\.(\w+)", path)
+    return bool(m) and m.group(1) in NEUTRAL_FIELDS
+
+
 def is_optim_field(path: str) -> bool:
     """``stages[i].train.<optimiser setting>``: a change a resume can accept on request."""
     m = re.fullmatch(r"stages\[\d+\]\.train\.(\w+)", path)

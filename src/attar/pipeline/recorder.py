@@ -24,7 +24,7 @@ from attar.lifecycle import (
 )
 from attar.metrics import classification_metrics
 from attar.models import model_size
-from attar.recipe import Recipe, is_optim_field, parse_recipe, recipe_diff, stage_index
+from attar.recipe import Recipe, is_neutral_field, is_optim_field, parse_recipe, recipe_diff, stage_index
 from attar.report import write_report
 from attar.stages import StageResult
 from attar.store import RunStore, make_run_dir, now_iso
@@ -78,9 +78,10 @@ class RunRecorder:
         if not own.exists():
             raise AttarError(f"{run_dir} has no recipe.yaml, so a resume cannot check it continues the same recipe; "
                              "pass the run folder runs/<id> that `attar run` created.")
-        changes = recipe_diff(parse_recipe(own.read_text(), str(own)), self.recipe)
+        all_changes = recipe_diff(parse_recipe(own.read_text(), str(own)), self.recipe)
+        changes = [c for c in all_changes if not is_neutral_field(c[0])]
         if not changes:
-            return []
+            return all_changes  # none, or only where stages run / what they log: recorded, no weight depends on it
         diff = "\n".join(f"    {p}: {_show(a)} -> {_show(b)}" for p, a, b in changes)
         if any(not is_optim_field(p) for p, _, _ in changes):
             raise AttarError(
@@ -101,7 +102,7 @@ class RunRecorder:
                 "stages with the new settings from their last checkpoint, pass --allow-optim-change (the change is "
                 "recorded in the run's recipe.yaml, run.json and the run store); otherwise resume without a recipe."
             )
-        return changes
+        return all_changes
 
     def record_changes(self, run_dir: Path, run_id: str, changes: list[Change]) -> None:
         meta = json.loads((run_dir / "run.json").read_text())

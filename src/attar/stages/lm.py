@@ -23,6 +23,7 @@ import json
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from attar.adapt.mezo import MeZOConfig, MeZOStep
 from attar.checkpoint import latest_checkpoint
@@ -228,19 +229,41 @@ def with_lora(model, spec: LMLoraSpec):
 
 
 @torch.no_grad()
-def agreement(teacher, student, split: LMSplit, pad_id: int, vocab: int | None, batch_size: int = 4) -> dict[str, float]:
-    """Mean KL(teacher‖student) per response token and how often the two models' top-1 next tokens agree."""
-    kl, agree, n = 0.0, 0, 0
-    for m in (teacher, student):
-        m.eval()
+def scored_logits(model, split: LMSplit, pad_id: int, batch_size: int = 4, dtype: torch.dtype | None = None) -> list[Tensor]:
+    """``model``'s logits at the scored (response) positions of ``split``, one tensor per batch of ``batch_size`` rows.
+
+    Why a list: a teacher's test logits can be computed once (in bfloat16, say) and compared with many students.
+    """
+    model.eval()
+    out = []
     for i in range(0, len(split), batch_size):
         ids, mask = trim_padding(split.ids[i : i + batch_size], split.mask[i : i + batch_size], pad_id)
+        rows, head = head_split(model).at(ids, (ids != pad_id).long(), scored(mask))
+        z = head(rows)
+        out.append(z if dtype is None else z.to(dtype))
+    return out
+
+
+@torch.no_grad()
+def agreement(teacher, student, split: LMSplit, pad_id: int, vocab: int | None, batch_size: int = 4) -> dict[str, float]:
+    """Mean KL(teacher‖student) per response token and how often the two models' top-1 next tokens agree.
+
+    ``teacher``: a model, or its :func:`scored_logits` on the same split and ``batch_size``.
+    """
+    kl, agree, n = 0.0, 0, 0
+    student.eval()
+    teacher_logits = teacher if isinstance(teacher, list) else None
+    for b, i in enumerate(range(0, len(split), batch_size)):
+        ids, mask = trim_padding(split.ids[i : i + batch_size], split.mask[i : i + batch_size], pad_id)
         pos, attn = scored(mask), (ids != pad_id).long()
-        logits = []
-        for m in (teacher, student):  # logits at the scored positions only
-            rows, head = head_split(m).at(ids, attn, pos)
-            logits.append(head(rows))
-        zt, zs = logits
+        rows, head = head_split(student).at(ids, attn, pos)
+        zs = head(rows)
+        if teacher_logits is None:
+            teacher.eval()
+            rows, head = head_split(teacher).at(ids, attn, pos)
+            zt = head(rows)
+        else:
+            zt = teacher_logits[b].to(zs.device)
         if vocab:
             zt, zs = zt[:, :vocab], zs[:, :vocab]
         lt, ls = torch.log_softmax(zt.float(), -1), torch.log_softmax(zs.float(), -1)
