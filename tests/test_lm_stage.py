@@ -91,6 +91,8 @@ def test_lm_recipe_trains_a_teacher_and_distils_a_student(tmp_path):
     ("lm: {student: {pretrained: gpt-17}}", "gpt-17"),
     ("lm: {student: {byte: {layers: 1}, hf: x}}", "exactly one of"),
     ("lm: {student: {byte: {layers: 1}}, data: {name: nowhere.txt}}", "no such file"),
+    ("lm: {student: {byte: {layers: 2}, prune: {mlp: 8}}}", "width pruning needs"),
+    ("lm: {student: {byte: {layers: 2}, prune: {}}}", "at least one of layers"),
 ])
 def test_lm_stage_mistakes_are_refused_before_any_work(tmp_path, block, field):
     r = tmp_path / "bad.yaml"
@@ -141,6 +143,26 @@ def test_prune_then_recover_by_distillation_from_the_unpruned_model(tmp_path):
     from attar.text.lm_prune import decoder_layers
 
     assert len(decoder_layers(load_causal_lm(run / "pruned" / "model")[0])) == 1
+
+
+def test_width_pruning_of_an_hf_llama_then_recovery_records_the_shape(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from attar.text.charlm import byte_tokenizer
+
+    torch.manual_seed(0)
+    folder = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96)
+                     ).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    run = _run_stages(tmp_path, ("pruned", {"student": {"hf": str(folder), "prune": {"mlp": 24, "kv_heads": 1}},
+                                            "teacher": {"hf": str(folder)},
+                                            "train": {"steps": 6, "batch_size": 8, "lr": 0.005, "alpha": 0.5}}))
+    m = json.loads((run / "pruned" / "lm-metrics.json").read_text())["metrics"]
+    assert (m["layers"], m["mlp"], m["kv_heads"]) == ("2->2", "64->24", "2->1") and m["pruned_ppl"] > 0
+    cfg = AutoModelForCausalLM.from_pretrained(run / "pruned" / "model").config
+    assert (cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (24, 2, 1, 8)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # PEFT on GPT-2's Conv1D: it sets fan_in_fan_out itself

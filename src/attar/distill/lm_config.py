@@ -46,12 +46,22 @@ class LMDistillConfig(BaseModel):
 
 
 class LMPruneSpec(BaseModel):
-    """Depth pruning of the loaded model before training: keep the ``layers`` most influential decoder layers."""
+    """Structured pruning of the loaded model before training: depth (keep the ``layers`` most influential decoder
+    layers) and/or width (keep ``mlp`` channels and ``kv_heads`` key/value head groups in every layer)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    layers: int = Field(..., ge=1, description="decoder layers to keep (block influence on the training text)")
+    layers: int | None = Field(None, ge=1, description="decoder layers to keep (block influence on the training text)")
+    mlp: int | None = Field(None, ge=1, description="MLP channels to keep per layer (mean |activation| on the training text)")
+    kv_heads: int | None = Field(None, ge=1, description="key/value head groups to keep per layer (their query heads' "
+                                 "output norm on the training text)")
     calibration_rows: int = Field(64, ge=1, description="training rows the importance is measured on")
+
+    @model_validator(mode="after")
+    def _something(self) -> "LMPruneSpec":
+        if self.layers is None and self.mlp is None and self.kv_heads is None:
+            raise ValueError("prune needs at least one of layers (depth), mlp or kv_heads (width), e.g. {layers: 15}")
+        return self
 
 
 class LMLoraSpec(BaseModel):
@@ -77,7 +87,7 @@ class LMModelSpec(BaseModel):
     hf: str | None = Field(None, description="a local Hugging Face causal-LM folder")
     byte: dict[str, int] | None = Field(None, description="a fresh byte-level GPT-2: {layers, d_model, heads, context}")
     stage: str | None = Field(None, description="the model an earlier lm stage wrote")
-    prune: LMPruneSpec | None = Field(None, description="drop decoder layers first (prune, then recover by training)")
+    prune: LMPruneSpec | None = Field(None, description="prune depth and/or width first (prune, then recover by training)")
     lora: LMLoraSpec | None = Field(None, description="train LoRA adapters instead of every weight")
 
     @model_validator(mode="after")
@@ -89,6 +99,9 @@ class LMModelSpec(BaseModel):
             unknown = sorted(set(self.byte) - {"layers", "d_model", "heads", "context"})
             if unknown:
                 raise ValueError(f"byte: unknown field(s) {unknown}; it takes layers, d_model, heads, context")
+            if self.prune is not None and (self.prune.mlp or self.prune.kv_heads):
+                raise ValueError("prune.mlp/kv_heads: width pruning needs Llama/Qwen2/Gemma-3-style blocks; a byte model "
+                                 "is a GPT-2: prune its depth (prune: {layers: K})")
         return self
 
 

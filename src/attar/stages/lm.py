@@ -28,7 +28,7 @@ from torch import Tensor
 from attar.adapt.mezo import MeZOConfig, MeZOStep
 from attar.checkpoint import latest_checkpoint
 from attar.distill.lm import _config, distill_lm, perplexity
-from attar.distill.lm_config import LMLoraSpec, LMModelSpec, LMStageOptions
+from attar.distill.lm_config import LMLoraSpec, LMModelSpec, LMPruneSpec, LMStageOptions
 from attar.distill.lm_memory import describe, estimate_lm_memory
 from attar.distill.lm_objectives import LMTeacherCache, check_vocab
 from attar.distill.lm_sampling import trim_padding
@@ -59,7 +59,8 @@ from attar.text.lm_io import (
     read_texts,
     scored_vocab,
 )
-from attar.text.lm_prune import drop_layers, prune_depth
+from attar.text.lm_prune import decoder_layers, drop_layers, prune_depth
+from attar.text.lm_width import prune_width, shrink_width
 from attar.text.pretrained_lm import get_pretrained, load_pretrained_lm, resolve_lm
 from attar.text.sources import TEXT_BUILTINS
 
@@ -141,17 +142,14 @@ class LMStage(StageKind):
             vocab = vmap.student_size if vmap is not None else scored_vocab(student, stok)
             pruned: dict[str, Any] = {}
             if o.student.prune is not None and not (ctx.resume and latest_checkpoint(ctx.stage_dir / "checkpoints")):
-                p = o.student.prune
-                student, info = prune_depth(student, data.train.ids[: p.calibration_rows], data.pad_id, p.layers)
-                pruned = {"pruned_ppl": perplexity(student, data.test, data.pad_id, vocab_size=vocab),
-                          "layers": f"{info['layers_before']}->{info['layers_after']}"}
-                inputs.log(f"  pruned {info['layers_before']} -> {info['layers_after']} layers (dropped "
-                           f"{info['dropped']}); test perplexity now {pruned['pruned_ppl']:.2f}")
+                student, info = prune_student(student, o.student.prune, data.train.ids, data.pad_id)
+                pruned = {"pruned_ppl": perplexity(student, data.test, data.pad_id, vocab_size=vocab)} | info["sizes"]
+                inputs.log(f"  pruned {info['shape']}; test perplexity now {pruned['pruned_ppl']:.2f}")
                 atomic_write_json(ctx.stage_dir / "prune.json", info | pruned)
             elif o.student.prune is not None:  # resuming: rebuild the same pruned shape, the checkpoint has the weights
                 info = json.loads((ctx.stage_dir / "prune.json").read_text())
-                student = drop_layers(student, info["dropped"])
-                pruned = {"pruned_ppl": info["pruned_ppl"], "layers": info["layers"]}
+                student = reshape_pruned(student, info)
+                pruned = {k: info[k] for k in ("pruned_ppl", *info["sizes"])}
             if o.student.lora is not None:
                 student = with_lora(student, o.student.lora)
                 n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
@@ -226,6 +224,37 @@ def with_lora(model, spec: LMLoraSpec):
     except ValueError as e:  # e.g. target modules that the model does not have
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise AttarError(f"lm.student.lora.targets: {e}. This model's linear layers are named {names}.") from None
+
+
+def prune_student(model, spec: LMPruneSpec, ids: Tensor, pad_id: int) -> tuple[Any, dict[str, Any]]:
+    """Depth first (whole layers), then width (channels and head groups of the layers that remain), each measured
+    on the first ``calibration_rows`` training rows; the record says the shape before and after."""
+    calib, info = ids[: spec.calibration_rows], {}
+    n = len(decoder_layers(model))
+    params = sum(p.numel() for p in model.parameters())
+    if spec.layers is not None:
+        model, depth = prune_depth(model, calib, pad_id, spec.layers)
+        info |= depth
+    if spec.mlp is not None or spec.kv_heads is not None:
+        model, width = prune_width(model, calib, pad_id, spec.mlp, spec.kv_heads)
+        info["width"] = width
+    sizes = {"layers": f"{n}->{len(decoder_layers(model))}"}
+    if "width" in info:
+        w = info["width"]
+        sizes |= {"mlp": f"{w['mlp_before']}->{w['mlp_after']}", "kv_heads": f"{w['kv_heads_before']}->{w['kv_heads_after']}"}
+    after = sum(p.numel() for p in model.parameters())
+    info["sizes"] = sizes
+    info["shape"] = ", ".join(f"{k} {v}" for k, v in sizes.items()) + f" ({params / 1e6:.1f}M -> {after / 1e6:.1f}M parameters)"
+    return model, info
+
+
+def reshape_pruned(model, info: dict[str, Any]):
+    """The pruned shape from a stage's ``prune.json`` (resume: the checkpoint then loads the weights)."""
+    if info.get("dropped"):
+        model = drop_layers(model, info["dropped"])
+    if "width" in info:
+        model = shrink_width(model, info["width"]["kept"])
+    return model
 
 
 @torch.no_grad()
