@@ -53,8 +53,56 @@ def main_lm(out: Path) -> None:
           f"ppl {res.history[0]['val_ppl']:.2f}->{res.history[-1]['val_ppl']:.2f}")
 
 
+def main_sharded(out: Path, mode: str) -> None:
+    """A tiny Llama (tied embeddings, 2 decoder layers) trained by the Trainer's LM task, DDP or FSDP2.
+
+    ``mode``: ``ddp`` | ``fsdp`` | ``fsdp-crash`` (the workers die right after step 5, a checkpoint at 4) |
+    ``fsdp-resume`` (continue the crashed run)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from attar.distill.lm_task import LMLoss, LMTask
+    from attar.text.charlm import LMSplit
+    from attar.train.callbacks import Callback
+
+    dist.maybe_init()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"pid{dist.rank()}").write_text(str(os.getpid()))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                         tie_word_embeddings=True))
+    ids = torch.randint(1, 97, (64, 16), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[:, 0] = False
+    split = LMSplit(ids, mask, torch.ones(len(ids), dtype=torch.long))
+    task = LMTask(split, pad_id=-1, eos_id=None, alpha=1.0, divergence_name="kl", temperature=1.0, divergence_args={},
+                  teacher=None, cache=None, vmap=None, chunk_tokens=None)
+
+    if dist.rank() == 0:
+        save_file({k: v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}, str(out / "init.safetensors"))
+
+    class Crash(Callback):
+        def on_step_end(self, trainer, step):
+            if step == 1:  # what the model holds while it trains: shards (DTensor) under FSDP
+                (out / f"param-type{dist.rank()}").write_text(type(next(trainer.model.parameters())).__name__)
+            if mode == "fsdp-crash" and step == 5:
+                os._exit(3)  # a crash of the node: no checkpoint at 5, the one at 4 stays
+
+    cfg = TrainConfig(steps=8, batch_size=8, lr=1e-2, weight_decay=0.0, checkpoint_every=4, eval_every=10**9,
+                      fsdp=mode != "ddp")
+    res = Trainer(model, LMLoss(1.0, "kl", 1.0, {}, None), ids, split.prompt_len, cfg, seed=3, task=task,
+                  callbacks=[Crash()], ckpt_dir=out / "ckpt", progress=False).fit(resume=mode == "fsdp-resume")
+    sd = res.model.state_dict()
+    assert all(type(v) is torch.Tensor for v in sd.values()), "the trained model is handed back unsharded"
+    assert res.model.lm_head.weight is res.model.model.embed_tokens.weight, "tied weights stay tied"
+    save_file({k: v.contiguous() for k, v in sd.items() if k != "lm_head.weight"}, str(out / f"rank{dist.rank()}.safetensors"))
+    print(f"{mode} rank {dist.rank()} world {dist.world_size()} steps {res.steps}")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[2] == "lm":
+    if len(sys.argv) > 2 and sys.argv[2] in ("ddp", "fsdp", "fsdp-crash", "fsdp-resume"):
+        main_sharded(Path(sys.argv[1]), sys.argv[2])
+    elif len(sys.argv) > 2 and sys.argv[2] == "lm":
         main_lm(Path(sys.argv[1]))
     else:
         main(Path(sys.argv[1]), resume=len(sys.argv) > 2 and sys.argv[2] == "resume")

@@ -80,3 +80,35 @@ def test_ddp_lm_distillation_ranks_agree(tmp_path):
     assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
     assert "lm rank 0 world 2 steps 8" in res.stdout
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("step-*")) == ["step-00000004", "step-00000008"]
+
+
+@pytest.mark.slow
+def test_fsdp_matches_ddp_hands_back_a_plain_model_and_resumes_exactly(tmp_path):
+    """train.fsdp: FSDP2 (fully_shard per decoder layer, gloo on CPU) trains the same model as DDP, both ranks end
+    with the same whole model, and a run whose workers die after a checkpoint resumes to the uninterrupted weights."""
+    def run(name, mode):
+        res = subprocess.run(_torchrun(tmp_path / name, mode, port=_free_port()), env=ENV, capture_output=True,
+                             text=True, timeout=300)
+        return res
+
+    for name, mode in (("ddp", "ddp"), ("fsdp", "fsdp")):
+        res = run(name, mode)
+        assert res.returncode == 0, res.stderr[-3000:]
+    ddp, fsdp0, fsdp1 = _weights(tmp_path / "ddp", 0), _weights(tmp_path / "fsdp", 0), _weights(tmp_path / "fsdp", 1)
+    assert ddp.keys() == fsdp0.keys() == fsdp1.keys()
+    for k in ddp:
+        assert torch.equal(fsdp0[k], fsdp1[k]), f"FSDP ranks disagree on {k}"
+        torch.testing.assert_close(fsdp0[k], ddp[k], atol=2e-5, rtol=1e-4, msg=f"FSDP vs DDP differ on {k}")
+    start = load_file(tmp_path / "fsdp" / "init.safetensors")  # training moved every weight
+    assert all(not torch.equal(start[k], v) for k, v in fsdp0.items())
+    assert (tmp_path / "fsdp" / "param-type0").read_text() == "DTensor" == (tmp_path / "fsdp" / "param-type1").read_text()
+    assert (tmp_path / "ddp" / "param-type0").read_text() == "Parameter"
+
+    crashed = run("resumed", "fsdp-crash")
+    assert crashed.returncode != 0
+    assert sorted(p.name for p in (tmp_path / "resumed" / "ckpt").glob("step-*")) == ["step-00000004"]
+    res = run("resumed", "fsdp-resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = _weights(tmp_path / "resumed", 0)
+    for k in fsdp0:
+        assert torch.equal(got[k], fsdp0[k]), f"resumed FSDP run differs on {k}"

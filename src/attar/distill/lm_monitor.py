@@ -51,7 +51,7 @@ class LMMonitor(Callback):
         if rec["val_ppl"] < self.best_ppl:
             self.best_ppl, self.best_step, self.rising = rec["val_ppl"], step, 0
             if self.restore_best:
-                self.best_state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+                self.best_state = trainer.model_state()
         elif len(self.history) >= 2 and rec["val_ppl"] > self.history[-2].get("val_ppl", float("inf")):
             self.rising += 1
         else:
@@ -66,7 +66,7 @@ class LMMonitor(Callback):
     def on_train_end(self, trainer) -> None:
         last = self.history[-1].get("val_ppl", self.best_ppl) if self.history else self.best_ppl
         if self.restore_best and self.best_state is not None and last > self.best_ppl:
-            trainer.model.load_state_dict(self.best_state)
+            trainer.load_model_state(self.best_state)
             self.restored = self.best_step
 
     def state_tensors(self) -> dict[str, Tensor]:

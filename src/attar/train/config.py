@@ -47,6 +47,11 @@ class TrainConfig(_Strict):
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="bfloat16: the forward pass under autocast (weights and optimizer stay float32)"
     )
+    fsdp: bool = Field(
+        False, description="under torchrun: shard weights, gradients and optimizer state over the ranks (FSDP2 "
+                           "fully_shard, one unit per block) instead of replicating them (DDP); for models that do not "
+                           "fit one device. Checkpoints and the saved model stay whole."
+    )
     log_to: list[Literal["tensorboard"]] = Field(
         default_factory=list,
         description="also write this stage's metrics as TensorBoard event files under <run>/<stage>/tensorboard/ "

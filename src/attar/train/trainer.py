@@ -31,6 +31,7 @@ from attar import lifecycle, rng
 from attar.checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint
 from attar.errors import AttarError
 from attar.train import distributed as dist
+from attar.train import fsdp
 from attar.train.callbacks import Callback
 from attar.train.config import TrainConfig
 from attar.train.objective import Batch, Objective, device_of
@@ -159,6 +160,7 @@ class Trainer:
         self.total_steps = config.steps or self.steps_per_epoch * config.epochs
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.stop_reason: str | None = None
+        self._fsdp: tuple | None = None  # (step module, skeleton, buffers) while an FSDP run trains
         if selector is not None:
             selector.setup(self)  # rows, model, seed and schedule length (static pruning, curricula)
 
@@ -181,6 +183,19 @@ class Trainer:
     def request_stop(self, reason: str) -> None:
         """Ask the loop to end after this step, as if its budget were spent (a callback's early stop)."""
         self.stop_reason = reason
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The student's whole state dict as plain tensors (gathered under FSDP: every rank calls it)."""
+        if self._fsdp is not None:
+            return fsdp.full_state(self._fsdp[0])[0]
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def load_model_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Put :meth:`model_state`'s weights back (every rank, under FSDP)."""
+        if self._fsdp is not None:
+            fsdp.load_full_state(self._fsdp[0], state)
+        else:
+            self.model.load_state_dict(state)
 
     def _spent(self, step: int) -> bool:
         """The run ends here: its step budget is spent, or a callback asked it to stop."""
@@ -245,9 +260,14 @@ class Trainer:
         if self.ckpt_dir is None:
             return None
         folder = self.ckpt_dir / f"step-{step:08d}"
+        if self._fsdp is not None:  # gathered on every rank (collective), written by rank 0 as for one process
+            model_sd, objective_sd = fsdp.full_state(self._fsdp[0])
+            opt_t, opt_meta = fsdp.optimizer_state(self._fsdp[0], opt)
         if self.rank == 0:
-            opt_t, opt_meta = optimizer_to_tensors(opt)
-            tensors = {"model": self.model.state_dict(), "objective": self.objective.state_dict(), "optimizer": opt_t,
+            if self._fsdp is None:
+                model_sd, objective_sd = self.model.state_dict(), self.objective.state_dict()
+                opt_t, opt_meta = optimizer_to_tensors(opt)
+            tensors = {"model": model_sd, "objective": objective_sd, "optimizer": opt_t,
                        "selector": self.selector.state_tensors() if self.selector else {}}
             if self.callbacks:
                 tensors["callbacks"] = {f"{i}/{k}": v for i, cb in enumerate(self.callbacks)
@@ -297,9 +317,13 @@ class Trainer:
                 f"{ckpt} was written with different training settings (or data, seed, world size); "
                 "resume needs the same recipe. Start a fresh run or restore the original recipe."
             )
-        self.model.load_state_dict(tensors["model"])
-        self.objective.load_state_dict(tensors["objective"])
-        opt.load_state_dict(optimizer_from_tensors(tensors.get("optimizer", {}), state["optimizer"]))
+        if self._fsdp is not None:
+            fsdp.load_full_state(self._fsdp[0], tensors["model"], tensors["objective"])
+            fsdp.load_optimizer_state(self._fsdp[0], opt, tensors.get("optimizer", {}), state["optimizer"])
+        else:
+            self.model.load_state_dict(tensors["model"])
+            self.objective.load_state_dict(tensors["objective"])
+            opt.load_state_dict(optimizer_from_tensors(tensors.get("optimizer", {}), state["optimizer"]))
         for g in opt.param_groups:  # the saved hyper-parameters yield to the config (they differ only on request)
             g["weight_decay"] = self.cfg.weight_decay
             if "momentum" in g:
@@ -373,9 +397,12 @@ class Trainer:
         self.device = device_of(self.model)
         self.objective.setup(self.model, self.teachers, self.num_classes or 0, len(self.x))
         step_mod = _Step(self.model, self.objective, self.task)
+        self._fsdp = None
+        if cfg.fsdp and self.world > 1 and not self.inner:
+            self._fsdp = (step_mod, *fsdp.shard(step_mod, self.model, self.device))
         params = [p for p in step_mod.parameters() if p.requires_grad]
         opt = self.strategy.optimizer(cfg, params)
-        runner: nn.Module = DDP(step_mod) if self.world > 1 else step_mod
+        runner: nn.Module = DDP(step_mod) if self.world > 1 and self._fsdp is None else step_mod
 
         step, epoch0, micro0, history, elapsed, seen = 0, 0, 0, [], 0.0, 0
         state = None
@@ -459,6 +486,9 @@ class Trainer:
                 self._stop_if_asked(opt, step, epoch + 1, 0, history, t_start, seen)
         for cb in self.callbacks:
             cb.on_train_end(self)
+        if self._fsdp is not None:  # hand back an ordinary model with the trained weights
+            self.model = fsdp.plain_copy(self._fsdp[1], self._fsdp[2], fsdp.full_state(self._fsdp[0])[0]).to(self.device)
+            self._fsdp = None
         final = self.objective.finalize(self.model)
         seconds = time.perf_counter() - t_start
         selection = {}
