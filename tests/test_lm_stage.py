@@ -227,8 +227,8 @@ def test_packed_text_fills_every_row_and_keeps_test_texts_apart(tmp_path):
     assert split.mask[:, 0].tolist() == [False, False] and bool(split.mask[:, 1:].all())
     texts = [f"text number {i} says {WORDS[i % len(WORDS)]}" for i in range(60)]
     a = lm_packed_data(texts, tok, max_len=32, seed=0)
-    b = lm_packed_data(texts, tok, max_len=32, seed=1)
-    assert torch.equal(a.test.ids, b.test.ids) and not torch.equal(a.train.ids, b.train.ids)
+    b = lm_packed_data(texts, tok, max_len=32, seed=1)  # a text's split is a hash of its content, the same for every seed
+    assert len(a.test) > 0 and torch.equal(a.test.ids, b.test.ids) and torch.equal(a.train.ids, b.train.ids)
     test_text = tok.decode(a.test.ids.flatten())
     assert not any(t in test_text for t in (tok.decode(r) for r in a.train.ids))  # no block shared across splits
     run = _run_stages(tmp_path, ("s", {"student": _byte(1, 16), "data": {"name": str(_corpus(tmp_path / "c.txt")),

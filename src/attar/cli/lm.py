@@ -133,8 +133,8 @@ def _default(field: str) -> Any:
     return LMDistillConfig.model_fields[field].default
 
 
-DATA = typer.Option(..., "--data", "-d", help="fortunes | tweets | brown | file.txt (one text per line) | file.csv/.tsv/.parquet")
-TEXT_COLUMN = typer.Option(None, "--text-column", help="text column of a .csv/.tsv/.parquet file (default text)")
+DATA = typer.Option(..., "--data", "-d", help="a built-in set (attar data list) | file.txt (one text per line) | file.jsonl/.csv/.tsv/.parquet | a datasets folder (save_to_disk)")
+TEXT_COLUMN = typer.Option(None, "--text-column", help="text field/column of a .jsonl/.csv/.tsv/.parquet file or datasets folder (default text)")
 PROMPT_LEN = typer.Option(16, "--prompt-len", help="tokens of each text kept as the prompt (never scored)")
 MAX_LEN = typer.Option(None, "--max-len", help="tokens per row, prompt included (default min(128, model context))")
 TRAIN_LIMIT = typer.Option(None, "--train-limit", help="training rows kept")

