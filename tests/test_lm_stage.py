@@ -93,6 +93,7 @@ def test_lm_recipe_trains_a_teacher_and_distils_a_student(tmp_path):
     ("lm: {student: {byte: {layers: 1}}, data: {name: nowhere.txt}}", "no such file"),
     ("lm: {student: {byte: {layers: 2}, prune: {mlp: 8}}}", "width pruning needs"),
     ("lm: {student: {byte: {layers: 2}, prune: {}}}", "at least one of layers"),
+    ("lm: {student: {byte: {layers: 1}}, responses: teacher}", "needs lm.teacher"),
 ])
 def test_lm_stage_mistakes_are_refused_before_any_work(tmp_path, block, field):
     r = tmp_path / "bad.yaml"
@@ -163,6 +164,30 @@ def test_width_pruning_of_an_hf_llama_then_recovery_records_the_shape(tmp_path):
     assert (m["layers"], m["mlp"], m["kv_heads"]) == ("2->2", "64->24", "2->1") and m["pruned_ppl"] > 0
     cfg = AutoModelForCausalLM.from_pretrained(run / "pruned" / "model").config
     assert (cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (24, 2, 1, 8)
+
+
+def test_self_data_distillation_trains_on_the_unpruned_models_own_responses(tmp_path):
+    """responses: teacher: each training prompt is continued once by the teacher (here the unpruned model of a
+    pruned student: self-data distillation); the student trains with CE on those, and a resume reuses them."""
+    from safetensors.torch import load_file
+
+    run = _run_stages(tmp_path,
+                      ("full", {"student": _byte(2, 32), "train": {"steps": 30, "batch_size": 16, "lr": 0.005}}),
+                      ("self", {"student": {"stage": "full", "prune": {"layers": 1}}, "teacher": {"stage": "full"},
+                                "responses": "teacher", "train": {"steps": 10, "batch_size": 16, "lr": 0.005}}))
+    gen = load_file(str(run / "self" / "teacher-responses.safetensors"))
+    m = json.loads((run / "self" / "lm-metrics.json").read_text())["metrics"]
+    assert m["test_ppl"] > 0 and m["steps"] == 10 and m["layers"] == "2->1"
+    from attar.text.charlm import byte_tokenizer
+    from attar.text.lm_io import lm_dataset
+
+    data = lm_dataset(str(tmp_path / "corpus.txt"), byte_tokenizer(), None, text_column=None, prompt_len=16, max_len=80,
+                      seed=0, train_limit=None, val_limit=None, test_limit=None)
+    n = len(data.train)
+    assert gen["ids"].shape[0] == n and torch.equal(gen["prompt_len"], data.train.prompt_len)
+    p = int(data.train.prompt_len[0])
+    assert torch.equal(gen["ids"][:, :p], data.train.ids[:, :p])  # same prompts ...
+    assert not torch.equal(gen["ids"], data.train.ids[:, : gen["ids"].shape[1]])  # ... the teacher's own responses
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # PEFT on GPT-2's Conv1D: it sets fan_in_fan_out itself

@@ -43,6 +43,8 @@ class LMDistillConfig(BaseModel):
     gradient_checkpointing: bool = Field(False, description="recompute the student's activations in the backward pass")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16"] = "float32"
+    fsdp: bool = Field(False, description="under torchrun: shard the student's weights, gradients and optimizer state "
+                       "over the ranks (FSDP2) instead of replicating them")
 
 
 class LMPruneSpec(BaseModel):
@@ -150,3 +152,16 @@ class LMStageOptions(BaseModel):
     optimizer: Literal["backprop", "mezo"] = Field(
         "backprop", description="mezo: zeroth-order steps (two forward passes, no backward; plain next-token training)")
     mezo_eps: float = Field(1e-3, gt=0, description="MeZO's perturbation scale")
+    responses: Literal["text", "teacher"] = Field(
+        "text", description="teacher: train on a response the teacher writes once for each training prompt (sampled "
+        "at T=1) instead of the text's own (sequence-level KD; with a pruned student and its unpruned model as the "
+        "teacher: self-data distillation). Plain next-token CE on them unless train.alpha is set")
+
+    @model_validator(mode="after")
+    def _responses(self) -> "LMStageOptions":
+        if self.responses == "teacher" and self.teacher is None:
+            raise ValueError("responses: teacher needs lm.teacher (the model that writes the responses)")
+        if self.responses == "teacher" and self.data.pack:
+            raise ValueError("responses: teacher rewrites the continuation of each prompt; packed text (data.pack) "
+                             "has no prompts: drop pack or responses")
+        return self

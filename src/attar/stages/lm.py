@@ -23,11 +23,12 @@ import json
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
 
 from attar.adapt.mezo import MeZOConfig, MeZOStep
-from attar.checkpoint import latest_checkpoint
-from attar.distill.lm import _config, distill_lm, perplexity
+from attar.checkpoint import atomic_save_safetensors, latest_checkpoint
+from attar.distill.lm import _config, distill_lm, perplexity, teacher_generations
 from attar.distill.lm_config import LMLoraSpec, LMModelSpec, LMPruneSpec, LMStageOptions
 from attar.distill.lm_memory import describe, estimate_lm_memory
 from attar.distill.lm_objectives import LMTeacherCache, check_vocab
@@ -162,6 +163,10 @@ class LMStage(StageKind):
                 n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
                 inputs.log(f"  LoRA rank {o.student.lora.rank}: {n_train:,} trainable parameters")
             inputs.log(f"  text: {data.info['sizes']} rows, {data.info['response_tokens']['train']:,} training tokens")
+            if o.responses == "teacher":
+                data = data.with_train(_teacher_responses(teacher, data, vmap, vocab, cfg.seed, ctx.stage_dir))
+                inputs.log(f"  responses written by the teacher for {len(data.train)} training prompts "
+                           f"({int(data.train.mask.sum()):,} tokens)")
             cache = None
             if o.cache_topk is not None and teacher is not None and cfg.alpha < 1:
                 cache, built = LMTeacherCache.load_or_build(ctx.stage_dir / "teacher-cache.safetensors", teacher,
@@ -205,6 +210,8 @@ def _settings(o: LMStageOptions, seed: int):
             raise AttarError(f"train.alpha={o.train.alpha} mixes in a KD term, but the stage has no teacher; add "
                              "lm.teacher or drop train.alpha.")
         update["alpha"] = 1.0
+    if o.responses == "teacher" and "alpha" not in given:
+        update["alpha"] = 1.0  # the teacher's responses are the targets: plain CE on them
     if "seed" not in given:
         update["seed"] = seed
     return _config(o.train.model_copy(update=update), {})
@@ -231,6 +238,21 @@ def with_lora(model, spec: LMLoraSpec):
     except ValueError as e:  # e.g. target modules that the model does not have
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise AttarError(f"lm.student.lora.targets: {e}. This model's linear layers are named {names}.") from None
+
+
+def _teacher_responses(teacher, data, vmap, vocab: int | None, seed: int, stage_dir) -> LMSplit:
+    """Each training prompt continued once by the teacher, kept in the stage folder (a resume reuses them)."""
+    if vmap is not None and not vmap.identity:
+        raise AttarError("responses: teacher needs teacher and student to share a tokenizer (the responses are the "
+                         "teacher's token ids).")
+    path = stage_dir / "teacher-responses.safetensors"
+    if path.exists():
+        t = load_file(str(path))
+        return LMSplit(t["ids"], t["mask"].bool(), t["prompt_len"])
+    gen = teacher_generations(teacher, data.train, data.pad_id, data.eos_id, 1.0, seed, vocab_size=vocab)
+    atomic_save_safetensors({"ids": gen.ids.contiguous(), "mask": gen.mask.to(torch.uint8).contiguous(),
+                             "prompt_len": gen.prompt_len.contiguous()}, path)
+    return gen
 
 
 def prune_student(model, spec: LMPruneSpec, ids: Tensor, pad_id: int) -> tuple[Any, dict[str, Any]]:
