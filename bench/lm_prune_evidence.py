@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _doc import replace_section  # noqa: E402
 
-from attar.distill.lm import distill_lm, perplexity, train_lm  # noqa: E402
+from attar.distill.lm import distill_lm, perplexity, teacher_generations, train_lm  # noqa: E402
 from attar.distill.lm_objectives import LMTeacherCache  # noqa: E402
 from attar.stages.lm import agreement  # noqa: E402
 from attar.text.charlm import lm_data  # noqa: E402
@@ -50,7 +50,8 @@ MODEL = "smollm2-135m"
 ARMS = {"sft": "recovered by SFT (CE on the text)",
         "kd": "recovered by KD, teacher from the top-k cache",
         "kd-live": "recovered by KD, live teacher (full vocabulary)",
-        "kd+ce": "recovered by ½ CE + ½ KD (top-k cache)"}
+        "kd+ce": "recovered by ½ CE + ½ KD (top-k cache)",
+        "self-data": "recovered by self-data distillation (SFT on the unpruned model's own responses)"}
 FULL = dict(seeds=[0, 1, 2], steps=100, batch_size=8, lr=2e-4, keep=15, topk=64, train=400, test=200)
 QUICK = dict(seeds=[0, 1], steps=6, batch_size=4, lr=2e-4, keep=15, topk=16, train=48, test=24)
 
@@ -100,6 +101,7 @@ def main() -> None:
         print(f"unpruned ppl {base['unpruned_ppl']:.2f}, pruned ({base['layers']}) ppl {base['pruned_ppl']:.2f}")
         cache, _ = LMTeacherCache.load_or_build(out / "teacher-cache.safetensors", teacher, data.train.ids, c["topk"],
                                                1.0, pad_id=data.pad_id)
+        self_data = None
         for seed in c["seeds"]:
             for arm in ARMS:
                 if (arm, seed) in done:
@@ -110,6 +112,10 @@ def main() -> None:
                 t0 = time.perf_counter()
                 if arm == "sft":
                     res = train_lm(student, data, **settings)
+                elif arm == "self-data":  # the unpruned model continues each training prompt once (seed 0, T=1)
+                    if self_data is None:
+                        self_data = teacher_generations(teacher, data.train, data.pad_id, data.eos_id, 1.0, 0)
+                    res = train_lm(student, data.with_train(self_data), **settings)
                 else:
                     res = distill_lm(student, data, teacher, cache=None if arm == "kd-live" else cache,
                                      alpha=0.5 if arm == "kd+ce" else 0.0, divergence="kl", temperature=1.0, **settings)
