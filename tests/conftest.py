@@ -30,3 +30,23 @@ def sentiment_files(tmp_path_factory):
     rows = [(f"i {words[c][i % 3]} self driving cars", c) for i in range(90) for c in ("pos", "neg")]
     pd.DataFrame({"text": [r[0] for r in rows], "label": [r[1] for r in rows]}).to_csv(root / "t.csv", index=False)
     return root
+
+
+def digits_kd_recipe(name: str, seed: int = 0, teacher_epochs: int = 2, teacher_extra: str = "",
+                     objective: str = "") -> str:
+    """A two-stage recipe on digits (MLP teacher, then a smaller distilled student) that runs in seconds."""
+    return f"""\
+name: {name}
+seed: {seed}
+data: {{name: digits}}
+stages:
+  - name: teacher
+    kind: train
+    model: {{arch: mlp, hidden: [32]}}
+    train: {{epochs: {teacher_epochs}, batch_size: 64, lr: 0.003{teacher_extra}}}
+  - name: student
+    kind: distill
+    teacher: teacher
+    model: {{arch: mlp, hidden: [8]}}
+{f"    objective: {objective}" + chr(10) if objective else ""}    train: {{epochs: 2, batch_size: 64, lr: 0.003}}
+"""

@@ -8,26 +8,12 @@ import pytest
 from typer.testing import CliRunner
 
 from attar.cli import app
+from conftest import digits_kd_recipe
 from attar.store import RunStore
 
 runner = CliRunner()
 
-RECIPE = """\
-name: tiny-export
-seed: 1
-data: {name: digits}
-stages:
-  - name: teacher
-    kind: train
-    model: {arch: mlp, hidden: [32]}
-    train: {epochs: 2, batch_size: 64, lr: 0.003}
-  - name: student
-    kind: distill
-    teacher: teacher
-    model: {arch: mlp, hidden: [8]}
-    objective: {name: kd, temperature: 2, alpha: 0.3}
-    train: {epochs: 2, batch_size: 64, lr: 0.003}
-"""
+RECIPE = digits_kd_recipe("tiny-export", seed=1, objective="{name: kd, temperature: 2, alpha: 0.3}")
 
 
 def _export(home, uri, *extra):

@@ -17,6 +17,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from attar.cli import app
+from conftest import digits_kd_recipe
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(
@@ -28,21 +29,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", "--window-size=1280,2400", "--force-device-scale-factor=1"]
 
-RECIPE = """\
-name: browser
-seed: 0
-data: {name: digits}
-stages:
-  - name: teacher
-    kind: train
-    model: {arch: mlp, hidden: [32]}
-    train: {epochs: 2, batch_size: 64, lr: 0.003}
-  - name: student
-    kind: distill
-    teacher: teacher
-    model: {arch: mlp, hidden: [8]}
-    train: {epochs: 2, batch_size: 64, lr: 0.003}
-"""
+RECIPE = digits_kd_recipe("browser")
 
 PROBE = """<pre id="attar-probe"></pre><script>
 window.addEventListener("load", () => {

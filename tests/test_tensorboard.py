@@ -8,25 +8,12 @@ import pytest
 from typer.testing import CliRunner
 
 from attar.cli import app
+from conftest import digits_kd_recipe
 from attar.store import RunStore
 
 runner = CliRunner()
 
-RECIPE = """\
-name: tb
-seed: 0
-data: {name: digits}
-stages:
-  - name: teacher
-    kind: train
-    model: {arch: mlp, hidden: [32]}
-    train: {epochs: 3, batch_size: 64, lr: 0.003, log_to: [tensorboard]}
-  - name: student
-    kind: distill
-    teacher: teacher
-    model: {arch: mlp, hidden: [8]}
-    train: {epochs: 2, batch_size: 64, lr: 0.003}
-"""
+RECIPE = digits_kd_recipe("tb", teacher_epochs=3, teacher_extra=", log_to: [tensorboard]")
 
 
 def _run(tmp_path, text, *extra):
