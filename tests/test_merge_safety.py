@@ -436,19 +436,20 @@ def test_out_under_an_existing_file_is_one_paragraph(three):
 
 
 def test_attar_merge_lists_only_what_it_accepts(three):
-    for method in ("fisher", "nonsense"):
+    for method in ("fisher", "regmean", "regmean_plusplus", "adamerging", "nonsense"):
         (three / "m.yaml").write_text(yaml.safe_dump({"merge_method": method, "models": [{"model": "a.safetensors"}]}))
         r = runner.invoke(app, ["merge", str(three / "m.yaml"), "--out", str(three / "out")])
         text = flat(r.output)
         assert r.exit_code == 2 and "merge` stage" in text, text
-        runs = text.split("runs:" if method == "fisher" else "attar merge`):")[1].split(";")[0]
+        runs = text.split("runs:" if method != "nonsense" else "attar merge`):")[1].split(";")[0]
         assert "ties" in runs and "linear" in runs
-        for data_aware in ("fisher", "greedy_soup", "lcsc", "wise_ft"):
+        for data_aware in ("fisher", "greedy_soup", "lcsc", "wise_ft", "regmean", "adamerging"):
             assert data_aware not in runs, text
     accepted = runner.invoke(app, ["methods", "merge"]).output
     data_aware = flat(runner.invoke(app, ["methods", "merge-data"]).output)
     assert "ties" in accepted and "greedy_soup" not in accepted and "fisher" not in accepted
     assert "greedy_soup" in data_aware and "recipe `merge` stages only" in data_aware
+    assert "regmean_plusplus" in data_aware and "adamerging" in data_aware and "regmean" not in accepted
     r = runner.invoke(app, ["methods"])
     line = next(ln for ln in r.output.splitlines() if ln.startswith("merge:"))
     assert "ties" in line and "greedy_soup" not in line

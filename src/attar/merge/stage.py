@@ -4,7 +4,8 @@ Tensor-level methods (linear, task_arithmetic, ties, dare_*, slerp, ...) run the
 engine's per-tensor code on the models' state dicts; model-level methods get
 their callbacks from the stage's data: ``greedy_soup``, ``wise_ft`` and ``lcsc``
 score candidates on the validation split, ``fisher`` estimates each model's
-diagonal Fisher on training rows. The result is a model with the architecture
+diagonal Fisher on training rows, ``regmean``/``regmean_plusplus`` take each model's input Grams on
+its own training rows, ``adamerging`` learns its coefficients on each task's unlabeled inputs. The result is a model with the architecture
 of the reference input (the base when the method takes one, else the first model).
 """
 
@@ -13,14 +14,17 @@ from __future__ import annotations
 import copy
 from typing import Any, Mapping, Sequence
 
+import torch
 from torch import nn
 
 from attar.errors import AttarError
 from attar.merge.config import IGNORED_PARAMS, check_settings
 from attar.merge.engine import merge_state_dicts
 from attar.merge.evaluators import evaluator_for, fisher_estimator, state_dicts
-from attar.merge.methods import MERGE_METHODS, fisher_merge, greedy_soup, lcsc_search, wise_ft_sweep
+from attar.merge.methods import (MERGE_METHODS, adamerging_merge, fisher_merge, greedy_soup, input_grams, lcsc_search,
+                                 regmean_merge, regmean_plusplus_merge, wise_ft_sweep)
 from attar.merge.validate import check_finite, check_state_dicts
+from attar.rng import generator
 
 
 def merge_models(
@@ -34,6 +38,7 @@ def merge_models(
     seed: int = 0,
     labels: Sequence[str] | None = None,
     base_label: str = "the base",
+    data: Sequence[Any] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """``(merged model, info)``. ``bundle`` (a DataBundle) is needed by the model-level methods.
 
@@ -41,6 +46,8 @@ def merge_models(
     global ``parameters``); for ``fisher`` also ``examples``, ``labels`` and
     ``batch_size`` of the Fisher estimate. ``model_parameters[i]`` are per-model
     (``weight``, ``density``, ...). ``labels`` name the models (and ``base_label`` the base) in errors.
+    ``data[i]`` (a DataBundle) is model i's own data (RegMean's Grams, AdaMerging's unlabeled inputs);
+    by default every model uses ``bundle``.
     """
     m = MERGE_METHODS.get(method)
     params = dict(parameters or {})
@@ -69,12 +76,33 @@ def merge_models(
     params = MERGE_METHODS.parse(m.name, params).model_dump(by_alias=True, exclude_unset=True)
     if bundle is None:
         raise AttarError(f"merge method {m.name!r} needs data (held-out scores or Fisher estimates); give the stage data.")
-    if m.name == "fisher":
+    own = list(data) if data is not None else [bundle] * len(models)
+    if len(own) != len(models):
+        raise AttarError(f"got {len(own)} data sets for {len(models)} models; give one per model.")
+    default = params.get("weight", 1.0)
+    weights = [float((mp or {}).get("weight", default)) for mp in (model_parameters or [None] * len(models))]
+    if m.name in ("regmean", "regmean_plusplus"):
+        opts = m.options | params
+        rows = [_rows(b.train.x, opts["examples"], seed, i) for i, b in enumerate(own)]
+        kw = dict(alpha=opts["alpha"], weights=weights)
+        if m.name == "regmean":
+            grams = [input_grams(x, r, batch_size=opts["batch_size"], max_examples=opts["examples"], reduce=opts["reduce"])
+                     for x, r in zip(models, rows)]
+            result = regmean_merge(sds, grams, **kw)
+        else:
+            result = regmean_plusplus_merge(models, rows, examples=opts["examples"], batch_size=opts["batch_size"],
+                                            reduce=opts["reduce"], blocks=opts["blocks"], **kw)
+    elif m.name == "adamerging":
+        opts = m.options | params
+        tasks = list({id(b): getattr(b, opts["split"]).x for b in own}.values())  # one task per distinct data set
+        if any(len(x) == 0 for x in tasks):
+            raise AttarError(f"adamerging: a data set has an empty {opts['split']} split; choose another `split`.")
+        result = adamerging_merge(ref, base_sd, sds, tasks, mode=opts["mode"], init=opts["init"], lr=opts["lr"],
+                                  steps=opts["steps"], batch_size=opts["batch_size"], clamp=opts["clamp"], seed=seed)
+    elif m.name == "fisher":
         opts = m.options | params
         est = fisher_estimator(bundle.train.x, bundle.train.y, labels=opts["labels"], max_examples=opts["examples"],
                                batch_size=opts["batch_size"], seed=seed)
-        default = params.get("weight", 1.0)
-        weights = [float((mp or {}).get("weight", default)) for mp in (model_parameters or [None] * len(models))]
         result = fisher_merge(sds, [est(x) for x in models], weights=weights, fisher_floor=opts["fisher_floor"])
     else:
         evaluate = evaluator_for(ref, bundle, "val")
@@ -92,3 +120,8 @@ def merge_models(
         check_finite(name, t, t, lambda: {n: sd[name] for n, sd in everything})
     out.load_state_dict(result.state_dict)
     return out, {"method": m.name, **result.info}
+
+
+def _rows(x: torch.Tensor, n: int, seed: int, index: int) -> torch.Tensor:
+    """``n`` rows of ``x`` in a seeded random order (all of them when there are fewer)."""
+    return x[torch.randperm(len(x), generator=generator(seed, "regmean rows", index))[:n]]

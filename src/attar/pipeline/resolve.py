@@ -152,6 +152,7 @@ class Resolver:
         inputs = StageInputs(name=st.name, kind=st.kind, index=index, seed=self.recipe.stage_seed(st), spec=st,
                              options=kind.parse_options(st.kind, st.options), earlier=self.earlier,
                              cache_dir=self.cache_dir, log=self.log, preflight=preflight)
+        inputs.data_of = lambda name: self.bundle(self.recipe.stage_data(self.stage(name)))
         if kind.needs_data:
             data = self.recipe.stage_data(st)
             inputs.data = self.bundle(data)

@@ -7,7 +7,9 @@ a value that was not measured rather than a misleading 0).
 A results row is a plain dict. Known keys, each optional: ``model``, ``stage``
 (names), ``accuracy`` (fraction in [0, 1]), ``nll`` (nats), ``ece``, and the keys
 :func:`attar.models.model_size` returns: ``params``, ``bytes``, ``latency_ms_b1``,
-``latency_ms_b256`` (any ``latency_ms_b{N}`` formats as a latency). ``size_bytes``,
+``latency_ms_b256`` (any ``latency_ms_b{N}`` formats as a latency). A merge's ``accuracy[S]`` (accuracy on
+source S's test split) formats as an accuracy, ``forgetting[S]`` and ``forgetting`` (S's own accuracy minus
+the merge's, and their mean) in percentage points. ``size_bytes``,
 ``latency_b1_ms`` and ``latency_b256_ms`` are accepted as aliases. Any other key
 (e.g. ``teacher``) becomes an extra column after these, in order of first appearance.
 """
@@ -80,6 +82,11 @@ ALIASES = {"size_bytes": "bytes", "latency_b1_ms": "latency_ms_b1", "latency_b25
 #: Always shown (as '—' when unmeasured) so tables from different runs line up.
 ALWAYS = ("accuracy", "nll", "ece", "params", "bytes", "latency_ms_b1", "latency_ms_b256")
 _LATENCY = re.compile(r"latency_ms_b(\d+)$")
+_PER_SOURCE = re.compile(r"(accuracy|forgetting)\[(.+)\]$")
+
+
+def _pp(v: float) -> str:
+    return f"{100 * float(v):+.2f} pp"
 
 
 def _spec(key: str) -> tuple[str, Callable[[Any], str]]:
@@ -89,6 +96,11 @@ def _spec(key: str) -> tuple[str, Callable[[Any], str]]:
     m = _LATENCY.match(key)
     if m:
         return f"latency b{m.group(1)} (ms)", _ms
+    m = _PER_SOURCE.match(key)
+    if m:
+        return f"{m.group(1)} on {m.group(2)}", (COLUMNS["accuracy"][1] if m.group(1) == "accuracy" else _pp)
+    if key == "forgetting":
+        return "forgetting (mean)", _pp
     return key, _generic
 
 
@@ -164,6 +176,8 @@ def html_table(rows: Sequence[dict[str, Any]]) -> str:
 def higher_is_better(metric: str) -> bool | None:
     """Direction of improvement guessed from the metric name; None when unknown (no colour)."""
     m = metric.lower()
+    if "forgetting" in m:
+        return False
     if any(w in m for w in ("loss", "nll", "ece", "latency", "time", "bytes", "size", "params", "error", "perplexity")):
         return False
     if any(w in m for w in ("acc", "f1", "auc", "precision", "recall", "score")):

@@ -15,16 +15,22 @@ from attar.merge.methods.base import (
     tensor_method,
 )
 from attar.merge.methods import (  # noqa: F401  (registration side effects)
+    adamerging,
     fisher,
     lcsc,
     linear,
+    regmean,
+    regmean_plusplus,
     slerp,
     soup,
     task_vector,
     wise_ft,
 )
 from attar.merge.methods.params import REQUIRED
+from attar.merge.methods.adamerging import adamerging as adamerging_merge
 from attar.merge.methods.fisher import diagonal_fisher, fisher_merge
+from attar.merge.methods.regmean import input_grams, regmean_merge
+from attar.merge.methods.regmean_plusplus import regmean_plusplus as regmean_plusplus_merge
 from attar.merge.methods.lcsc import lcsc_search
 from attar.merge.methods.slerp import slerp_tensors
 from attar.merge.methods.soup import ModelMergeResult, greedy_soup
@@ -39,10 +45,14 @@ __all__ = [
     "ModelMergeResult",
     "StateDict",
     "TensorInputs",
+    "adamerging_merge",
     "diagonal_fisher",
     "fisher_merge",
     "greedy_soup",
+    "input_grams",
     "lcsc_search",
+    "regmean_merge",
+    "regmean_plusplus_merge",
     "register",
     "slerp_tensors",
     "stable_seed",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -51,3 +51,15 @@ def weighted_average(state_dicts: Sequence[StateDict], weights: Sequence[float] 
             acc.add_(sd[k].float(), alpha=wi)
         out[k] = (acc / total).to(ref.dtype)
     return out
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits of a model's output: a tensor, an object with ``.logits`` (Hugging Face), or a tuple's first item."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, (tuple, list)):
+        logits = output[0]
+    if logits is None:
+        raise AttarError("the model's output has no logits; this merge method needs a classifier (or LM) returning logits.")
+    return logits

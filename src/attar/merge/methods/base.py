@@ -242,7 +242,8 @@ def combine_deltas(
     return mixed
 
 
-_PYTHON = {"fisher": "fisher_merge", "wise_ft": "wise_ft_sweep", "lcsc": "lcsc_search"}  # model-level method -> function
+_PYTHON = {"fisher": "fisher_merge", "wise_ft": "wise_ft_sweep", "lcsc": "lcsc_search", "regmean": "regmean_merge",
+           "regmean_plusplus": "regmean_plusplus_merge", "adamerging": "adamerging_merge"}  # model-level method -> function
 
 
 def tensor_method(name: "str | MergeMethod") -> MergeMethod:
@@ -262,7 +263,7 @@ def tensor_method(name: "str | MergeMethod") -> MergeMethod:
                          f"{', '.join(tensor)}; {elsewhere}.")
     if method.level != "tensor":
         raise AttarError(
-            f"{method.name} is a model-level method that needs held-out data (an evaluator or Fisher estimates), "
+            f"{method.name} is a model-level method that needs held-out data (an evaluator, Fisher estimates, input Grams or unlabeled inputs), "
             f"which `attar merge` does not have. Use it in a recipe `merge` stage (`kind: merge`, "
             f"`merge: {{method: {method.name}, models: [...]}}` with `data:`), or call attar.merge.{_PYTHON.get(method.name, method.name)} "
             f"from Python. `attar merge` runs: {', '.join(tensor)}."
