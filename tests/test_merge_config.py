@@ -80,7 +80,7 @@ def test_mergekit_slerp_slice_example_becomes_models(tmp_path):
     cfg = load(MERGEKIT_SLERP, tmp_path)
     assert [m.model for m in cfg.models] == ["psmathur/orca_mini_v3_13b", "garage-bAInd/Platypus2-13B"]
     assert cfg.layer_range == (0, 40)
-    assert any("tokenizer_source" in n for n in cfg.notes)
+    assert cfg.vocab_source is not None  # honoured when the merge runs (one shared vocabulary)
     opts, _ = resolve_parameters(cfg.method(), "model.layers.10.self_attn.k_proj.weight", 0.5, [None], cfg.parameters)
     assert opts["t"] == pytest.approx(0.3)
     opts, _ = resolve_parameters(cfg.method(), "model.norm.weight", 0.0, [None], cfg.parameters)
@@ -90,8 +90,9 @@ def test_mergekit_slerp_slice_example_becomes_models(tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"slices": [{"sources": [{"model": "a", "layer_range": [0, 4]}]}, {"sources": [{"model": "a", "layer_range": [4, 8]}]}]}, "not supported yet"),
-        ({"slices": [{"sources": [{"model": "a", "layer_range": [0, 4]}, {"model": "b", "layer_range": [2, 6]}]}]}, "not supported yet"),
+        ({"slices": [{"sources": [{"model": "a", "layer_range": [0, 4]}, {"model": "b", "layer_range": [2, 7]}]}]}, "different lengths"),
+        ({"slices": [{"sources": [{"model": "a", "layer_range": [3, 3]}]}]}, "empty"),
+        ({"tokenizer": {"source": "union", "tokens": {"<x>": {"source": "a"}}}}, "tokenizer.tokens.*not supported"),
         ({"modules": {"text": {}}}, "modules.*not supported yet"),
         ({"merge_methd": "ties"}, "merge_methd: unknown key"),
         ({"models": []}, "models.*empty"),

@@ -2,9 +2,10 @@
 
 Why mergekit's shape: thousands of published merge configs use it; a config
 that names a method attar has should run unchanged. Keys attar does not act on
-(``tokenizer_source``, ``int8_mask``, ``chat_template``) are accepted with a note
-instead of an error; shapes attar cannot do yet (``modules``, partial
-``slices``) fail before any tensor is read, with a message saying what to use.
+(``int8_mask``, a ``weight`` given to a method that has none) are accepted with a note
+instead of an error; ``slices`` (layer ranges, frankenmerges), ``tokenizer: {pad_to_multiple_of}`` and
+``chat_template`` are honoured; what attar cannot do (``modules``, merging different vocabularies)
+fails before any tensor is read, with a message saying what to use.
 
 Parameter values follow mergekit's rules (:func:`evaluate_setting`): a scalar;
 a list of numbers interpolated along the layers (a "gradient"); or a list of
@@ -64,6 +65,14 @@ class Slice(_Strict):
     parameters: dict[str, Setting] | None = None
 
 
+class TokenizerSettings(_Strict):
+    """mergekit's ``tokenizer:`` block. attar keeps one vocabulary (all inputs must share it) and pads it."""
+
+    source: str | None = "union"
+    tokens: dict[str, Any] | None = None
+    pad_to_multiple_of: int | None = Field(None, ge=1)
+
+
 IGNORED_PARAMS = {"int8_mask": "int8_mask is a memory trick of mergekit's; attar's masks are already bool, so it is ignored"}
 
 DTYPES = {
@@ -94,8 +103,8 @@ class MergeConfig(_Strict):
     parameters: dict[str, Setting] | None = None
     dtype: str | None = None
     out_dtype: str | None = None
-    tokenizer_source: Any = None
-    tokenizer: Any = None
+    tokenizer_source: str | None = None
+    tokenizer: TokenizerSettings | None = None
     chat_template: str | None = None
     seed: int = Field(0, description="attar extra: seeds random methods (DARE) per tensor name")
 
@@ -103,6 +112,7 @@ class MergeConfig(_Strict):
     # the layer range of a converted full-range slice (checked against the model).
     _notes: list[str] = PrivateAttr(default_factory=list)
     _layer_range: tuple[int, int] | None = PrivateAttr(None)
+    _slices: list[Slice] | None = PrivateAttr(None)
 
     @property
     def notes(self) -> list[str]:
@@ -112,6 +122,22 @@ class MergeConfig(_Strict):
     def layer_range(self) -> tuple[int, int] | None:
         return self._layer_range
 
+    @property
+    def layer_slices(self) -> list[Slice] | None:
+        """The config's ``slices`` when they rearrange layers (a frankenmerge); None for whole models."""
+        return self._slices
+
+    @property
+    def vocab_source(self) -> str | None:
+        """``tokenizer.source`` or ``tokenizer_source`` when the config asks for a tokenizer to be built."""
+        if self.tokenizer is not None:
+            return self.tokenizer.source
+        return self.tokenizer_source
+
+    @property
+    def pad_to_multiple_of(self) -> int | None:
+        return self.tokenizer.pad_to_multiple_of if self.tokenizer is not None else None
+
     @model_validator(mode="after")
     def _shape(self) -> "MergeConfig":
         if self.modules:
@@ -120,35 +146,43 @@ class MergeConfig(_Strict):
             raise ValueError("give either `models` or `slices`, not both.")
         if self.slices:
             self._from_slices()
-        if not self.models:
+        if not self.models and not self._slices:
             raise ValueError("`models` is empty: list the models to merge, e.g. models: [{model: ./ft-a}, {model: ./ft-b}].")
-        if self.tokenizer_source is not None or self.tokenizer is not None:
-            self.notes.append(
-                "tokenizer_source/tokenizer is ignored: attar copies the base model's tokenizer files and "
-                "requires all inputs to have the same vocabulary."
+        if self.tokenizer is not None and self.tokenizer.tokens:
+            raise ValueError(
+                "tokenizer.tokens (choosing the embedding source of individual tokens) is not supported: attar does "
+                "not build or align vocabularies; merge models with the same vocabulary and drop `tokens`."
             )
-        if self.chat_template is not None:
-            self.notes.append("chat_template is ignored: the base model's tokenizer files are copied as they are.")
+        if self.tokenizer is not None and self.tokenizer_source is not None:
+            raise ValueError("give either `tokenizer_source` or `tokenizer: {source: ...}`, not both.")
         self.dtype = parse_dtype(self.dtype, "dtype")
         self.out_dtype = parse_dtype(self.out_dtype, "out_dtype")
         return self
 
     def _from_slices(self) -> None:
-        """Accept the one slice shape that means "whole models" (common in SLERP configs); refuse the rest."""
-        not_yet = (
-            "slices that rearrange or stack layers (frankenmerges) are not supported yet; "
-            "attar supports a single slice whose sources all cover the same full layer range, "
-            "or the equivalent `models:` list."
-        )
-        if len(self.slices) != 1:
-            raise ValueError(f"{len(self.slices)} slices given: {not_yet}")
+        """One slice whose sources share a layer range starting at 0 reads as ``models`` (the usual SLERP config;
+        if the range turns out not to cover the model, the engine merges it as a slice). Other slices are kept as
+        a layer plan (:attr:`layer_slices`): each slice's sources need ranges of equal length."""
+        for i, sl in enumerate(self.slices):
+            if not sl.sources:
+                raise ValueError(f"slices[{i}] has no sources.")
+            if sl.residual_weight is not None:
+                raise ValueError(f"slices[{i}].residual_weight is not supported (mergekit 0.1.5 has no such merge either).")
+            lengths = {s.layer_range[1] - s.layer_range[0] for s in sl.sources}
+            if len(lengths) != 1:
+                raise ValueError(f"slices[{i}]: the sources' layer ranges have different lengths "
+                                 f"{[list(s.layer_range) for s in sl.sources]}; each output layer needs one layer of every source.")
+            for s in sl.sources:
+                if not 0 <= s.layer_range[0] < s.layer_range[1]:
+                    raise ValueError(f"slices[{i}]: layer_range {list(s.layer_range)} of {s.model} is empty or negative.")
+        ranges = {tuple(s.layer_range) for s in self.slices[0].sources}
+        if len(self.slices) != 1 or len(ranges) != 1 or next(iter(ranges))[0] != 0:
+            self._slices = list(self.slices)
+            self.slices = None
+            return
         sl = self.slices[0]
-        ranges = {tuple(s.layer_range) for s in sl.sources}
-        if len(ranges) != 1 or sl.residual_weight is not None:
-            raise ValueError(f"slice sources have different layer ranges {sorted(ranges)}: {not_yet}")
+        self._slices = [sl]
         self._layer_range = next(iter(ranges))
-        if self._layer_range[0] != 0:
-            raise ValueError(f"slice layer_range {list(self._layer_range)} does not start at 0: {not_yet}")
         if sl.base_model:
             if self.base_model and self.base_model != sl.base_model:
                 raise ValueError("the slice's base_model differs from the top-level base_model.")
@@ -170,6 +204,10 @@ class MergeConfig(_Strict):
         scopes = [("parameters", self.parameters, True)] + [
             (f"models[{i}].parameters ({m.model})", m.parameters, False) for i, m in enumerate(self.models or [])
         ]
+        for i, sl in enumerate(self._slices or [] if not self.models else []):
+            scopes.append((f"slices[{i}].parameters", sl.parameters, True))
+            scopes += [(f"slices[{i}].sources[{j}].parameters ({s.model})", s.parameters, False)
+                       for j, s in enumerate(sl.sources)]
         for where, params, shared in scopes:
             for note in check_settings(method, where, params, shared=shared):
                 if note not in self.notes:
@@ -216,6 +254,9 @@ def check_settings(method: str | MergeMethod, where: str, settings: Mapping[str,
             notes.append(IGNORED_PARAMS[key] + ".")
             continue
         info = fields.get(key)
+        if info is None and key == "weight":  # mergekit configs give every model a weight; methods without one ignore it
+            notes.append(f"{m.name} takes no weight; the `weight` given ({where}) is ignored, as mergekit ignores it.")
+            continue
         if info is None:
             raise AttarError(f"{where}: {m.name} has no parameter {key!r}; an unknown parameter would silently do "
                              f"nothing. Known: {', '.join(sorted(fields)) or '(none)'}.")

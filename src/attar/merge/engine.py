@@ -9,6 +9,7 @@ on in-memory state dicts (tests, model-level methods, small PyTorch models).
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,8 @@ from attar.merge.sources import open_source
 from attar.merge.tensor_source import TensorSource
 from attar.merge.writer import ShardWriter, parse_size
 from attar.merge.methods import MergeMethod, TensorInputs, tensor_method
-from attar.merge.validate import check_finite, check_inputs, check_state_dicts
+from attar.merge.validate import check_configs, check_finite, check_inputs, check_state_dicts
+from attar.merge.vocab import is_vocab_tensor, padded, resize_vocab, resolve_chat_template, shared_vocab_size, tokenizer_files_with_template
 from attar.train.progress import StepProgress
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -152,6 +154,121 @@ def merge_state_dicts(
     return out
 
 
+@dataclass
+class _Job:
+    """One output tensor: where each input's tensor comes from, the settings that apply, and its depth ``t``."""
+
+    name: str
+    ref: tuple[TensorSource, str]
+    base: tuple[TensorSource, str] | None
+    inputs: list[tuple[TensorSource, str]]
+    settings: list[Mapping[str, Setting] | None]
+    glob: Mapping[str, Setting] | None
+    t: float
+
+
+_LAYER_NAME_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|decoder_layers|encoder_layers)\.(\d+)(?:\.|$)")
+_PRE_RE = re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings|tok_embeddings|embed_in")
+
+
+def _layer_of(name: str) -> int | None:
+    m = _LAYER_NAME_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def _renumber(name: str, index: int) -> str:
+    m = _LAYER_NAME_RE.search(name)
+    assert m is not None
+    return name[: m.start(1)] + str(index) + name[m.end(1):]
+
+
+def _layers_key(src: TensorSource) -> str | None:
+    cfg = src.config or {}
+    return next((k for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers") if isinstance(cfg.get(k), int)), None)
+
+
+def _slice_jobs(cfg: MergeConfig, method: MergeMethod, get_source, notes: list[str]) -> tuple[list[_Job], TensorSource, int, list[TensorSource]]:
+    """The jobs of a ``slices`` config (mergekit's layer plan): output layer k of slice s is layer r₀ + j of each of
+    its sources, renumbered consecutively; tensors outside the layers come from the first slice's sources
+    (embeddings) or the last slice's (final norm, head), at t = 0; inside a slice of L layers t = j/(L − 1)."""
+    slices = cfg.layer_slices or []
+    plans = []
+    for i, sl in enumerate(slices):
+        base_ref = sl.base_model or cfg.base_model
+        sources = list(sl.sources)
+        base_entry = None
+        if base_ref is not None and not method.base_is_input:
+            found = [s for s in sources if s.model == base_ref]
+            if not found:
+                raise AttarError(f"slices[{i}]: base_model {base_ref} is not one of the slice's sources; list it there "
+                                 "with the same layer_range as the others (mergekit requires this too).")
+            base_entry = found[0]
+            sources = [s for s in sources if s.model != base_ref]
+        if method.base == "required" and base_entry is None:
+            raise AttarError(f"{method.name} needs `base_model` (slices[{i}] has none).")
+        n = len(sources)
+        if n < method.min_models or (method.max_models is not None and n > method.max_models):
+            want = f"exactly {method.min_models}" if method.min_models == method.max_models else f"at least {method.min_models}"
+            raise AttarError(f"slices[{i}]: {method.name} takes {want} source(s) per slice besides the base; got {n}.")
+        glob = dict(cfg.parameters or {})
+        glob.update(sl.parameters or {})
+        plans.append((base_entry, sources, glob))
+    first_base, first_sources, _ = plans[0]
+    ref = get_source(cfg.base_model) if cfg.base_model else get_source((first_base or first_sources[0]).model)
+
+    def entry(src_model: str, name: str) -> tuple[TensorSource, str]:
+        src = get_source(src_model)
+        if name not in src.names():
+            raise AttarError(f"tensor {name!r} is missing from {src.label} (needed by the slices).")
+        return src, name
+
+    jobs: list[_Job] = []
+
+    def add(out_name: str, base_entry, sources, glob, in_name, t: float) -> None:
+        lead = base_entry or sources[0]
+        r = entry(lead.model, in_name(lead))
+        jobs.append(_Job(
+            name=out_name, ref=r,
+            base=entry(base_entry.model, in_name(base_entry)) if base_entry is not None else None,
+            inputs=[entry(s.model, in_name(s)) for s in sources],
+            settings=[s.parameters for s in sources], glob=glob, t=t,
+        ))
+
+    lead0 = get_source((first_base or first_sources[0]).model)
+    outside = [n for n in lead0.names() if _layer_of(n) is None]
+    for name in outside:
+        if _PRE_RE.search(name):
+            add(name, first_base, first_sources, plans[0][2], lambda s, name=name: name, 0.0)
+    k = 0
+    for base_entry, sources, glob in plans:
+        lead = base_entry or sources[0]
+        lead_src = get_source(lead.model)
+        r0, r1 = lead.layer_range
+        length = r1 - r0
+        for j in range(length):
+            t = j / (length - 1) if length > 1 else 1.0
+            names = [n for n in lead_src.names() if _layer_of(n) == r0 + j]
+            if not names:
+                raise AttarError(f"{lead_src.label} has no layer {r0 + j} (its layer_range is {[r0, r1]}).")
+            for name in names:
+                add(_renumber(name, k), base_entry, sources, glob,
+                    lambda s, name=name, j=j: _renumber(name, s.layer_range[0] + j), t)
+            k += 1
+    last_base, last_sources, last_glob = plans[-1]
+    for name in outside:
+        if not _PRE_RE.search(name):
+            add(name, last_base, last_sources, last_glob, lambda s, name=name: name, 0.0)
+    used = list(dict.fromkeys(src for job in jobs for src, _ in ([job.ref] + job.inputs + ([job.base] if job.base else []))))
+    check_configs(ref, [s for s in used if s is not ref])
+    for job in jobs:
+        shape = job.ref[0].shape(job.ref[1])
+        for src, name in job.inputs + ([job.base] if job.base else []):
+            if src.shape(name) != shape:
+                raise AttarError(f"tensor {name!r} is {tuple(src.shape(name))} in {src.label} but {tuple(shape)} in "
+                                 f"{job.ref[0].label} ({job.ref[1]}); the slices' layers must have the same shapes.")
+    return jobs, ref, k, used
+
+
 def run_merge(
     config: MergeConfig | str | Path | dict,
     out: str | Path,
@@ -185,72 +302,126 @@ def run_merge(
         return opened[ref]
 
     try:
-        base = get_source(cfg.base_model) if cfg.base_model else None
-        if method.base == "required" and base is None:
-            raise AttarError(f"{method.name} needs `base_model` (the model the task vectors are taken from).")
-        entries = list(cfg.models or [])
-        if base is not None and not method.base_is_input:
-            for e in entries:
-                if e.model == cfg.base_model and e.parameters:
-                    notes.append(f"parameters given to the base model {e.model} are not used by {method.name}.")
-            entries = [e for e in entries if e.model != cfg.base_model]
-        inputs = [get_source(e.model) for e in entries]
-        settings: list[Mapping[str, Setting] | None] = [e.parameters for e in entries]
-        if method.base_is_input and base is not None and cfg.base_model not in [e.model for e in entries]:
-            inputs.append(base)
-            settings.append(None)
-        n = len(inputs)
-        if n < method.min_models or (method.max_models is not None and n > method.max_models):
-            want = f"exactly {method.min_models}" if method.min_models == method.max_models else f"at least {method.min_models}"
-            raise AttarError(f"{method.name} takes {want} model(s) besides the base; got {n}.")
-        refs = {ref: (cfg.parameters or {}).get(ref) for ref in method.model_refs}
-        extras = {ref: get_source(str(path)) for ref, path in refs.items() if path is not None}
-        merge_base = None if method.base_is_input else base
-        all_inputs = ([merge_base] if merge_base is not None else []) + inputs + list(extras.values())
-        ref = base if base is not None else inputs[0]
-        others = [s for s in dict.fromkeys(inputs + list(extras.values())) if s is not ref]
-        check_inputs(ref, others)
+        extras: dict[str, TensorSource] = {}
+        out_layers = None
+        use_slices = cfg.models is None
+        if not use_slices and cfg.layer_range is not None:
+            first = cfg.models[0].model
+            use_slices = tuple(cfg.layer_range) != (0, _num_layers(get_source(first)))
+        if use_slices:
+            if method.model_refs and any((cfg.parameters or {}).get(r) for r in method.model_refs):
+                raise AttarError(f"{method.name} with {', '.join(method.model_refs)} cannot be used with layer slices.")
+            jobs, ref, out_layers, used = _slice_jobs(cfg, method, get_source, notes)
+            base = get_source(cfg.base_model) if cfg.base_model else None
+            all_inputs = used
+            inputs_desc = [s.label for s in used]
+        else:
+            base = get_source(cfg.base_model) if cfg.base_model else None
+            if method.base == "required" and base is None:
+                raise AttarError(f"{method.name} needs `base_model` (the model the task vectors are taken from).")
+            entries = list(cfg.models or [])
+            if base is not None and not method.base_is_input:
+                for e in entries:
+                    if e.model == cfg.base_model and e.parameters:
+                        notes.append(f"parameters given to the base model {e.model} are not used by {method.name}.")
+                entries = [e for e in entries if e.model != cfg.base_model]
+            inputs = [get_source(e.model) for e in entries]
+            settings: list[Mapping[str, Setting] | None] = [e.parameters for e in entries]
+            if method.base_is_input and base is not None and cfg.base_model not in [e.model for e in entries]:
+                inputs.append(base)
+                settings.append(None)
+            n = len(inputs)
+            if n < method.min_models or (method.max_models is not None and n > method.max_models):
+                want = f"exactly {method.min_models}" if method.min_models == method.max_models else f"at least {method.min_models}"
+                raise AttarError(f"{method.name} takes {want} model(s) besides the base; got {n}.")
+            refs = {r: (cfg.parameters or {}).get(r) for r in method.model_refs}
+            extras = {r: get_source(str(path)) for r, path in refs.items() if path is not None}
+            merge_base = None if method.base_is_input else base
+            all_inputs = ([merge_base] if merge_base is not None else []) + inputs + list(extras.values())
+            ref = base if base is not None else inputs[0]
+            others = [s for s in dict.fromkeys(inputs + list(extras.values())) if s is not ref]
+            check_inputs(ref, others)
+            n_layers = _num_layers(ref)
+            jobs = [
+                _Job(name=name, ref=(ref, name), base=(merge_base, name) if merge_base is not None else None,
+                     inputs=[(s, name) for s in inputs], settings=settings, glob=cfg.parameters,
+                     t=layer_position(name, n_layers))
+                for name in ref.names()
+            ]
+            inputs_desc = [s.label for s in ([base] if base is not None else []) + inputs]
 
-        n_layers = _num_layers(ref)
-        if cfg.layer_range is not None and tuple(cfg.layer_range) != (0, n_layers):
-            raise AttarError(
-                f"slice layer_range {list(cfg.layer_range)} does not cover the whole model ({n_layers} layers); "
-                "partial slices (frankenmerges) are not supported yet."
-            )
+        # The output vocabulary (tokenizer_source / tokenizer: {pad_to_multiple_of}): one shared vocabulary, its rows kept, padded.
+        vocab_rows: tuple[int, int] | None = None
+        srcs = list(dict.fromkeys(all_inputs))
+        if cfg.vocab_source is not None:
+            keep = shared_vocab_size([s.label for s in srcs], [s.root for s in srcs], cfg.vocab_source, cfg.pad_to_multiple_of)
+            if keep is None:
+                notes.append("tokenizer_source/tokenizer has nothing to act on: no input has a tokenizer.json.")
+            else:
+                vocab_rows = (keep, padded(keep, cfg.pad_to_multiple_of))
+            for job in jobs if vocab_rows is not None else []:
+                keep = vocab_rows[0]
+                if is_vocab_tensor(job.name) and job.ref[0].dtype(job.ref[1]).is_floating_point:
+                    for src, name in [job.ref] + job.inputs + ([job.base] if job.base else []):
+                        if src.shape(name)[0] < keep:
+                            raise AttarError(f"tensor {name!r} of {src.label} has {src.shape(name)[0]} rows but its tokenizer "
+                                             f"has {keep} tokens; attar cannot add embedding rows for missing tokens.")
+
+        def job_shape(job: _Job) -> tuple[int, ...]:
+            shape = tuple(job.ref[0].shape(job.ref[1]))
+            if vocab_rows is not None and is_vocab_tensor(job.name) and job.ref[0].dtype(job.ref[1]).is_floating_point:
+                shape = (vocab_rows[1],) + shape[1:]
+            return shape
+
+        def fetch(src: TensorSource, name: str, job: _Job) -> torch.Tensor:
+            t = src.get(name)
+            if vocab_rows is not None and is_vocab_tensor(job.name):
+                t = resize_vocab(t, *vocab_rows)
+            return t
+
         out_name = parse_dtype(dtype, "--dtype") or cfg.out_dtype or cfg.dtype
         out_dtype = TORCH_DTYPES[out_name] if out_name else None
 
         _check_out_not_input(out, list(opened.values()))
-        names = ref.names()
         plan = []
-        for name in names:
-            d = ref.dtype(name)
-            plan.append((name, ref.shape(name), out_dtype if (out_dtype is not None and d.is_floating_point) else d))
+        for job in jobs:
+            d = job.ref[0].dtype(job.ref[1])
+            plan.append((job.name, job_shape(job), out_dtype if (out_dtype is not None and d.is_floating_point) else d))
         fmt = ref.format if ref.format in ("hf", "attar") else "safetensors"
-        inputs_desc = [s.label for s in ([base] if base is not None else []) + inputs]
         writer = ShardWriter(out, plan, fmt=fmt, max_shard_bytes=parse_size(shard_size), overwrite=overwrite)
         with writer:
             with StepProgress(f"{method.name} merge", len(plan), enabled=False if progress is False else None,
                               unit="tensors") as bar:
-                for name, _shape, target in plan:
-                    if not ref.dtype(name).is_floating_point:
-                        writer.write(name, ref.get(name))
+                for job, (name, _shape, target) in zip(jobs, plan):
+                    src, src_name = job.ref
+                    if not src.dtype(src_name).is_floating_point:
+                        writer.write(name, src.get(src_name))
                     else:
                         merged = merge_tensor(
                             method,
                             name,
-                            merge_base.get(name) if merge_base is not None else None,
-                            [s.get(name) for s in inputs],
-                            model_settings=settings,
-                            global_settings=cfg.parameters,
-                            extras={k: s.get(name) for k, s in extras.items()},
-                            t=layer_position(name, n_layers),
+                            fetch(*job.base, job) if job.base is not None else None,
+                            [fetch(s, n, job) for s, n in job.inputs],
+                            model_settings=job.settings,
+                            global_settings=job.glob,
+                            extras={k: s.get(src_name) for k, s in extras.items()},
+                            t=job.t,
                             seed=cfg.seed,
                         )
                         stored = merged.to(target)
-                        check_finite(name, merged, stored, lambda: {s.label: s.get(name) for s in dict.fromkeys(all_inputs)})
+                        check_finite(name, merged, stored,
+                                     lambda job=job: {s.label: s.get(n) for s, n in dict.fromkeys(job.inputs + ([job.base] if job.base else []))})
                         writer.write(name, stored)
                     bar.update()
+            extra_files: dict[str, bytes] = {}
+            if cfg.chat_template is not None:
+                template = resolve_chat_template(cfg.chat_template, [s.root for s in srcs])
+                if template is None:
+                    notes.append("chat_template: auto found no chat template in the inputs; the reference's tokenizer files are kept.")
+                elif fmt == "hf" and ref.root is not None and (ref.root / "tokenizer_config.json").is_file():
+                    extra_files.update(tokenizer_files_with_template(ref.root, template))
+                else:
+                    notes.append("chat_template is not written: the reference model has no tokenizer_config.json to copy.")
             record = {
                 "method": method.name,
                 "inputs": inputs_desc,
@@ -264,8 +435,14 @@ def run_merge(
                     for key in ("dtype", "torch_dtype"):
                         if key in config_json:
                             config_json[key] = out_name
+                if out_layers is not None and _layers_key(ref):
+                    config_json[_layers_key(ref)] = out_layers
+                if vocab_rows is not None:
+                    for key in ("vocab_size", "n_vocab", "padded_vocab_size"):
+                        if isinstance(config_json.get(key), int):
+                            config_json[key] = vocab_rows[1]
+                            break
             state = None
-            extra_files: dict[str, bytes] = {}
             if fmt == "attar":
                 state = dict(ref.state or {})
                 state["merge"] = record

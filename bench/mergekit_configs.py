@@ -1,0 +1,321 @@
+"""attar against mergekit 0.1.5 on mergekit's own config shapes: which configs attar accepts, and whether it merges
+them as mergekit does. Writes the pass rate into docs/merge.md (``--write``).
+
+The configs are the shapes of mergekit's ``examples/`` and of the configs its tests build
+(``tests/test_basic_merges.py``, ``test_chat_template.py``, ``test_tokenizer.py``), on tiny stand-ins: the
+3-layer Llama models of tests/golden/merge/models (base, ft_a, ft_b, ft_c; float32) with a 16-token
+tokenizer, plus one model with 2 added tokens (18 rows) for the tokenizer-merging configs. Every config is
+run in float32 (mergekit's tests use bfloat16, where mergekit computes in bfloat16 and attar in float32;
+docs/merge.md explains the difference). mergekit runs in its own venv (never an attar dependency):
+
+    python3 -m venv bench/.venvs/mergekit
+    bench/.venvs/mergekit/bin/pip install /path/to/torch-2.13.0+cpu-...whl   # the CPU wheel first
+    bench/.venvs/mergekit/bin/pip install mergekit==0.1.5
+    .venv/bin/python bench/mergekit_configs.py [--mergekit-python bench/.venvs/mergekit/bin/python] [--write]
+
+A config passes when both tools accept it and the merged tensors agree (deterministic methods: every tensor
+within 1e-6 relative; random ones, DARE and DELLA: in distribution, the fraction of entries changed from the
+base within 0.03 and the mean |change| within 10%), or when both refuse it; it fails when only one accepts it
+or the tensors differ. attar's refusals are listed with their reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = ROOT / "tests" / "golden" / "merge" / "models"
+RANDOM = {"dare_ties", "dare_linear", "della", "della_linear"}
+
+
+def two(method: str, a: str = "ft_a", b: str = "ft_b", base: str | None = "base", params: dict | None = None,
+        wa: float = 0.6, wb: float = 0.4, **extra) -> dict:
+    """mergekit's tests' ``two_model_config``: two models weighted 0.6 / 0.4, an optional base, shared parameters."""
+    cfg = {"merge_method": method, "models": [{"model": a, "parameters": {"weight": wa}}, {"model": b, "parameters": {"weight": wb}}],
+           "dtype": "float32"}
+    if base:
+        cfg["base_model"] = base
+    if params:
+        cfg["parameters"] = params
+    cfg.update(extra)
+    return cfg
+
+
+def configs() -> dict[str, dict]:
+    c: dict[str, dict] = {}
+    # mergekit's examples/ (model names replaced by the stand-ins; layer ranges scaled to 3 layers)
+    c["ex_linear"] = {"merge_method": "linear", "dtype": "float32", "models": [
+        {"model": "ft_a", "parameters": {"weight": 1.0}}, {"model": "ft_b", "parameters": {"weight": 0.3}},
+        {"model": "ft_c", "parameters": {"weight": 0.5}}]}
+    c["ex_ties"] = {"merge_method": "ties", "base_model": "base", "dtype": "float32",
+                    "parameters": {"normalize": True, "int8_mask": True}, "models": [
+        {"model": "ft_a", "parameters": {"density": [1, 0.7, 0.1], "weight": 1.0}},
+        {"model": "ft_b", "parameters": {"density": 0.5, "weight": [0, 0.3, 0.7, 1]}},
+        {"model": "ft_c", "parameters": {"density": 0.33, "weight": [{"filter": "mlp", "value": 0.5}, {"value": 0}]}}]}
+    c["ex_bio_merge"] = {"merge_method": "ties", "base_model": "base", "dtype": "float32",
+                         "parameters": {"normalize": False, "int8_mask": True}, "models": [
+        {"model": "ft_a", "parameters": {"density": 0.5, "weight": 0.5}},
+        {"model": "ft_b", "parameters": {"density": 0.5, "weight": 0.5}}]}
+    c["ex_gradient_slerp"] = {"merge_method": "slerp", "base_model": "ft_a", "dtype": "float32",
+                              "slices": [{"sources": [{"model": "ft_a", "layer_range": [0, 3]}, {"model": "ft_b", "layer_range": [0, 3]}]}],
+                              "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                                                   {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]}}
+    c["ex_frankenmerge"] = {"merge_method": "passthrough", "dtype": "float32", "slices": [
+        {"sources": [{"model": "ft_a", "layer_range": [0, 2]}]}, {"sources": [{"model": "ft_b", "layer_range": [1, 3]}]}]}
+    c["ex_arcee_fusion"] = {"merge_method": "arcee_fusion", "base_model": "ft_a", "dtype": "float32",
+                            "models": [{"model": "ft_a"}, {"model": "ft_b"}]}
+    # tests/test_basic_merges.py
+    c["copy"] = {"merge_method": "passthrough", "models": [{"model": "ft_a"}], "dtype": "float32"}
+    c["stack"] = {"merge_method": "passthrough", "dtype": "float32",
+                  "slices": [{"sources": [{"model": "ft_a", "layer_range": [0, 3]}]}] * 2}
+    c["passthrough_scale"] = {"merge_method": "passthrough", "models": [
+        {"model": "ft_a", "parameters": {"scale": [{"filter": "o_proj", "value": 0}, {"value": 1}]}}]}
+    c["linear"] = two("linear", base=None)
+    c["linear_3"] = {"merge_method": "linear", "dtype": "float32", "models": [
+        {"model": m, "parameters": {"weight": w}} for m, w in (("ft_a", 0.6), ("ft_b", 0.4), ("ft_c", 0.2))]}
+    c["slerp_weighted"] = two("slerp", a="ft_a", b="ft_b", base="ft_a", params={"t": 0.35})
+    c["slerp_models_weighted"] = two("slerp", a="base", b="ft_b", base="base", params={"t": 0.5})
+    c["slerp_granite_style"] = {"merge_method": "slerp", "base_model": "ft_a", "dtype": "float32", "parameters": {"t": 0.5},
+                                "models": [{"model": "ft_a"}, {"model": "ft_b"}]}
+    for base in (None, "ft_c"):
+        for row_wise in (False, True):
+            for flatten in (False, True):
+                c[f"nuslerp_{'base' if base else 'nobase'}_row{int(row_wise)}_flat{int(flatten)}"] = two(
+                    "nuslerp", base=base, params={"nuslerp_row_wise": row_wise, "nuslerp_flatten": flatten})
+    c["nuslerp_zero_weights"] = two("nuslerp", base="ft_c", wa=-0.5, wb=0.5, params={"nuslerp_row_wise": False, "nuslerp_flatten": False})
+    c["nuslerp_default"] = two("nuslerp", base=None)
+    c["task_arithmetic"] = two("task_arithmetic", base="ft_c")
+    c["task_arithmetic_lambda"] = two("task_arithmetic", params={"lambda": 0.7, "normalize": True})
+    c["breadcrumbs"] = two("breadcrumbs", base="ft_c")
+    c["breadcrumbs_ties"] = two("breadcrumbs_ties", params={"density": 0.6, "gamma": 0.05})
+    c["ties"] = two("ties", base="ft_c", params={"density": 0.3})
+    c["ties_3"] = {"merge_method": "ties", "base_model": "base", "dtype": "float32", "parameters": {"density": 0.5}, "models": [
+        {"model": m, "parameters": {"weight": w}} for m, w in (("ft_a", 1.0), ("ft_b", 0.6), ("ft_c", 0.8))]}
+    c["sce"] = two("sce", base="ft_c", params={"select_topk": 0.5})
+    c["sce_3"] = {"merge_method": "sce", "base_model": "base", "dtype": "float32", "parameters": {"select_topk": 0.3},
+                  "models": [{"model": "ft_a"}, {"model": "ft_b"}, {"model": "ft_c"}]}
+    c["sce_all"] = two("sce")
+    c["ram"] = two("ram", base="ft_c")
+    c["ramplus_tl"] = two("ramplus_tl", base="ft_c", params={"r": 0.05, "alpha": 1.0})
+    c["multislerp"] = two("multislerp", base="ft_c")
+    c["multislerp_nobase_3"] = {"merge_method": "multislerp", "dtype": "float32", "models": [
+        {"model": m, "parameters": {"weight": w}} for m, w in (("ft_a", 0.5), ("ft_b", 0.3), ("ft_c", 0.2))]}
+    c["multislerp_unnormalized"] = two("multislerp", base="base", params={"normalize_weights": False})
+    c["dare_ties"] = two("dare_ties", base="ft_c", params={"density": 0.66})
+    c["dare_linear"] = two("dare_linear", params={"density": 0.5})
+    c["model_stock"] = two("model_stock", a="ft_b", b="ft_c", base="ft_a")
+    c["model_stock_filterwise"] = two("model_stock", a="ft_b", b="ft_c", base="ft_a", params={"filter_wise": True})
+    c["model_stock_3"] = {"merge_method": "model_stock", "base_model": "base", "dtype": "float32",
+                          "models": [{"model": "ft_a"}, {"model": "ft_b"}, {"model": "ft_c"}]}
+    c["model_stock_identical"] = {"merge_method": "model_stock", "base_model": "base", "dtype": "float32",
+                                  "models": [{"model": "ft_a"}, {"model": "ft_a_copy"}]}
+    c["arcee_fusion"] = two("arcee_fusion", base="ft_a")
+    c["nearswap"] = two("nearswap", a="ft_a", b="ft_b", base="ft_a", params={"t": 0.0001})
+    c["nearswap_wide"] = two("nearswap", a="base", b="ft_b", base="base", params={"t": 0.02})
+    c["della"] = two("della", base="ft_c", params={"density": 0.66, "epsilon": 0.05, "lambda": 0.5})
+    c["della_invalid_epsilon"] = two("della", base="ft_c", params={"density": 0.66, "epsilon": 1.35, "lambda": 0.5})
+    c["della_linear"] = two("della_linear", base="base", params={"density": 0.5, "epsilon": 0.1})
+    c["karcher"] = two("karcher", base="ft_c", params={"max_iter": 5, "tol": 1e-5})
+    c["karcher_nobase"] = two("karcher", base=None)
+    c["karcher_one"] = {"merge_method": "karcher", "dtype": "float32", "models": [{"model": "ft_a"}]}
+    # tests/test_chat_template.py (models with a tokenizer)
+    for name, template in (("chat_chatml", "chatml"), ("chat_literal", "{{messages[0]['content']}}")):
+        c[name] = {"merge_method": "linear", "base_model": "tok_base", "dtype": "float32", "chat_template": template,
+                   "models": [{"model": "tok_base", "parameters": {"weight": 0.5}}, {"model": "tok_b", "parameters": {"weight": 0.5}}]}
+    # tokenizer settings: one shared vocabulary (padded), and tests/test_tokenizer.py's vocabulary merges
+    c["tok_pad"] = {"merge_method": "linear", "base_model": "tok_base", "dtype": "float32",
+                    "tokenizer": {"source": "base", "pad_to_multiple_of": 24},
+                    "models": [{"model": "tok_base", "parameters": {"weight": 0.5}}, {"model": "tok_b", "parameters": {"weight": 0.5}}]}
+    c["tok_pad_ties"] = {"merge_method": "ties", "base_model": "tok_base", "dtype": "float32", "parameters": {"density": 0.5},
+                         "tokenizer": {"source": "union", "pad_to_multiple_of": 7},
+                         "models": [{"model": "tok_b", "parameters": {"weight": 0.5}}, {"model": "tok_c", "parameters": {"weight": 0.5}}]}
+    c["tok_source_base_same"] = {"merge_method": "linear", "base_model": "tok_base", "dtype": "float32", "tokenizer_source": "base",
+                                 "models": [{"model": "tok_base", "parameters": {"weight": 0.5}}, {"model": "tok_b", "parameters": {"weight": 0.5}}]}
+    for src in ("union", "base", "tok_wide"):
+        c[f"tok_merge_{src}"] = {"merge_method": "linear", "base_model": "tok_base", "dtype": "float32", "tokenizer_source": src,
+                                 "models": [{"model": "tok_base", "parameters": {"weight": 0.5}}, {"model": "tok_wide", "parameters": {"weight": 0.5}}]}
+    return c
+
+
+def make_models(work: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    for name in ("base", "ft_a", "ft_b", "ft_c"):
+        shutil.copytree(GOLDEN / name, work / name)
+    shutil.copytree(GOLDEN / "ft_a", work / "ft_a_copy")
+
+    def tokenizer(added: list[str]) -> PreTrainedTokenizerFast:
+        tokens = ["<unk>", "<s>", "</s>"] + [f"_tok_{i}" for i in range(3, 16)]
+        data = {"version": "1.0", "model": {"type": "BPE", "vocab": dict(zip(tokens, range(16))), "merges": []}, "added_tokens": []}
+        with tempfile.TemporaryDirectory() as d:
+            Tokenizer.from_str(json.dumps(data)).save(f"{d}/tokenizer.json")
+            tok = PreTrainedTokenizerFast(tokenizer_file=f"{d}/tokenizer.json", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+        tok.add_tokens(added)
+        return tok
+
+    for name, src in (("tok_base", "base"), ("tok_b", "ft_b"), ("tok_c", "ft_c")):
+        shutil.copytree(GOLDEN / src, work / name)
+        tokenizer([]).save_pretrained(work / name)
+    wide = work / "tok_wide"
+    shutil.copytree(GOLDEN / "ft_a", wide)
+    sd = load_file(str(wide / "model.safetensors"))
+    g = torch.Generator().manual_seed(5)
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        sd[k] = torch.cat([sd[k], torch.randn(2, sd[k].shape[1], generator=g)])
+    save_file(sd, str(wide / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((wide / "config.json").read_text())
+    cfg["vocab_size"] = 18
+    (wide / "config.json").write_text(json.dumps(cfg))
+    tokenizer(["<|im_start|>", "<|im_end|>"]).save_pretrained(wide)
+
+
+MERGEKIT_SCRIPT = r"""
+import json, sys, traceback, yaml
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+work, names = sys.argv[1], sys.argv[2:]
+status = {}
+for name in names:
+    try:
+        cfg = MergeConfiguration.model_validate(yaml.safe_load(open(f"{work}/configs/{name}.yaml")))
+        run_merge(cfg, f"{work}/mergekit/{name}", options=MergeOptions(copy_tokenizer=True, write_model_card=False, quiet=True, random_seed=0))
+        status[name] = "ok"
+    except Exception as e:
+        status[name] = f"{type(e).__name__}: {str(e)[:300]}"
+json.dump(status, open(f"{work}/mergekit_status.json", "w"), indent=1)
+"""
+
+
+def load_dir(path: Path):
+    import torch  # noqa: F401
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def compare(name: str, cfg: dict, ours: Path, theirs: Path, work: Path) -> tuple[bool, str]:
+    import torch
+
+    a, b = load_dir(ours), load_dir(theirs)
+    if set(a) != set(b):
+        return False, f"tensor names differ: only attar {sorted(set(a) - set(b))[:3]}, only mergekit {sorted(set(b) - set(a))[:3]}"
+    for k in a:
+        if a[k].shape != b[k].shape:
+            return False, f"{k}: shape {tuple(a[k].shape)} vs {tuple(b[k].shape)}"
+    for f in ("config.json",):
+        ca, cb = json.loads((ours / f).read_text()), json.loads((theirs / f).read_text())
+        for key in ("num_hidden_layers", "vocab_size"):
+            if ca.get(key) != cb.get(key):
+                return False, f"config.json {key}: {ca.get(key)} vs {cb.get(key)}"
+    if cfg.get("chat_template"):
+        ta = json.loads((ours / "tokenizer_config.json").read_text()).get("chat_template") or ""
+        tb_file = theirs / "chat_template.jinja"
+        tb = tb_file.read_text() if tb_file.is_file() else json.loads((theirs / "tokenizer_config.json").read_text()).get("chat_template", "")
+        needle = "<|im_start|>" if cfg["chat_template"] == "chatml" else cfg["chat_template"]
+        if needle not in ta or needle not in tb:
+            return False, "chat template missing"
+    if cfg["merge_method"] in RANDOM:
+        base = load_dir(work / cfg["base_model"])
+        fa = sum(int(((a[k] - base[k]).abs() > 1e-7).sum()) for k in a) / sum(v.numel() for v in a.values())
+        fb = sum(int(((b[k] - base[k]).abs() > 1e-7).sum()) for k in b) / sum(v.numel() for v in b.values())
+        ma = sum(float((a[k] - base[k]).abs().sum()) for k in a)
+        mb = sum(float((b[k] - base[k]).abs().sum()) for k in b)
+        ok = abs(fa - fb) < 0.03 and abs(ma - mb) <= 0.1 * max(ma, mb)
+        return ok, f"in distribution: changed fraction {fa:.3f} vs {fb:.3f}, sum |change| {ma:.4f} vs {mb:.4f}"
+    worst = 0.0
+    exact = True
+    for k in a:
+        d = float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() else 0.0
+        scale = float(b[k].double().abs().max()) if b[k].numel() else 0.0
+        worst = max(worst, d / max(scale, 1e-12))
+        exact = exact and torch.equal(a[k], b[k])
+    return worst <= 1e-6, ("bit-identical" if exact else f"max relative difference {worst:.1e}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mergekit-python", default=str(ROOT / "bench" / ".venvs" / "mergekit" / "bin" / "python"))
+    ap.add_argument("--write", action="store_true", help="write the result table into docs/merge.md")
+    ap.add_argument("--only", nargs="*", help="run only these configs")
+    args = ap.parse_args()
+
+    import yaml
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from attar.errors import AttarError
+    from attar.merge import run_merge
+
+    cfgs = configs()
+    if args.only:
+        cfgs = {k: v for k, v in cfgs.items() if k in args.only}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        make_models(work)
+        (work / "configs").mkdir()
+        for name, cfg in cfgs.items():
+            (work / "configs" / f"{name}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        subprocess.run([args.mergekit_python, "-c", MERGEKIT_SCRIPT, str(work), *cfgs], cwd=work, check=True,
+                       stdout=subprocess.DEVNULL)
+        mk_status = json.loads((work / "mergekit_status.json").read_text())
+        for name, cfg in cfgs.items():
+            try:
+                res = run_merge(work / "configs" / f"{name}.yaml", work / "attar" / name, progress=False, base_dir=work)
+                at = "ok"
+                notes = res.notes
+            except AttarError as e:
+                at, notes = f"refused: {str(e).splitlines()[0][:200]}", []
+            mk = mk_status.get(name, "not run")
+            if at == "ok" and mk == "ok":
+                ok, detail = compare(name, cfg, work / "attar" / name, work / "mergekit" / name, work)
+            elif at != "ok" and mk != "ok":
+                ok, detail = True, f"both refuse (attar {at}; mergekit {mk[:120]})"
+            elif at == "ok":
+                ok, detail = False, f"mergekit fails: {mk[:200]}"
+            else:
+                ok, detail = False, f"attar {at}"
+            rows.append((name, cfg["merge_method"], at == "ok", mk == "ok", ok, detail, notes))
+            print(f"{'PASS' if ok else 'FAIL'} {name:32s} {cfg['merge_method']:16s} {detail}", flush=True)
+    total = len(rows)
+    passed = sum(r[4] for r in rows)
+    accepted_equal = sum(r[4] and r[2] for r in rows)
+    summary = (f"{passed} of {total} configs pass ({accepted_equal} accepted by both and equal, "
+               f"{passed - accepted_equal} refused by both); attar accepts {sum(r[2] for r in rows)}, mergekit {sum(r[3] for r in rows)}.")
+    print(summary)
+    if args.write:
+        import torch
+
+        lines = ["<!-- mergekit-configs:start (bench/mergekit_configs.py --write) -->", "",
+                 f"{summary} torch {torch.__version__}, mergekit 0.1.5 in its own venv, float32.", "",
+                 "| config | method | attar | mergekit | result |", "|---|---|---|---|---|"]
+        for name, method, a_ok, m_ok, ok, detail, _ in rows:
+            lines.append(f"| `{name}` | `{method}` | {'accepts' if a_ok else 'refuses'} | {'accepts' if m_ok else 'refuses'} | "
+                         f"{'pass' if ok else '**fail**'}: {detail.replace('|', '/')} |")
+        lines += ["", "<!-- mergekit-configs:end -->"]
+        doc = ROOT / "docs" / "merge.md"
+        text = doc.read_text()
+        start, end = "<!-- mergekit-configs:start", "<!-- mergekit-configs:end -->"
+        block = "\n".join(lines)
+        if start in text:
+            text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+        else:
+            text = text.rstrip() + "\n\n" + block + "\n"
+        doc.write_text(text)
+    return 0 if passed == total else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
