@@ -35,11 +35,13 @@ def _mount_subapps() -> None:
     from attar.cli.finetune import app as finetune_app
     from attar.cli.lm import app as lm_app
     from attar.cli.select import app as select_app
+    from attar.cli.teacher import app as teacher_app
 
     app.add_typer(condense_app, name="condense")
     app.add_typer(finetune_app, name="finetune")
     app.add_typer(lm_app, name="lm")
     app.add_typer(select_app, name="select")
+    app.add_typer(teacher_app, name="teacher")
 
 
 _mount_merge()

@@ -49,6 +49,7 @@ import torch
 from pydantic import ValidationError
 from torch import Tensor, nn
 
+from attar.data.teacher_store import TeacherStore
 from attar.distill.divergences import DIVERGENCES, divergence_params
 from attar.distill.lm_config import LMDistillConfig
 from attar.distill.lm_memory import check_fits, estimate_lm_memory
@@ -60,6 +61,7 @@ from attar.distill.lm_objectives import (
     token_ce_loss,
 )
 from attar.distill.lm_sampling import sample_continuations, trim_padding
+from attar.distill.lm_store import StoredLMTeacher
 from attar.distill.lm_task import LMLoss, LMTask, auto_chunk, head_split, scored
 from attar.errors import AttarError
 from attar.registry import validation_error
@@ -145,20 +147,23 @@ def perplexity(model: nn.Module, split: LMSplit, pad_id: int, batch_size: int = 
 
 
 def distill_lm(student: nn.Module, data: LMData, teacher: nn.Module | None = None, config: LMDistillConfig | dict | None = None,
-               *, cache: LMTeacherCache | None = None, student_tokenizer: Any = None, teacher_tokenizer: Any = None,
+               *, cache: LMTeacherCache | StoredLMTeacher | str | Path | None = None, student_tokenizer: Any = None, teacher_tokenizer: Any = None,
                token_map: Tensor | dict | None = None, teacher_pad_id: int | None = None,
                on_metrics: Callable[[int, dict], None] | None = None, ckpt_dir: str | Path | None = None,
                resume: bool = False, progress: bool | None = None, strategy: StepStrategy | None = None,
                **overrides: Any) -> LMResult:
     """Train ``student`` on ``data.train`` with CE and/or token-level KD from ``teacher`` (module doc).
 
-    ``cache`` (built on ``data.train.ids``) replaces the live teacher on ground-truth rows; on-policy
-    rows always need the live ``teacher``. The vocabularies are checked (:func:`check_vocab`) before
+    ``cache`` (built on ``data.train.ids``) replaces the live teacher on ground-truth rows: a top-k
+    :class:`LMTeacherCache`, or a stored teacher (:func:`attar.distill.lm_store.dump_lm_teacher`'s folder, a
+    :class:`StoredLMTeacher`); on-policy rows always need the live ``teacher``. The vocabularies are checked (:func:`check_vocab`) before
     any step: give both tokenizers for the token → id comparison, or ``token_map`` to bridge two.
     ``ckpt_dir``: write checkpoints there (every ``checkpoint_every`` steps and at the end); ``resume``
     continues from the newest one and ends with the weights of an uninterrupted run. ``strategy``: another
     Trainer step (e.g. :class:`attar.adapt.mezo.MeZOStep` for zeroth-order training)."""
     cfg = _config(config, overrides)
+    if isinstance(cache, (str, Path, TeacherStore)):  # a stored teacher (attar teacher dump) plugs in as a cache
+        cache = StoredLMTeacher(cache)
     kd_weight = 1.0 - cfg.alpha
     needs_teacher = kd_weight > 0
     if needs_teacher and teacher is None and cache is None:
@@ -173,12 +178,14 @@ def distill_lm(student: nn.Module, data: LMData, teacher: nn.Module | None = Non
                        teacher_tokenizer, student_tokenizer, token_map) if needs_teacher else None
     v_student = vmap.student_size if vmap is not None else None
     if cache is not None:
+        what = "stored teacher" if isinstance(cache, StoredLMTeacher) else "teacher cache"
+        hint = getattr(cache, "rebuild_hint", "Rebuild it (LMTeacherCache.build).")
         if len(cache) != len(data.train):
-            raise AttarError(f"the teacher cache holds {len(cache)} rows but the training split has {len(data.train)}; "
-                             "build it on data.train.ids.")
+            raise AttarError(f"the {what} holds {len(cache)} rows but the training split has {len(data.train)}; "
+                             f"it must be made on data.train. {hint}")
         why = cache.mismatch(ids=data.train, temperature=cfg.temperature)
         if why:
-            raise AttarError(f"the teacher cache does not fit: {why}. Rebuild it (LMTeacherCache.build).")
+            raise AttarError(f"the {what} does not fit: {why}. {hint}")
         if v_student is not None and cache.vocab_size != v_student:
             raise AttarError(f"the cache covers {cache.vocab_size} tokens but the student's vocabulary has {v_student}.")
     if cfg.gradient_checkpointing:

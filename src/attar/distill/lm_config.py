@@ -89,14 +89,18 @@ class LMModelSpec(BaseModel):
     hf: str | None = Field(None, description="a local Hugging Face causal-LM folder")
     byte: dict[str, int] | None = Field(None, description="a fresh byte-level GPT-2: {layers, d_model, heads, context}")
     stage: str | None = Field(None, description="the model an earlier lm stage wrote")
+    store: str | None = Field(None, description="teacher only: a stored teacher's outputs (attar teacher dump's folder): "
+                              "KD targets read from it, no live teacher")
     prune: LMPruneSpec | None = Field(None, description="prune depth and/or width first (prune, then recover by training)")
     lora: LMLoraSpec | None = Field(None, description="train LoRA adapters instead of every weight")
 
     @model_validator(mode="after")
     def _one(self) -> "LMModelSpec":
-        given = [k for k in ("pretrained", "hf", "byte", "stage") if getattr(self, k) is not None]
+        given = [k for k in ("pretrained", "hf", "byte", "stage", "store") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of pretrained, hf, byte or stage (got {', '.join(given) or 'none'})")
+            raise ValueError(f"give exactly one of pretrained, hf, byte, stage or store (got {', '.join(given) or 'none'})")
+        if self.store is not None and (self.prune is not None or self.lora is not None):
+            raise ValueError("store: a stored teacher is outputs, not a model; it takes no prune or lora")
         if self.byte is not None:
             unknown = sorted(set(self.byte) - {"layers", "d_model", "heads", "context"})
             if unknown:
@@ -161,6 +165,18 @@ class LMStageOptions(BaseModel):
     def _responses(self) -> "LMStageOptions":
         if self.responses == "teacher" and self.teacher is None:
             raise ValueError("responses: teacher needs lm.teacher (the model that writes the responses)")
+        if self.teacher is not None and self.teacher.store is not None:
+            if self.responses == "teacher":
+                raise ValueError("responses: teacher needs a live teacher to write them; teacher.store holds outputs on "
+                                 "fixed rows")
+            if self.cache_topk is not None:
+                raise ValueError("cache_topk: teacher.store already holds the teacher's top-k per token; drop cache_topk")
+            if self.train.on_policy > 0:
+                raise ValueError("train.on_policy: on-policy rows are scored by a live teacher; teacher.store holds "
+                                 "outputs on the training text only")
+        if self.student.store is not None:
+            raise ValueError("student.store: a store holds a teacher's outputs; the student is a model (pretrained, hf, "
+                             "byte or stage)")
         if self.responses == "teacher" and self.data.pack:
             raise ValueError("responses: teacher rewrites the continuation of each prompt; packed text (data.pack) "
                              "has no prompts: drop pack or responses")

@@ -20,6 +20,7 @@ the teacher's, and KL(teacher‖student) and top-1 agreement with the teacher on
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,11 +29,13 @@ from torch import Tensor
 
 from attar.adapt.mezo import MeZOConfig, MeZOStep
 from attar.checkpoint import atomic_save_safetensors, latest_checkpoint
+from attar.data.teacher_store import TeacherStore
 from attar.distill.lm import _config, distill_lm, perplexity, teacher_generations
-from attar.distill.lm_config import LMLoraSpec, LMModelSpec, LMPruneSpec, LMStageOptions
+from attar.distill.lm_config import LMLoraSpec, LMModelSpec, LMPruneSpec, LMStageOptions, LMTextSpec
 from attar.distill.lm_memory import describe, estimate_lm_memory
 from attar.distill.lm_objectives import LMTeacherCache, check_vocab
 from attar.distill.lm_sampling import trim_padding
+from attar.distill.lm_store import StoredLMTeacher
 from attar.distill.lm_task import head_split, scored
 from attar.errors import AttarError
 from attar.io import atomic_write_json, staged_folder
@@ -64,6 +67,7 @@ from attar.text.lm_width import prune_width, shrink_width
 from attar.text.pretrained_lm import get_pretrained, load_pretrained_lm, resolve_lm
 from attar.text.sources import TEXT_BUILTINS
 from attar.text.text_stream import text_stream
+from attar.text.token_store import tokenizer_fingerprint
 
 
 @STAGES.register("lm")
@@ -88,7 +92,9 @@ class LMStage(StageKind):
             for role, m in (("student", o.student), ("teacher", o.teacher)):
                 if m is None:
                     continue
-                if m.pretrained is not None:
+                if m.store is not None:
+                    _open_store(m.store)
+                elif m.pretrained is not None:
                     get_pretrained(m.pretrained, field=f"lm.{role}.pretrained")
                 elif m.hf is not None:
                     resolve_lm({"hf": m.hf})
@@ -108,6 +114,9 @@ class LMStage(StageKind):
             if o.optimizer == "mezo" and settings.alpha < 1:
                 raise AttarError("optimizer: mezo trains with next-token CE only (train.alpha 1, no teacher); MeZO "
                                  "estimates one gradient from two losses, a KD term has no place in it.")
+            if o.teacher is not None and o.teacher.store is not None and settings.alpha >= 1:
+                raise AttarError("lm.teacher.store with train.alpha 1 is never read (pure cross-entropy); lower "
+                                 "train.alpha or drop the teacher.")
             if o.cache_topk is not None and settings.alpha >= 1:
                 raise AttarError("cache_topk with train.alpha 1 has no effect (pure cross-entropy never reads the "
                                  "teacher); lower train.alpha or drop cache_topk.")
@@ -126,26 +135,12 @@ class LMStage(StageKind):
         with inputs.context("lm"):
             cfg = _settings(o, inputs.seed)
             student, stok = _load(o.student, "student", inputs.earlier)
-            teacher, ttok = _load(o.teacher, "teacher", inputs.earlier) if o.teacher is not None else (None, None)
+            stored = o.teacher is not None and o.teacher.store is not None
+            teacher, ttok = (_load(o.teacher, "teacher", inputs.earlier) if o.teacher is not None and not stored
+                             else (None, None))
             vmap = check_vocab(teacher, student, ttok, stok) if teacher is not None else None
             contexts = [c for c in (lm_context(student), lm_context(teacher) if teacher is not None else None) if c]
-            d = o.data
-            if (d.prompt_field is not None or d.pack) and contexts and d.max_len > min(contexts):
-                raise AttarError(f"data.max_len {d.max_len} is longer than the model's context of {min(contexts)}.")
-            if d.prompt_field is not None:
-                prompts, responses = read_pairs(d.name, d.prompt_field, d.response_field)
-                data = lm_pair_data(prompts, responses, stok, d.max_len, d.chat_template, seed=cfg.seed,
-                                    train_limit=d.train_limit, val_limit=d.val_limit, test_limit=d.test_limit,
-                                    name=d.name)
-            elif d.pack:
-                data = lm_packed_data(d.name, stok, d.max_len, seed=cfg.seed, text_column=d.text_column,
-                                      train_limit=d.train_limit, val_limit=d.val_limit, test_limit=d.test_limit,
-                                      store=inputs.cache_dir / "tokens", log=inputs.log)
-                inputs.log(f"  token store {'built' if data.info['store_built'] else 'reused'}: {data.info['store']}")
-            else:
-                data = lm_dataset(d.name, stok, min(contexts) if contexts else None, text_column=d.text_column,
-                                  prompt_len=d.prompt_len, max_len=d.max_len, seed=cfg.seed, train_limit=d.train_limit,
-                                  val_limit=d.val_limit, test_limit=d.test_limit)
+            data = stage_data(o.data, stok, contexts, cfg.seed, inputs.cache_dir, inputs.log)
             vocab = vmap.student_size if vmap is not None else scored_vocab(student, stok)
             pruned: dict[str, Any] = {}
             if o.student.prune is not None and not (ctx.resume and latest_checkpoint(ctx.stage_dir / "checkpoints")):
@@ -168,7 +163,12 @@ class LMStage(StageKind):
                 inputs.log(f"  responses written by the teacher for {len(data.train)} training prompts "
                            f"({int(data.train.mask.sum()):,} tokens)")
             cache = None
-            if o.cache_topk is not None and teacher is not None and cfg.alpha < 1:
+            if stored and cfg.alpha < 1:
+                cache = StoredLMTeacher(o.teacher.store)
+                cache.check(tokenizer=tokenizer_fingerprint(stok), vocab_size=vocab or len(stok), ids=data.train,
+                            temperature=cfg.temperature)
+                inputs.log(f"  teacher: {cache.mode}")
+            elif o.cache_topk is not None and teacher is not None and cfg.alpha < 1:
                 cache, built = LMTeacherCache.load_or_build(ctx.stage_dir / "teacher-cache.safetensors", teacher,
                                                             data.train, o.cache_topk, cfg.temperature, vmap=vmap,
                                                             pad_id=data.pad_id)
@@ -201,6 +201,27 @@ class LMStage(StageKind):
         return StageResult(model, {"hf": str(out)}, res.history, metrics=metrics, artifacts=arts)
 
 
+def stage_data(d: LMTextSpec, tok, contexts: list[int], seed: int, cache_dir, log=None):
+    """The stage's text as rows for ``tok``: prompt/response pairs, packed blocks (a token store under
+    ``cache_dir/tokens``) or prompt + continuation rows. ``attar teacher dump`` builds its rows with this too, so a
+    store and a stage given the same ``data`` block and seed hold the same rows."""
+    if (d.prompt_field is not None or d.pack) and contexts and d.max_len > min(contexts):
+        raise AttarError(f"data.max_len {d.max_len} is longer than the model's context of {min(contexts)}.")
+    if d.prompt_field is not None:
+        prompts, responses = read_pairs(d.name, d.prompt_field, d.response_field)
+        return lm_pair_data(prompts, responses, tok, d.max_len, d.chat_template, seed=seed, train_limit=d.train_limit,
+                            val_limit=d.val_limit, test_limit=d.test_limit, name=d.name)
+    if d.pack:
+        data = lm_packed_data(d.name, tok, d.max_len, seed=seed, text_column=d.text_column, train_limit=d.train_limit,
+                              val_limit=d.val_limit, test_limit=d.test_limit, store=Path(cache_dir) / "tokens", log=log)
+        if log is not None:
+            log(f"  token store {'built' if data.info['store_built'] else 'reused'}: {data.info['store']}")
+        return data
+    return lm_dataset(d.name, tok, min(contexts) if contexts else None, text_column=d.text_column,
+                      prompt_len=d.prompt_len, max_len=d.max_len, seed=seed, train_limit=d.train_limit,
+                      val_limit=d.val_limit, test_limit=d.test_limit)
+
+
 def _settings(o: LMStageOptions, seed: int):
     """The stage's training settings: alpha 1 without a teacher, the recipe's seed unless the block sets one."""
     given = o.train.model_fields_set
@@ -215,6 +236,14 @@ def _settings(o: LMStageOptions, seed: int):
     if "seed" not in given:
         update["seed"] = seed
     return _config(o.train.model_copy(update=update), {})
+
+
+def _open_store(path: str) -> None:
+    """Preflight of ``teacher: {store: PATH}``: a finished store of a language model's outputs (the shards' hashes
+    are checked when the stage runs)."""
+    st = TeacherStore.open(path, verify=False).settings
+    if st.kind != "lm":
+        raise AttarError(f"lm.teacher.store: {path} holds a {st.kind}'s outputs, not a language model's.")
 
 
 def _load(spec: LMModelSpec, role: str, earlier: dict[str, EarlierStage]) -> tuple[Any, Any]:

@@ -1,0 +1,126 @@
+"""``attar teacher``: a teacher run once over a corpus, its outputs stored for later use (docs/lm.md, "Stored teacher
+outputs").
+
+* ``attar teacher dump --model smollm2-135m --data fortunes --out store/ [--k 32] [--temperature 1] [--max-len 64]``:
+  the teacher's top-k log-probs, ids and tail mass at every scored token of the corpus's training rows
+  (:func:`attar.distill.lm_store.dump_lm_teacher`), compressed into shards with a manifest. The rows are the ones an
+  ``lm`` stage with the same ``data`` block and seed trains on, so a recipe reads the store with
+  ``teacher: {store: store/}``. A killed dump resumes when run again with the same arguments (finished shards are
+  kept); progress with ETA on stderr.
+* ``attar teacher show store/``: what a store holds (settings, size, bytes per token), every shard's hash checked.
+
+``--data`` is a built-in text name or file, or the ``lm`` stage's whole data block as a YAML mapping
+(``--data '{name: fortunes, max_len: 64, train_limit: 400}'``); the flags override its fields.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+from rich.console import Console
+
+from attar.cli.app import THREADS_HELP
+from attar.console import errors_as_messages
+from attar.errors import AttarError
+
+app = typer.Typer(help="Stored teacher outputs: run a teacher once over a corpus and keep its top-k per token "
+                       "(docs/lm.md).", add_completion=False, no_args_is_help=True)
+out = Console(highlight=False, soft_wrap=True)
+
+
+def _text_spec(data: str, **fields):
+    """``--data`` (a name/path or a YAML mapping of the lm stage's data block) with the flags that were given."""
+    from pydantic import ValidationError
+
+    from attar.distill.lm_config import LMTextSpec
+    from attar.registry import validation_error
+
+    block: dict
+    if data.strip().startswith("{"):
+        try:
+            block = yaml.safe_load(data)
+        except yaml.YAMLError as e:
+            raise AttarError(f"--data {data!r}: not a valid YAML mapping ({e}).") from None
+        if not isinstance(block, dict):
+            raise AttarError(f"--data {data!r}: expected a mapping such as '{{name: fortunes, max_len: 64}}'.")
+    else:
+        block = {"name": data}
+    block |= {k: v for k, v in fields.items() if v is not None and v is not False}
+    try:
+        return LMTextSpec(**block)
+    except ValidationError as e:
+        raise validation_error("--data", e, LMTextSpec) from None
+
+
+@app.command("dump")
+@errors_as_messages
+def dump_cli(
+    model: str = typer.Option(..., "--model", "-m", help="the teacher: a packaged model name (attar models list) or "
+                              "a Hugging Face causal-LM folder"),
+    data: str = typer.Option(..., "--data", "-d", help="a built-in text set or text file, or the lm stage's data "
+                             "block as YAML: '{name: fortunes, max_len: 64, train_limit: 400}'"),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="the store's folder (resumed when it holds an unfinished "
+                                 "dump with the same settings)"),
+    k: int = typer.Option(32, "--k", min=1, help="top-k log-probs kept per token"),
+    temperature: float = typer.Option(1.0, "--temperature", min=1e-6, help="the KD temperature the store is for"),
+    step: float = typer.Option(1 / 16, "--step", min=1e-4, max=1.0, help="log-prob quantisation step in nats (each "
+                               "stored log-prob within this of the teacher's)"),
+    max_len: Optional[int] = typer.Option(None, "--max-len", help="tokens per row (overrides the data block)"),
+    prompt_len: Optional[int] = typer.Option(None, "--prompt-len", help="prompt tokens per row (never scored)"),
+    train_limit: Optional[int] = typer.Option(None, "--train-limit", help="training rows kept"),
+    text_column: Optional[str] = typer.Option(None, "--text-column", help="text field/column of a file"),
+    pack: bool = typer.Option(False, "--pack", help="packed text (the data block's pack: true)"),
+    seed: int = typer.Option(0, "--seed", help="the recipe's seed (it decides which texts are validation rows)"),
+    shard_rows: int = typer.Option(128, "--shard-rows", min=1, help="rows per shard (the unit of resume and reading)"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="rows per teacher forward pass"),
+    home: Optional[Path] = typer.Option(None, "--home", help="where the token store of --pack lives (default "
+                                        "$ATTAR_HOME or ./runs), as for attar run"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a store made with other settings"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
+) -> None:
+    """Run a teacher once over a corpus's training rows and store its top-k per token."""
+    from attar.train.progress import is_quiet, start_command
+
+    start_command(quiet, threads)
+    spec = _text_spec(data, max_len=max_len, prompt_len=prompt_len, train_limit=train_limit, text_column=text_column,
+                      pack=pack)
+    from attar.distill.lm_store import dump_lm_teacher
+    from attar.paths import home as home_of
+    from attar.stages.lm import stage_data
+    from attar.text.lm_io import lm_context, scored_vocab
+    from attar.text.pretrained_lm import load_pretrained_lm
+    from attar.text.token_store import tokenizer_fingerprint
+
+    folder = Path(model).expanduser()
+    teacher, tok = load_pretrained_lm({"hf": str(folder)} if folder.is_dir() else {"pretrained": model})
+    ctx = lm_context(teacher)
+    log = None if (quiet or is_quiet()) else (lambda m: typer.echo(m, err=True))
+    rows = stage_data(spec, tok, [ctx] if ctx else [], seed, home_of(home) / "cache", log)
+    desc = (f"{spec.name}: max_len {spec.max_len}" + (" packed" if spec.pack else f", prompt_len {spec.prompt_len}")
+            + (f", train_limit {spec.train_limit}" if spec.train_limit else "") + f", seed {seed}, {len(rows.train)} rows")
+    store = dump_lm_teacher(teacher, rows.train, out_dir, pad_id=rows.pad_id, k=k, temperature=temperature, step=step,
+                            vocab_size=scored_vocab(teacher, tok) or len(tok), teacher_name=model,
+                            tokenizer=tokenizer_fingerprint(tok), data=desc, shard_rows=shard_rows,
+                            batch_size=batch_size, overwrite=overwrite, progress=None if not quiet else False)
+    m = store.manifest
+    out.print(f"teacher store {out_dir}: {m.settings.rows} rows, {m.positions:,} tokens, top-{k} of "
+              f"{m.settings.vocab_size}, {m.bytes / 2**20:.2f} MiB ({store.bytes_per_position:.1f} bytes/token) in "
+              f"{len(m.shards)} shards", markup=False)
+
+
+@app.command("show")
+@errors_as_messages
+def show_cli(store_dir: Path = typer.Argument(..., help="a store written by attar teacher dump")) -> None:
+    """What a store holds; every shard's size and sha256 are checked."""
+    from attar.data.teacher_store import TeacherStore
+
+    st = TeacherStore.open(store_dir)
+    s, m = st.settings, st.manifest
+    out.print(f"{store_dir}: {s.kind} teacher {s.teacher or '?'} (weights {s.teacher_hash}), top-{s.k} of {s.vocab_size}, "
+              f"T={s.temperature:g}, step {s.step:g} nats\n  data: {s.data} (hash {s.data_hash})\n  {s.rows} rows, "
+              f"{m.positions:,} tokens, {m.bytes:,} bytes in {len(m.shards)} shards: {st.bytes_per_position:.1f} "
+              "bytes/token; all shards intact", markup=False)
