@@ -7,12 +7,12 @@ Arms, each a full fine-tune of the 0.5B student for the same steps, rows, learni
 * ``kd``: pure token KD (forward KL, T=1) from the teacher's top-k + tail-bucket cache, built once;
 * ``kd-live``: the same KD from the live teacher on the full vocabulary (is the cache's truncation a cost?).
 
-    nice -n 10 .venv/bin/python bench/lm_qwen_evidence.py          # 3 seeds (~1.5-2 h on 2 cores)
+    nice -n 10 .venv/bin/python bench/lm_qwen_evidence.py          # 3 seeds (~1 h on 2 idle cores)
     .venv/bin/python bench/lm_qwen_evidence.py --quick              # smoke test (~10 min), docs untouched
     .venv/bin/python bench/lm_qwen_evidence.py --from-json          # rewrite the doc section from saved results
 
 Needs both Qwen models converted (``attar models list`` prints the install commands; ``attar models convert``).
-The data split is fixed (``lm_data`` seed 0: 160 training rows = one epoch of 40 steps × 4 rows, 100 test rows,
+The data split is fixed (``lm_data`` seed 0: 80 training rows = one epoch of 20 steps × 4 rows, 100 test rows,
 16-token prompt, 64 tokens at most); the seed changes the training order only. Metrics on the test rows' response
 tokens: perplexity, KL(teacher ‖ student) per token and top-1 agreement with the teacher (the teacher's test logits
 are computed once, in bfloat16). Results per arm and seed go to ``bench/.runs/lm_qwen/<full|quick>/results.jsonl``
@@ -47,7 +47,7 @@ TEACHER, STUDENT = "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"
 ARMS = {"sft": "SFT (CE on the text)",
         "kd": "KD, teacher from the top-k cache",
         "kd-live": "KD, live teacher (full vocabulary)"}
-FULL = dict(seeds=[0, 1, 2], steps=40, batch_size=4, lr=1e-5, topk=64, train=160, test=100)
+FULL = dict(seeds=[0, 1, 2], steps=20, batch_size=4, lr=2e-5, topk=64, train=80, test=100)
 QUICK = dict(seeds=[0, 1], steps=3, batch_size=2, lr=1e-5, topk=16, train=6, test=8)
 
 
