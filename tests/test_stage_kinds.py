@@ -20,7 +20,8 @@ def _mlp(seed: int, hidden: int = 3):
 
 
 def _bundle():
-    return SimpleNamespace(input_shape=(4,), classes=["a", "b"], mean=None, std=None, name="toy")
+    test = SimpleNamespace(x=torch.rand(6, 4, generator=torch.Generator().manual_seed(0)), y=torch.tensor([0, 1] * 3))
+    return SimpleNamespace(input_shape=(4,), classes=["a", "b"], mean=None, std=None, name="toy", test=test)
 
 
 def _merge_inputs(earlier, method="linear", models=("a", "b")):
@@ -47,6 +48,7 @@ def test_merge_stage_averages_its_earlier_inputs_and_saves_them(tmp_path: Path):
     for k, v in res.model.state_dict().items():
         torch.testing.assert_close(v, want[k])
     assert res.spec == SPEC and (tmp_path / "soup" / "model" / "manifest.json").exists()
+    assert {"accuracy[a]", "forgetting[a]", "accuracy[b]", "forgetting[b]", "forgetting"} <= set(res.extra)
 
 
 def test_merge_preflight_names_the_tensor_when_stand_ins_differ():
