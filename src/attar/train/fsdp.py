@@ -15,27 +15,31 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 
 from attar.train import distributed as dist
 
 __all__ = ["shard", "full_state", "load_full_state", "optimizer_state", "load_optimizer_state", "plain_copy"]
 
-_FULL = StateDictOptions(full_state_dict=True)
+
+def _dcp():
+    """torch.distributed.checkpoint's state-dict helpers, imported on first use: they cost ~0.8 s to import and
+    every Trainer would pay it (this module is imported by the trainer, FSDP is rarely on)."""
+    from torch.distributed.checkpoint import state_dict
+
+    return state_dict
+
+
+def _full(strict: bool = True):
+    return _dcp().StateDictOptions(full_state_dict=True, strict=strict)
 
 
 def shard(step_mod: nn.Module, student: nn.Module, device: torch.device) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """``fully_shard`` every block of the student's module lists, then the whole step module; returns a
     meta-device skeleton of the student (its architecture without memory) and copies of its buffers (a rotary
     table is not in the state dict), to rebuild a plain model at the end."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
     buffers = {n: b.detach().clone() for n, b in student.named_buffers()}
     skeleton = copy.deepcopy(student).to("meta")
     mesh = init_device_mesh(device.type, (dist.world_size(),))
@@ -56,7 +60,7 @@ def _split(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[s
 
 def full_state(step_mod: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The student's and the objective's full (unsharded) state dicts, as plain CPU tensors on every rank."""
-    sd = get_model_state_dict(step_mod, options=_FULL)
+    sd = _dcp().get_model_state_dict(step_mod, options=_full())
     return _split({k: v.detach().cpu() for k, v in sd.items()})
 
 
@@ -64,12 +68,12 @@ def load_full_state(step_mod: nn.Module, student: dict[str, torch.Tensor],
                     objective: dict[str, torch.Tensor] | None = None) -> None:
     """Load full state dicts into the sharded step module (``objective`` None: the student only)."""
     sd = {f"student.{k}": v for k, v in student.items()} | {f"objective.{k}": v for k, v in (objective or {}).items()}
-    set_model_state_dict(step_mod, sd, options=StateDictOptions(full_state_dict=True, strict=objective is not None))
+    _dcp().set_model_state_dict(step_mod, sd, options=_full(strict=objective is not None))
 
 
 def optimizer_state(step_mod: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The optimizer's full state keyed by parameter name (``name/exp_avg``), plus JSON for the rest."""
-    osd = get_optimizer_state_dict(step_mod, opt, options=_FULL)
+    osd = _dcp().get_optimizer_state_dict(step_mod, opt, options=_full())
     tensors, scalars = {}, {}
     for name, st in osd["state"].items():
         for k, v in st.items():
@@ -86,7 +90,8 @@ def load_optimizer_state(step_mod: nn.Module, opt: torch.optim.Optimizer, tensor
     for key, v in list(tensors.items()) + list(meta["scalars"].items()):
         name, k = key.rsplit("/", 1)
         state.setdefault(name, {})[k] = v if torch.is_tensor(v) else torch.tensor(v)
-    set_optimizer_state_dict(step_mod, opt, {"state": state, "param_groups": meta["param_groups"]}, options=_FULL)
+    _dcp().set_optimizer_state_dict(step_mod, opt, {"state": state, "param_groups": meta["param_groups"]},
+                                    options=_full())
 
 
 def plain_copy(skeleton: nn.Module, buffers: dict[str, torch.Tensor], student: dict[str, torch.Tensor]) -> nn.Module:
