@@ -12,6 +12,8 @@ the estimate on SmolLM2 on a CPU).
 
 from __future__ import annotations
 
+import ctypes
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +53,24 @@ def estimate_lm_memory(student: nn.Module, teacher: nn.Module | None, *, batch_s
     return parts
 
 
+def _release_freed_memory() -> None:
+    """Hand memory this process has freed back to the system before reading MemAvailable.
+
+    Why: after one model trains in a process (a notebook, a bench, a recipe with several lm stages), its tensors
+    are freed but glibc keeps much of that memory in its heap, where MemAvailable does not count it; the next
+    check would refuse a run that fits. ``malloc_trim(0)`` returns it (glibc only; elsewhere nothing happens)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def available_bytes(device: torch.device) -> int | None:
     """Free memory where the run trains: CUDA's free bytes, or the machine's MemAvailable (None if unknown)."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
+    _release_freed_memory()
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
