@@ -133,6 +133,29 @@ def main() -> None:
     write_doc(c, json.loads(base_file.read_text()), done)
 
 
+def _mean(rs: list[dict], key: str) -> float:
+    return sum(r[key] for r in rs) / len(rs)
+
+
+def _reading(ran: dict, ppl: dict, base: dict) -> str:
+    """What the table shows, in words, from its own numbers."""
+    if "sft" not in ran or "kd" not in ran:
+        return ""
+    sft, kd = ran["sft"], ran["kd"]
+    better = _mean(kd, "test_ppl") < _mean(sft, "test_ppl")
+    return (f"Reading: KD pulls the student toward the teacher (KL {_mean(kd, 'kl_to_teacher'):.2f} vs "
+            f"{_mean(sft, 'kl_to_teacher'):.2f} nats/token for SFT, top-1 agreement {_mean(kd, 'top1_agreement'):.3f} vs "
+            f"{_mean(sft, 'top1_agreement'):.3f}), and its held-out perplexity is "
+            f"{'lower' if better else 'higher'} than SFT's ({_mean(kd, 'test_ppl'):.1f} vs {_mean(sft, 'test_ppl'):.1f}). "
+            + ("" if better else
+               f"The teacher itself is a poor model of this text (perplexity {base['teacher_ppl']:.1f}, while 80 rows of "
+               f"SFT take the student from {base['student_ppl']:.1f} to {_mean(sft, 'test_ppl'):.1f}): both are code "
+               "models, and distilling one that is worse on the target text than the fine-tuned student can become "
+               "moves the student toward the teacher's errors. KD pays where the teacher is the better model of the "
+               "target data (the fortunes KD rows with a teacher trained on them, and the ½ CE + ½ KD recovery of a "
+               "pruned model, in this page); here the seed's claim does not show."))
+
+
 def write_doc(c: dict, base: dict, done: dict) -> None:
     arms = {arm: [done[(arm, s)] for s in c["seeds"] if (arm, s) in done] for arm in ARMS}
     ran = {a: rs for a, rs in arms.items() if len(rs) >= 2}
@@ -157,7 +180,9 @@ disk) or from the live teacher on its full vocabulary. Same steps, rows, learnin
 |---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-{"Not run yet: " + ", ".join(missing) + " (the bench continues where it stopped)." if missing else ""}
+{_reading(ran, ppl, base)}
+
+{"Not run yet: " + ", ".join(missing) + " (the bench continues where it stopped; `--arms` picks arms)." if missing else ""}
 
 Reproduce: `nice -n 10 .venv/bin/python bench/lm_qwen_evidence.py` (both Qwen models converted: `attar models list`;
 {platform.machine()}, torch {torch.__version__}, 2 threads; train s measured beside other work).
