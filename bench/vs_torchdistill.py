@@ -376,6 +376,12 @@ max(that std, 0.5 points)):
 {'equal within seed noise' if same else 'NOT equal within seed noise'}. The first step's loss (same weights, same batch, before any update) agrees on both sides,
 so they optimise the same objective.
 
+Where the time goes: both sides run the same operators (torch.profiler) and spend about the same user CPU per step; the
+difference is kernel time for minor page faults (memory the allocator handed back and took again, zeroed by the
+kernel). attar's Trainer raises glibc's trim and mmap thresholds for CPU runs (`attar.allocator.keep_freed_memory`), so
+a step's buffers are reused by the next: its faults per step stay near 16k where torchdistill's vary from run to run
+(16k–33k here), with the same peak memory. Before that setting attar measured 0.88× on this bench.
+
 Peak RSS is the process's high-water mark at the end of training (imports, data, both models, training), read by
 `getrusage`; samples/s, page faults and user CPU time cover building the trainer (attar's `Trainer`, torchdistill's
 `DistillationBox` with its optimiser and data loader) and the training loop; page faults and user CPU hardly change with other load

@@ -12,7 +12,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "attar"
 LAYERS = [  # lowest first; a module may import its own layer and any below
     {"errors", "registry", "specs", "rng", "io", "paths", "checkpoint", "store", "report", "console", "metrics",
-     "lifecycle", "threads"},
+     "lifecycle", "threads", "allocator"},
     {"data", "models", "text"},
     {"train"},
     {"distill", "select", "adapt", "condense", "merge"},

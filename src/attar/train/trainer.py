@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from attar import lifecycle, rng
+from attar.allocator import keep_freed_memory
 from attar.checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint
 from attar.errors import AttarError
 from attar.train import distributed as dist
@@ -363,6 +364,8 @@ class Trainer:
         if not self.inner:
             home = device_of(self.model)
             target = resolve_device(self.cfg.device)
+            if target.type == "cpu":
+                keep_freed_memory()  # a step's buffers reused by the next, not handed back and faulted in again
             if target.type == "cuda" and dist.world_size() > 1:
                 target = torch.device("cuda", dist.local_rank())
             homes = [device_of(t) for t in self.teachers]
