@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 
@@ -36,3 +37,14 @@ def verdict(method: list[float], base: list[float]) -> str:
     d = statistics.mean(method) - statistics.mean(base)
     tol = max(statistics.stdev(method), statistics.stdev(base))
     return "better" if d > tol else ("worse" if d < -tol else "no gain")
+
+
+def read_results(path: Path, key: str) -> dict[tuple[str, int], dict]:
+    """Rows of a bench's ``results.jsonl`` made with configuration ``key``, by (arm, seed): what a rerun can skip."""
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            if r["config"] == key:
+                done[(r["arm"], r["seed"])] = r
+    return done

@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _doc import replace_section  # noqa: E402
+from _doc import read_results, replace_section  # noqa: E402
 
 from attar.distill.lm import distill_lm, perplexity, teacher_generations, train_lm  # noqa: E402
 from attar.distill.lm_objectives import LMTeacherCache  # noqa: E402
@@ -72,12 +72,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     results_file = out / "results.jsonl"
     key = json.dumps(c, sort_keys=True)
-    done = {}
-    if results_file.exists():
-        for line in results_file.read_text().splitlines():
-            r = json.loads(line)
-            if r["config"] == key:
-                done[(r["arm"], r["seed"])] = r
+    done = read_results(results_file, key)
     if not args.from_json:
         torch.set_num_threads(args.threads)
         teacher, tok = load_pretrained_lm({"pretrained": MODEL})

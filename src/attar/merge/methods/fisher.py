@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from attar.errors import AttarError
-from attar.merge.methods._state import check_same_keys
+from attar.merge.methods._state import check_same_keys, logits_of
 from attar.merge.methods.base import FisherEstimator, MergeMethod, StateDict, register
 from attar.merge.methods.params import F32_MAX, Weight
 from attar.merge.methods.soup import ModelMergeResult
@@ -68,17 +68,6 @@ def fisher_merge(
     return ModelMergeResult(out, {"averaged_without_fisher": plain})
 
 
-def _logits(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if logits is None and isinstance(output, (tuple, list)):
-        logits = output[0]
-    if logits is None:
-        raise AttarError("the model's output has no logits; diagonal_fisher needs a classifier returning logits.")
-    return logits
-
-
 def diagonal_fisher(
     model: torch.nn.Module,
     batches: Iterable[Any],
@@ -108,7 +97,7 @@ def diagonal_fisher(
             for i in range(len(x)):
                 if max_examples is not None and seen >= max_examples:
                     break
-                logp = F.log_softmax(_logits(model(x[i : i + 1])).float(), dim=-1).reshape(-1)
+                logp = F.log_softmax(logits_of(model(x[i : i + 1])).float(), dim=-1).reshape(-1)
                 if labels == "expected":
                     probs = logp.exp().detach()
                     targets = [(int(c), float(probs[c])) for c in range(logp.numel())]
