@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from attar.errors import AttarError
 
-__all__ = ["decoder_layers", "layer_importance", "drop_layers", "prune_depth"]
+__all__ = ["decoder_layers", "layer_importance", "calibration_pass", "drop_layers", "prune_depth"]
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -38,7 +38,6 @@ def layer_importance(model: nn.Module, ids: Tensor, pad_id: int, batch_size: int
     """Block influence of every decoder layer on ``ids`` (``[N, L]``, right-padded): ``1 − mean cosine``."""
     layers = decoder_layers(model)
     sums = torch.zeros(len(layers), dtype=torch.float64)
-    count = 0
     current: dict[str, Tensor] = {}
 
     def hook(i: int):
@@ -51,9 +50,20 @@ def layer_importance(model: nn.Module, ids: Tensor, pad_id: int, batch_size: int
         return fn
 
     handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    count = calibration_pass(model, ids, pad_id, batch_size, handles, current, "layer_importance")
+    return (sums / count).float()
+
+
+@torch.no_grad()
+def calibration_pass(model: nn.Module, ids: Tensor, pad_id: int, batch_size: int, handles: list, current: dict,
+                     who: str) -> int:
+    """Run ``model`` in eval mode over ``ids`` in batches so its ``handles`` (hooks) can measure it; each batch's
+    non-padding mask is ``current["keep"]`` while it runs. Removes the hooks and restores the mode; returns the
+    number of tokens measured (refuses none)."""
     was = model.training
     model.eval()
     dev = next(model.parameters()).device
+    count = 0
     try:
         for a in range(0, len(ids), batch_size):
             x = ids[a : a + batch_size].to(dev)
@@ -66,8 +76,8 @@ def layer_importance(model: nn.Module, ids: Tensor, pad_id: int, batch_size: int
             h.remove()
         model.train(was)
     if count == 0:
-        raise AttarError("layer_importance: the calibration text has no tokens.")
-    return (sums / count).float()
+        raise AttarError(f"{who}: the calibration text has no tokens.")
+    return count
 
 
 def drop_layers(model: nn.Module, drop: list[int]) -> nn.Module:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from attar.errors import AttarError
-from attar.text.lm_prune import decoder_layers
+from attar.text.lm_prune import calibration_pass, decoder_layers
 
 __all__ = ["width_importance", "prune_width", "shrink_width"]
 
@@ -72,23 +72,7 @@ def width_importance(model: nn.Module, ids: Tensor, pad_id: int, batch_size: int
             head_sum[i] += a.view(len(a), heads, head_dim).norm(dim=-1).sum(0).cpu()
 
         handles += [mlp.down_proj.register_forward_pre_hook(on_mlp), attn.o_proj.register_forward_pre_hook(on_heads)]
-    was = model.training
-    model.eval()
-    dev = next(model.parameters()).device
-    count = 0
-    try:
-        for a in range(0, len(ids), batch_size):
-            x = ids[a : a + batch_size].to(dev)
-            attn_mask = (x != pad_id).long()
-            current["keep"] = attn_mask.bool()
-            model(input_ids=x, attention_mask=attn_mask)
-            count += int(attn_mask.sum())
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
-    if count == 0:
-        raise AttarError("width_importance: the calibration text has no tokens.")
+    count = calibration_pass(model, ids, pad_id, batch_size, handles, current, "width_importance")
     return {"mlp": [(s / count).float() for s in mlp_sum], "heads": [(s / count).float() for s in head_sum]}
 
 
