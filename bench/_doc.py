@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 
@@ -48,3 +50,17 @@ def read_results(path: Path, key: str) -> dict[tuple[str, int], dict]:
             if r["config"] == key:
                 done[(r["arm"], r["seed"])] = r
     return done
+
+
+def peer_venv(path: Path, peer: str, probe: str | None = None) -> Path:
+    """A peer tool's own venv (never attar's dependencies), made when missing or when ``probe`` (Python code that
+    exits non-zero) says it is not ready: the local CPU torch first, or pip pulls CUDA wheels, then ``peer``."""
+    py = path / "bin" / "python"
+    ready = py.exists() and (probe is None or subprocess.run([str(py), "-c", probe], capture_output=True).returncode == 0)
+    if not ready:
+        if not py.exists():
+            subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+        pip = [str(py), "-m", "pip", "install", "-q"]
+        subprocess.run(pip + ["torch==2.13.0"], check=True)
+        subprocess.run(pip + [peer], check=True)
+    return py

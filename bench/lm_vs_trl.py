@@ -37,7 +37,6 @@ TRL_VERSION = "1.16.0"
 # ------------------------------------------------------------------ the shared inputs (made once, attar's venv)
 
 def prepare(args) -> None:
-    import torch
     from safetensors.torch import save_file
 
     from attar.text.charlm import lm_packed_data
@@ -176,18 +175,6 @@ def run_trl(args) -> None:
 
 # ------------------------------------------------------------------ driver
 
-def _ensure_trl_venv() -> Path:
-    py = TRL_VENV / "bin" / "python"
-    ok = py.exists() and subprocess.run([str(py), "-c", f"import trl, sys; sys.exit(trl.__version__ != '{TRL_VERSION}')"],
-                                        capture_output=True).returncode == 0
-    if not ok:
-        subprocess.run([sys.executable, "-m", "venv", str(TRL_VENV)], check=True)
-        pip = [str(TRL_VENV / "bin" / "pip"), "install", "-q"]
-        subprocess.run(pip + ["torch==2.13.0"], check=True)  # the local CPU build first, or pip pulls CUDA wheels
-        subprocess.run(pip + [f"trl=={TRL_VERSION}"], check=True)
-    return py
-
-
 def _child(python: Path, mode: str, args) -> dict:
     cmd = [str(python), __file__, "--mode", mode, *[f"--{k}={getattr(args, k)}" for k in
                                                     ("batch", "length", "steps", "warmup", "threads")]]
@@ -213,7 +200,11 @@ def main() -> None:
         return run_attar(args)
     if args.mode == "trl":
         return run_trl(args)
-    trl_python = _ensure_trl_venv()
+    sys.path.insert(0, str(ROOT / "bench"))
+    from _doc import peer_venv
+
+    trl_python = peer_venv(TRL_VENV, f"trl=={TRL_VERSION}",
+                           f"import trl, sys; sys.exit(trl.__version__ != '{TRL_VERSION}')")
     prepare(args)
     runs: dict[str, list[dict]] = {"attar": [], "trl": []}
     for r in range(args.repeats):

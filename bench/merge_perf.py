@@ -92,14 +92,10 @@ def timed(cmd: list[str], cwd: Path) -> tuple[float, float]:
 
 def make_venv(path: Path) -> Path:
     """mergekit's own venv: CPU torch first, then mergekit (its pins never touch attar's venv)."""
-    py = path / "bin" / "python"
-    if py.exists():
-        return py
-    subprocess.run(["python3", "-m", "venv", str(path)], check=True)
-    pip = [str(py), "-m", "pip", "install", "--quiet"]
-    subprocess.run(pip + ["torch==2.13.0"], check=True)  # first: the CPU wheel
-    subprocess.run(pip + ["mergekit==0.1.5"], check=True)
-    return py
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _doc import peer_venv
+
+    return peer_venv(path, "mergekit==0.1.5")
 
 
 def main() -> None:
