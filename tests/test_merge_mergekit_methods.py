@@ -304,10 +304,13 @@ def test_pad_to_multiple_of_and_chat_template(tmp_path):
     cfg = {"merge_method": "linear", "models": [{"model": "a"}, {"model": "b"}], "chat_template": "auto"}
     run_merge(cfg, tmp_path / "auto", base_dir=tmp_path, progress=False)
     assert json.loads((tmp_path / "auto" / "tokenizer_config.json").read_text())["chat_template"].endswith("from b")
-    hf_folder(tmp_path / "c", layered(3, vocab=6), layers=3, vocab=6, tokens=5)
-    with pytest.raises(AttarError, match="different vocabulary.*not supported"):
-        run_merge({"merge_method": "linear", "models": [{"model": "a"}, {"model": "c"}], "tokenizer_source": "union"},
-                  tmp_path / "bad", base_dir=tmp_path, progress=False)
+    c = layered(3, vocab=6)
+    hf_folder(tmp_path / "c", c, layers=3, vocab=6, tokens=5)  # its tokenizer lacks t5: row 5 is unused
+    run_merge({"merge_method": "linear", "models": [{"model": "a"}, {"model": "c"}], "tokenizer_source": "union"},
+              tmp_path / "union", base_dir=tmp_path, progress=False)
+    out = load_file(str(tmp_path / "union" / "model.safetensors"))
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):  # t5 is a's alone, so it keeps a's row
+        torch.testing.assert_close(out[k], torch.cat([(a[k][:5] + c[k][:5]) / 2, a[k][5:]]))
     with pytest.raises(AttarError, match="chat_template 'vicuna'"):
         run_merge({"merge_method": "linear", "models": [{"model": "a"}, {"model": "b"}], "chat_template": "vicuna"},
                   tmp_path / "bad2", base_dir=tmp_path, progress=False)

@@ -4,8 +4,8 @@ Why mergekit's shape: thousands of published merge configs use it; a config
 that names a method attar has should run unchanged. Keys attar does not act on
 (``int8_mask``, a ``weight`` given to a method that has none) are accepted with a note
 instead of an error; ``slices`` (layer ranges, frankenmerges), ``tokenizer: {pad_to_multiple_of}`` and
-``chat_template`` are honoured; what attar cannot do (``modules``, merging different vocabularies)
-fails before any tensor is read, with a message saying what to use.
+``chat_template`` are honoured (different vocabularies are aligned by token string); what attar cannot do
+(``modules``, ``tokenizer.tokens``) fails before any tensor is read, with a message saying what to use.
 
 Parameter values follow mergekit's rules (:func:`evaluate_setting`): a scalar;
 a list of numbers interpolated along the layers (a "gradient"); or a list of
@@ -66,7 +66,8 @@ class Slice(_Strict):
 
 
 class TokenizerSettings(_Strict):
-    """mergekit's ``tokenizer:`` block. attar keeps one vocabulary (all inputs must share it) and pads it."""
+    """mergekit's ``tokenizer:`` block: the output vocabulary (``union``, ``base`` or a model; inputs aligned to
+    it by token string, see :mod:`attar.merge.vocab`), optionally padded."""
 
     source: str | None = "union"
     tokens: dict[str, Any] | None = None
@@ -150,8 +151,8 @@ class MergeConfig(_Strict):
             raise ValueError("`models` is empty: list the models to merge, e.g. models: [{model: ./ft-a}, {model: ./ft-b}].")
         if self.tokenizer is not None and self.tokenizer.tokens:
             raise ValueError(
-                "tokenizer.tokens (choosing the embedding source of individual tokens) is not supported: attar does "
-                "not build or align vocabularies; merge models with the same vocabulary and drop `tokens`."
+                "tokenizer.tokens (choosing the embedding source of individual tokens) is not supported: attar fills "
+                "a token's missing rows from the base model or the models that have it; drop `tokens`."
             )
         if self.tokenizer is not None and self.tokenizer_source is not None:
             raise ValueError("give either `tokenizer_source` or `tokenizer: {source: ...}`, not both.")

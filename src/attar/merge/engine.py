@@ -25,7 +25,7 @@ from attar.merge.tensor_source import TensorSource
 from attar.merge.writer import ShardWriter, parse_size
 from attar.merge.methods import MergeMethod, TensorInputs, tensor_method
 from attar.merge.validate import check_configs, check_finite, check_inputs, check_state_dicts
-from attar.merge.vocab import is_vocab_tensor, padded, resize_vocab, resolve_chat_template, shared_vocab_size, tokenizer_files_with_template
+from attar.merge.vocab import is_vocab_tensor, plan_vocab, resolve_chat_template, tokenizer_files_with_template
 from attar.train.progress import StepProgress
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -263,7 +263,8 @@ def _slice_jobs(cfg: MergeConfig, method: MergeMethod, get_source, notes: list[s
     for job in jobs:
         shape = job.ref[0].shape(job.ref[1])
         for src, name in job.inputs + ([job.base] if job.base else []):
-            if src.shape(name) != shape:
+            if src.shape(name) != shape and not (cfg.vocab_source is not None and is_vocab_tensor(job.name)
+                                                 and src.shape(name)[1:] == shape[1:]):
                 raise AttarError(f"tensor {name!r} is {tuple(src.shape(name))} in {src.label} but {tuple(shape)} in "
                                  f"{job.ref[0].label} ({job.ref[1]}); the slices' layers must have the same shapes.")
     return jobs, ref, k, used
@@ -340,7 +341,7 @@ def run_merge(
             all_inputs = ([merge_base] if merge_base is not None else []) + inputs + list(extras.values())
             ref = base if base is not None else inputs[0]
             others = [s for s in dict.fromkeys(inputs + list(extras.values())) if s is not ref]
-            check_inputs(ref, others)
+            check_inputs(ref, others, vocab_aligned=cfg.vocab_source is not None)
             n_layers = _num_layers(ref)
             jobs = [
                 _Job(name=name, ref=(ref, name), base=(merge_base, name) if merge_base is not None else None,
@@ -350,34 +351,33 @@ def run_merge(
             ]
             inputs_desc = [s.label for s in ([base] if base is not None else []) + inputs]
 
-        # The output vocabulary (tokenizer_source / tokenizer: {pad_to_multiple_of}): one shared vocabulary, its rows kept, padded.
-        vocab_rows: tuple[int, int] | None = None
+        # The output vocabulary (tokenizer_source / tokenizer: {...}): every input aligned to it by token string.
+        vocab = None
         srcs = list(dict.fromkeys(all_inputs))
         if cfg.vocab_source is not None:
-            keep = shared_vocab_size([s.label for s in srcs], [s.root for s in srcs], cfg.vocab_source, cfg.pad_to_multiple_of)
-            if keep is None:
+            vocab = plan_vocab([s.label for s in srcs], [s.root for s in srcs], cfg.vocab_source,
+                               base=srcs.index(base) if base in srcs else None, pad=cfg.pad_to_multiple_of, base_dir=base_dir)
+            if vocab is None:
                 notes.append("tokenizer_source/tokenizer has nothing to act on: no input has a tokenizer.json.")
             else:
-                vocab_rows = (keep, padded(keep, cfg.pad_to_multiple_of))
-            for job in jobs if vocab_rows is not None else []:
-                keep = vocab_rows[0]
-                if is_vocab_tensor(job.name) and job.ref[0].dtype(job.ref[1]).is_floating_point:
-                    for src, name in [job.ref] + job.inputs + ([job.base] if job.base else []):
-                        if src.shape(name)[0] < keep:
-                            raise AttarError(f"tensor {name!r} of {src.label} has {src.shape(name)[0]} rows but its tokenizer "
-                                             f"has {keep} tokens; attar cannot add embedding rows for missing tokens.")
+                notes.append(vocab.describe())
+
+        def is_vocab_job(job: _Job) -> bool:
+            return vocab is not None and is_vocab_tensor(job.name) and job.ref[0].dtype(job.ref[1]).is_floating_point
 
         def job_shape(job: _Job) -> tuple[int, ...]:
             shape = tuple(job.ref[0].shape(job.ref[1]))
-            if vocab_rows is not None and is_vocab_tensor(job.name) and job.ref[0].dtype(job.ref[1]).is_floating_point:
-                shape = (vocab_rows[1],) + shape[1:]
-            return shape
+            return (vocab.rows,) + shape[1:] if is_vocab_job(job) else shape
 
-        def fetch(src: TensorSource, name: str, job: _Job) -> torch.Tensor:
-            t = src.get(name)
-            if vocab_rows is not None and is_vocab_tensor(job.name):
-                t = resize_vocab(t, *vocab_rows)
-            return t
+        def job_tensors(job: _Job) -> tuple[torch.Tensor | None, list[torch.Tensor], dict[str, torch.Tensor]]:
+            """The job's base, input and extra tensors; vocabulary tensors re-indexed to the output vocabulary."""
+            entries = ([job.base] if job.base is not None else []) + job.inputs + [(s, job.ref[1]) for s in extras.values()]
+            if is_vocab_job(job):
+                got = dict(zip(dict.fromkeys(entries), vocab.align([(srcs.index(s), s.get(n)) for s, n in dict.fromkeys(entries)])))
+            else:
+                got = {e: e[0].get(e[1]) for e in dict.fromkeys(entries)}
+            return (got[job.base] if job.base is not None else None, [got[e] for e in job.inputs],
+                    {k: got[(s, job.ref[1])] for k, s in extras.items()})
 
         out_name = parse_dtype(dtype, "--dtype") or cfg.out_dtype or cfg.dtype
         out_dtype = TORCH_DTYPES[out_name] if out_name else None
@@ -397,14 +397,15 @@ def run_merge(
                     if not src.dtype(src_name).is_floating_point:
                         writer.write(name, src.get(src_name))
                     else:
+                        base_t, input_ts, extra_ts = job_tensors(job)
                         merged = merge_tensor(
                             method,
                             name,
-                            fetch(*job.base, job) if job.base is not None else None,
-                            [fetch(s, n, job) for s, n in job.inputs],
+                            base_t,
+                            input_ts,
                             model_settings=job.settings,
                             global_settings=job.glob,
-                            extras={k: s.get(src_name) for k, s in extras.items()},
+                            extras=extra_ts,
                             t=job.t,
                             seed=cfg.seed,
                         )
@@ -413,13 +414,15 @@ def run_merge(
                                      lambda job=job: {s.label: s.get(n) for s, n in dict.fromkeys(job.inputs + ([job.base] if job.base else []))})
                         writer.write(name, stored)
                     bar.update()
-            extra_files: dict[str, bytes] = {}
+            extra_files: dict[str, bytes | None] = {}
+            if vocab is not None and fmt == "hf":
+                extra_files.update(vocab.tokenizer_files())
             if cfg.chat_template is not None:
                 template = resolve_chat_template(cfg.chat_template, [s.root for s in srcs])
                 if template is None:
                     notes.append("chat_template: auto found no chat template in the inputs; the reference's tokenizer files are kept.")
                 elif fmt == "hf" and ref.root is not None and (ref.root / "tokenizer_config.json").is_file():
-                    extra_files.update(tokenizer_files_with_template(ref.root, template))
+                    extra_files.update(tokenizer_files_with_template(ref.root, template, extra_files.get("tokenizer_config.json")))
                 else:
                     notes.append("chat_template is not written: the reference model has no tokenizer_config.json to copy.")
             record = {
@@ -437,10 +440,10 @@ def run_merge(
                             config_json[key] = out_name
                 if out_layers is not None and _layers_key(ref):
                     config_json[_layers_key(ref)] = out_layers
-                if vocab_rows is not None:
+                if vocab is not None:
                     for key in ("vocab_size", "n_vocab", "padded_vocab_size"):
                         if isinstance(config_json.get(key), int):
-                            config_json[key] = vocab_rows[1]
+                            config_json[key] = vocab.rows
                             break
             state = None
             if fmt == "attar":

@@ -57,8 +57,9 @@ def check_configs(ref: TensorSource, others: Sequence[TensorSource]) -> None:
             raise AttarError(f"{src.label} is a {b!r} model artifact but {ref.label} is {a!r}; they cannot be merged.")
 
 
-def check_tensors(ref: TensorSource, others: Sequence[TensorSource]) -> None:
-    """Same tensor names and shapes everywhere; float vs non-float tensors must agree too."""
+def check_tensors(ref: TensorSource, others: Sequence[TensorSource], vocab_aligned: bool = False) -> None:
+    """Same tensor names and shapes everywhere (vocabulary rows may differ when ``vocab_aligned``: the merge
+    aligns them); float vs non-float tensors must agree too."""
     ref_names = ref.names()
     ref_set = set(ref_names)
     for src in others:
@@ -79,11 +80,13 @@ def check_tensors(ref: TensorSource, others: Sequence[TensorSource]) -> None:
             sa, sb = ref.shape(n), src.shape(n)
             if sa != sb:
                 if _is_vocab_tensor(n, sa, sb, ref, src):
+                    if vocab_aligned:
+                        continue
                     raise AttarError(
                         f"vocabulary size differs: tensor {n!r} has {sa[0]} rows in {ref.label} but {sb[0]} in "
                         f"{src.label} (embedding / output head). The models use different tokenizers or added tokens; "
-                        "attar does not align vocabularies yet. Merge models with the same vocabulary, or resize "
-                        "the embeddings to match first (model.resize_token_embeddings)."
+                        "set `tokenizer_source: union` (or `base`, or a model) in the merge config to align their "
+                        "vocabularies by token string."
                     )
                 raise AttarError(
                     f"tensor {n!r} has shape {tuple(sb)} in {src.label} but {tuple(sa)} in {ref.label}; "
@@ -97,9 +100,9 @@ def check_tensors(ref: TensorSource, others: Sequence[TensorSource]) -> None:
                 )
 
 
-def check_inputs(ref: TensorSource, others: Sequence[TensorSource]) -> None:
+def check_inputs(ref: TensorSource, others: Sequence[TensorSource], vocab_aligned: bool = False) -> None:
     check_configs(ref, others)
-    check_tensors(ref, others)
+    check_tensors(ref, others, vocab_aligned)
 
 
 def check_state_dicts(ref: Mapping[str, torch.Tensor], others: Sequence[Mapping[str, torch.Tensor]],

@@ -1,12 +1,24 @@
-"""The output vocabulary of a merge: mergekit's ``tokenizer`` settings and ``chat_template``, for one shared vocabulary.
+"""The output vocabulary of a merge: mergekit's ``tokenizer`` settings and ``chat_template``.
 
-attar does not build or align tokenizers: when a config asks for a tokenizer (``tokenizer_source`` or a
-``tokenizer:`` block), every input must have the same vocabulary (``tokenizer.json``'s vocabulary and added
-tokens), and the output's is that one. As mergekit does then, each input's vocabulary tensors (embeddings,
-output head) keep the tokenizer's rows (rows past it, e.g. an earlier padding, are dropped) and, with
-``pad_to_multiple_of: N``, get new rows up to the next multiple of N, each the mean of the input's own
-tokenizer rows; then the method merges them like any row. ``chat_template`` (a Jinja string, ``chatml``, or
-``auto``: the template most inputs share) is written into the output's ``tokenizer_config.json``.
+With ``tokenizer_source`` (or ``tokenizer: {source: ...}``) the inputs' vocabularies are aligned by token
+string (:mod:`attar.text.vocab_align`: tokens match when they decode to the same bytes, so a re-ordered
+vocabulary or a fine-tune's added tokens line up) to one output vocabulary: ``union`` (the base model's --
+or the first model's -- tokens in their ids, then every other input's tokens it lacks), ``base`` (that
+model's own vocabulary; others' extra tokens are dropped) or a model (``model:PATH`` or the path itself: an
+input, or any folder with a ``tokenizer.json``). Every vocabulary tensor (embeddings, output head) of every
+input is then re-indexed to the output ids before the method merges it like any row.
+
+Rows a model lacks are filled as mergekit 0.1.5 fills them, so a token only one model knows keeps that
+model's row under every method (a fine-tune's added tokens keep their fine-tuned rows): from the base
+model's row when the base has the token, else the mean of the rows of the inputs that have it; a token no
+input has (only possible with an outside tokenizer) gets the model's mean row (mergekit: zeros).
+``pad_to_multiple_of: N`` adds rows up to the next multiple of N, each the mean of the model's aligned rows.
+Tied embeddings stay tied: the one tensor is aligned once, and equal tensors are aligned equally.
+
+The output carries the output vocabulary's tokenizer (``tokenizer.json`` with the tokens added,
+``tokenizer_config.json`` with their ``added_tokens_decoder`` entries; slow-tokenizer files that no longer
+agree are left out). ``chat_template`` (a Jinja string, ``chatml``, or ``auto``: the template most inputs
+share) is written into the output's ``tokenizer_config.json``.
 """
 
 from __future__ import annotations
@@ -14,12 +26,14 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from attar.errors import AttarError
+from attar.text.vocab_align import VocabAlignment, align_vocabularies, read_vocab, spell
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
@@ -53,27 +67,6 @@ def tokenizer_vocab(root: Path | None) -> dict[str, int] | None:
     for tok in data.get("added_tokens") or []:
         out.setdefault(tok["content"], tok["id"])
     return out
-
-
-def shared_vocab_size(labels: Sequence[str], roots: Sequence[Path | None], source: str, pad: int | None = None) -> int | None:
-    """The one vocabulary size all inputs share, None when no input has a tokenizer (nothing to build: the
-    setting is moot unless ``pad`` asks for padding), or an error naming what attar cannot do."""
-    vocabs = [tokenizer_vocab(r) for r in roots]
-    missing = [label for label, v in zip(labels, vocabs) if v is None]
-    if len(missing) == len(labels) and not pad:
-        return None
-    if missing:
-        raise AttarError(f"tokenizer source {source!r} needs every input's tokenizer.json; none in {', '.join(missing)}. "
-                         "Drop `tokenizer_source`/`tokenizer` to keep the reference model's tokenizer files.")
-    first = vocabs[0]
-    for label, v in zip(labels[1:], vocabs[1:]):
-        if v != first:
-            raise AttarError(
-                f"tokenizer source {source!r}: {label} has a different vocabulary from {labels[0]} "
-                f"({len(v)} vs {len(first)} tokens). Merging tokenizers (aligning different vocabularies) is not "
-                "supported by attar; merge models that share one vocabulary."
-            )
-    return len(first)
 
 
 def padded(size: int, multiple: int | None) -> int:
@@ -118,9 +111,10 @@ def resolve_chat_template(value: str, roots: Sequence[Path | None]) -> str | Non
     return value
 
 
-def tokenizer_files_with_template(root: Path, template: str) -> dict[str, bytes]:
-    """The output's ``tokenizer_config.json`` (and ``chat_template.jinja`` when the reference has one) carrying ``template``."""
-    cfg = json.loads((root / "tokenizer_config.json").read_text())
+def tokenizer_files_with_template(root: Path, template: str, config: bytes | None = None) -> dict[str, bytes]:
+    """The output's ``tokenizer_config.json`` (``config``, else the reference's; and ``chat_template.jinja``
+    when the reference has one) carrying ``template``."""
+    cfg = json.loads(config if config is not None else (root / "tokenizer_config.json").read_text())
     cfg["chat_template"] = template
     files = {"tokenizer_config.json": json.dumps(cfg, indent=2, ensure_ascii=False).encode()}
     if (root / "chat_template.jinja").is_file():
@@ -128,3 +122,181 @@ def tokenizer_files_with_template(root: Path, template: str) -> dict[str, bytes]
     if (root / "chat_template.json").is_file():
         files["chat_template.json"] = json.dumps({"chat_template": template}).encode()
     return files
+
+
+SLOW_TOKENIZER_FILES = ("vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model",
+                        "sentencepiece.bpe.model", "added_tokens.json")
+_TOKENIZER_COPY = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json")
+
+
+@dataclass
+class VocabPlan:
+    """How every input's vocabulary tensors become the output's: the alignment, the output row count, the
+    input whose tokenizer files the output's start from, and what the alignment did (for the notes)."""
+
+    alignment: VocabAlignment
+    labels: list[str]
+    tokens: int
+    rows: int
+    base: int | None
+    lead: int
+    inputs: int
+    mode: str
+    roots: list[Path | None]
+
+    def align(self, tensors: Sequence[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
+        """Re-index one vocabulary tensor of several inputs (``(input index, tensor)``) to the output rows, in
+        float32, filling the rows each lacks (see the module docstring) and adding the padding rows."""
+        gathered, present = [], []
+        for k, t in tensors:
+            src = self.alignment.sources[k]
+            ok = (src >= 0) & (src < t.shape[0])
+            gathered.append(t.float()[src.clamp(min=0).where(ok, torch.zeros_like(src))])
+            present.append(ok)
+        shape = (-1,) + (1,) * (gathered[0].dim() - 1)
+        count = torch.stack(present).sum(0)
+        total = sum(g * p.view(shape) for g, p in zip(gathered, present))
+        fill = total / count.clamp(min=1).view(shape)
+        base_at = [i for i, (k, _) in enumerate(tensors) if k == self.base]
+        if base_at:
+            i = base_at[0]
+            fill = torch.where(present[i].view(shape), gathered[i], fill)
+        out = []
+        for g, p in zip(gathered, present):
+            own_mean = g[p].mean(0) if bool(p.any()) else torch.zeros(g.shape[1:])
+            row = torch.where((count > 0).view(shape), fill, own_mean.unsqueeze(0))
+            aligned = torch.where(p.view(shape), g, row)
+            if self.rows > self.tokens:
+                aligned = torch.cat([aligned, aligned.mean(0, keepdim=True).expand(self.rows - self.tokens, *aligned.shape[1:])])
+            out.append(aligned)
+        return out
+
+    def describe(self) -> str:
+        al = self.alignment
+        parts = [f"{self.labels[k]} lacks {al.missing(k)}" for k in range(self.inputs) if al.missing(k)]
+        parts += [f"{self.labels[k]}'s {al.dropped(k)} extra dropped" for k in range(self.inputs) if al.dropped(k)]
+        moved = [self.labels[k] for k in range(self.inputs) if not al.is_identity(k) and not al.missing(k)]
+        parts += [f"{', '.join(moved)} re-ordered"] if moved else []
+        pad = f", padded to {self.rows} rows" if self.rows > self.tokens else ""
+        return (f"vocabulary aligned by token string ({self.mode}): {self.tokens} tokens{pad}"
+                + (f"; {'; '.join(parts)}" if parts else "; every input already had it"))
+
+    def tokenizer_files(self) -> dict[str, bytes | None]:
+        """The output's tokenizer files (None: leave out a file copied from the reference model)."""
+        root = self.roots[self.lead]
+        files: dict[str, bytes | None] = {n: None for n in SLOW_TOKENIZER_FILES + _TOKENIZER_COPY}
+        lead_files = {n: (root / n).read_bytes() for n in _TOKENIZER_COPY if root is not None and (root / n).is_file()}
+        files.update(lead_files)
+        al = self.alignment
+        appended = range(len(al.vocabs[self.lead]), len(al))
+        if not appended:
+            for n in SLOW_TOKENIZER_FILES:  # the lead's own tokenizer: its slow files still agree
+                if root is not None and (root / n).is_file():
+                    files[n] = (root / n).read_bytes()
+            return files
+        data = json.loads(lead_files["tokenizer.json"])
+        cfg = json.loads(lead_files.get("tokenizer_config.json", b"{}"))
+        family = al.vocabs[self.lead].family
+        vocab = (data.get("model") or {}).get("vocab")
+        added = data.setdefault("added_tokens", [])
+        decoder = cfg.setdefault("added_tokens_decoder", {}) if "tokenizer_config.json" in lead_files else {}
+        for j in appended:
+            k = al.origin[j]
+            origin = al.vocabs[k]
+            i = int(al.sources[k][j])
+            raw = spell(al.keys[j], family) if i not in origin.added else None
+            if raw is not None and isinstance(vocab, dict) and raw not in vocab:
+                vocab[raw] = j
+                continue
+            entry = {"id": j, "content": al.keys[j].decode("utf-8", errors="replace"), "single_word": False,
+                     "lstrip": False, "rstrip": False, "normalized": i not in origin.special, "special": i in origin.special}
+            entry.update({key: v for key, v in _added_entry(self.roots[k], i).items() if key != "id"})
+            added.append(entry)
+            decoder[str(j)] = {key: v for key, v in entry.items() if key != "id"}
+        files["tokenizer.json"] = json.dumps(data, ensure_ascii=False, indent=2).encode()
+        if "tokenizer_config.json" in lead_files:
+            files["tokenizer_config.json"] = json.dumps(cfg, ensure_ascii=False, indent=2).encode()
+        return files
+
+
+def _added_entry(root: Path | None, i: int) -> dict:
+    if root is None:
+        return {}
+    for tok in json.loads((root / "tokenizer.json").read_text()).get("added_tokens") or []:
+        if tok.get("id") == i:
+            return tok
+    return {}
+
+
+def _resolve_folder(ref: str, base_dir: Path | None) -> Path | None:
+    p = Path(ref).expanduser()
+    for c in ([base_dir / p] if base_dir and not p.is_absolute() else []) + [p]:
+        if (c / "tokenizer.json").is_file():
+            return c
+    return None
+
+
+def plan_vocab(labels: Sequence[str], roots: Sequence[Path | None], source: str, *, base: int | None,
+               pad: int | None = None, base_dir: Path | None = None) -> VocabPlan | None:
+    """The output vocabulary for ``tokenizer_source``/``tokenizer.source`` ``source`` over the inputs (``base``:
+    the index of the base model among them), None when no input has a tokenizer (and no padding is asked)."""
+    labels, roots = list(labels), list(roots)
+    missing = [label for label, r in zip(labels, roots) if r is None or not (Path(r) / "tokenizer.json").is_file()]
+    if len(missing) == len(labels) and not pad:
+        return None
+    if missing:
+        raise AttarError(f"tokenizer source {source!r} needs every input's tokenizer.json; none in {', '.join(missing)}. "
+                         "Drop `tokenizer_source`/`tokenizer` to keep the reference model's tokenizer files.")
+    n = len(labels)
+    lead = base if base is not None else 0
+    name = source.removeprefix("model:")
+    if source == "union":
+        mode = f"union, {labels[lead]}'s ids first"
+        out_base = None
+    elif source == "base":
+        mode = f"{labels[lead]}'s vocabulary"
+        out_base = lead
+    elif name in labels:
+        lead = out_base = labels.index(name)
+        mode = f"{name}'s vocabulary"
+    else:
+        folder = _resolve_folder(name, base_dir)
+        if folder is None:
+            raise AttarError(f"tokenizer source {source!r} is not union, base, one of the merged models "
+                             f"({', '.join(labels)}) nor a folder with a tokenizer.json.")
+        labels.append(name)
+        roots.append(folder)
+        lead = out_base = n
+        mode = f"{name}'s vocabulary (not a merged model)"
+    order = [lead] + [k for k in range(len(roots)) if k != lead]  # the union's lead vocabulary comes first
+    vocabs = [read_vocab(roots[k]) for k in order]
+    al = align_vocabularies(vocabs, base=0 if out_base is not None else None)
+    back = {pos: k for pos, k in enumerate(order)}
+    # put maps/sources back in the inputs' order
+    idx = [order.index(k) for k in range(len(roots))]
+    al.maps = [al.maps[i] for i in idx]
+    al.sources = [al.sources[i] for i in idx]
+    al.vocabs = [al.vocabs[i] for i in idx]
+    al.origin = [back[o] for o in al.origin]
+    al.base = lead if out_base is not None else None
+    lead_v = al.vocabs[lead]
+    for k in range(n):
+        if k == lead:
+            continue
+        a, b = lead_v.special_keys(), al.vocabs[k].special_keys()
+        if a and b and not a & b:
+            shared = sum(1 for key in al.vocabs[k].canonical if key in lead_v.canonical)
+            raise AttarError(
+                f"tokenizers share no special tokens: {labels[k]} has {_sample(b)}, {labels[lead]} has {_sample(a)}. "
+                f"The alignment used ({mode}; token strings normalised to bytes: 'Ġ'/'▁' spaces, '<0x..>' bytes) "
+                f"matches {shared} of {labels[k]}'s {len(al.vocabs[k].canonical)} tokens, but no BOS/EOS/chat token; "
+                "these are models of different families, whose merged weights would mean nothing. Merge fine-tunes "
+                "of one base model.")
+    tokens = len(al)
+    return VocabPlan(alignment=al, labels=labels, tokens=tokens, rows=padded(tokens, pad), base=base, lead=lead,
+                     inputs=n, mode=mode, roots=roots)
+
+
+def _sample(keys: set[bytes]) -> str:
+    return ", ".join(sorted(k.decode("utf-8", errors="replace") for k in keys)[:3])

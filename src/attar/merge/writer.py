@@ -201,7 +201,7 @@ class ShardWriter:
         copy_from: Path | None = None,
         config: dict[str, Any] | None = None,
         state: dict[str, Any] | None = None,
-        extra_files: dict[str, bytes] | None = None,
+        extra_files: dict[str, bytes | None] | None = None,
     ) -> Path:
         """Finish files, write index/config (hf) or state + manifest (attar), then rename into place."""
         if self._pos != len(self._order):
@@ -225,6 +225,9 @@ class ShardWriter:
             if config is not None:
                 (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         for fname, data in (extra_files or {}).items():
+            if data is None:  # a copied file the output must not carry (e.g. a tokenizer file that no longer agrees)
+                (tmp / fname).unlink(missing_ok=True)
+                continue
             (tmp / fname).write_bytes(data)
             self.hashes[fname] = hashlib.sha256(data).hexdigest()
         if self.fmt == "attar":

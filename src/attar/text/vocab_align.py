@@ -32,6 +32,7 @@ __all__ = [
     "align_vocabularies",
     "read_vocab",
     "shared_token_ids",
+    "spell",
 ]
 
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
@@ -50,7 +51,8 @@ def _bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-_UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
+_BYTE_TO_UNICODE = _bytes_to_unicode()
+_UNICODE_TO_BYTE = {c: b for b, c in _BYTE_TO_UNICODE.items()}
 
 
 @dataclass
@@ -144,6 +146,19 @@ def _key(raw: str, family: str, added: bool) -> bytes:
     if family == "metaspace":
         raw = raw.replace("▁", " ")
     return raw.encode("utf-8")
+
+
+def spell(key: bytes, family: str) -> str | None:
+    """The raw vocabulary string that decodes to ``key`` in a tokenizer of ``family`` (the inverse of the
+    normalisation), or None when that family cannot write it (bytes that are not UTF-8 outside byte-level BPE,
+    except one byte, which SentencePiece writes as a byte-fallback token)."""
+    if family == "byte_level":
+        return "".join(_BYTE_TO_UNICODE[b] for b in key)
+    try:
+        text = key.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"<0x{key[0]:02X}>" if len(key) == 1 and family == "metaspace" else None
+    return text.replace(" ", "▁") if family == "metaspace" else text
 
 
 def _from_json(data: Mapping[str, Any]) -> TokenizerVocab:
