@@ -8,11 +8,62 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # lr: .inf would train to NaN
+
+
+class ProjectionConfig(_Strict):
+    """GaLore: Adam's moments in the span of the gradient's top-``rank`` singular vectors (attar.train.projection)."""
+
+    rank: int = Field(..., ge=1, description="subspace rank; matrices with a side <= rank are not projected")
+    update_every: int = Field(200, ge=1, description="steps between refreshes of the projection basis (GaLore's T)")
+    scale: float = Field(1.0, gt=0, description="factor on the projected update (GaLore's alpha; the paper uses 0.25 "
+                                                "with a larger lr)")
+
+
+class OptimizerConfig(_Strict):
+    """``train.optimizer`` as a block: ``{name: adamw, projection: {rank: 8, update_every: 200}}``."""
+
+    name: Literal["adamw", "sgd"] = "adamw"
+    projection: ProjectionConfig | None = None
+
+    @model_validator(mode="after")
+    def _adam_only(self) -> "OptimizerConfig":
+        if self.projection is not None and self.name != "adamw":
+            raise ValueError("optimizer.projection (GaLore) projects Adam's moments; use name: adamw")
+        return self
+
+
+class OptimizerStateConfig(_Strict):
+    """COAT: AdamW's moments stored in FP8 E4M3 per group, with dynamic range expansion (attar.train.fp8_state)."""
+
+    dtype: Literal["fp8_e4m3", "float32"] = "fp8_e4m3"
+    expansion: Literal["dynamic", "none"] = Field("dynamic", description="dynamic: COAT's per-group x -> |x|^k "
+                                                  "before quantizing; none: per-group absmax scaling only")
+    group: int = Field(128, ge=1, description="values per scale (COAT: 128)")
+
+
+class SparsityConfig(_Strict):
+    """SPDF: train a fixed random fraction of each weight matrix at exactly zero, then everything from ``dense_from``."""
+
+    schedule: Literal["spdf"] = "spdf"
+    sparsity: float = Field(0.75, gt=0, lt=1, description="fraction of each masked weight held at zero")
+    dense_from: int = Field(..., ge=0, description="optimizer step (0-based) from which every weight trains")
+    exclude: list[str] = Field(default_factory=list, description="glob patterns of parameter names left dense "
+                               "(e.g. ['*head*']); weights of fewer than 2 dimensions are always dense")
+
+
+class GrowthConfig(_Strict):
+    """G_stack: start from an earlier stage's trained model with its block stack repeated ``factor`` times."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    method: Literal["g_stack"] = "g_stack"
+    from_: str = Field(..., alias="from", description="the earlier stage whose trained model is grown")
+    factor: int = Field(2, ge=2, description="depth multiple: the stage's model has factor x the source's blocks")
 
 
 class TrainConfig(_Strict):
@@ -26,7 +77,14 @@ class TrainConfig(_Strict):
     labeled_batch_size: int | None = Field(
         None, ge=1, description="with an unlabeled pool: also draw this many labeled rows every step (cycled)"
     )
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    optimizer: Literal["adamw", "sgd"] | OptimizerConfig = Field(
+        "adamw", description="adamw, sgd, or a block {name: adamw, projection: {rank, update_every}} (GaLore)")
+    optimizer_state: OptimizerStateConfig | None = Field(
+        None, description="{dtype: fp8_e4m3, expansion: dynamic}: AdamW moments stored in FP8 (COAT)")
+    sparsity: SparsityConfig | None = Field(
+        None, description="{schedule: spdf, sparsity: 0.75, dense_from: STEP}: sparse, then dense training (SPDF)")
+    growth: GrowthConfig | None = Field(
+        None, description="{method: g_stack, from: STAGE, factor: 2}: grow an earlier stage's model by stacking")
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -57,6 +115,27 @@ class TrainConfig(_Strict):
         description="also write this stage's metrics as TensorBoard event files under <run>/<stage>/tensorboard/ "
                     "(needs `pip install 'attar[tensorboard]'`; `attar run --tensorboard` does it for every stage)",
     )
+
+
+    @property
+    def optimizer_name(self) -> str:
+        """``adamw`` or ``sgd``, whether ``optimizer`` was written as a name or a block."""
+        return self.optimizer if isinstance(self.optimizer, str) else self.optimizer.name
+
+    @property
+    def projection(self) -> ProjectionConfig | None:
+        return None if isinstance(self.optimizer, str) else self.optimizer.projection
+
+    @model_validator(mode="after")
+    def _efficient_settings_fit(self) -> "TrainConfig":
+        compact = self.projection is not None or (self.optimizer_state is not None
+                                                  and self.optimizer_state.dtype != "float32")
+        if self.optimizer_state is not None and self.optimizer_name != "adamw":
+            raise ValueError("optimizer_state (FP8 moments) is AdamW's state; set optimizer: adamw or drop it")
+        if compact and self.fsdp:
+            raise ValueError("optimizer_state / optimizer.projection keep whole-tensor state; they do not combine with "
+                             "fsdp: true (drop one of them)")
+        return self
 
 
 #: The fine-tuning route's training defaults (``attar finetune``, finetune stages): a pretrained text model needs

@@ -46,9 +46,19 @@ class Backprop(StepStrategy):
     """Gradients by autograd, accumulated over ``train.accumulate`` micro-batches, then AdamW or SGD."""
 
     def optimizer(self, cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        if cfg.optimizer == "sgd":
+        if cfg.optimizer_name == "sgd":
             return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                    nesterov=cfg.momentum > 0)
+        st, proj = cfg.optimizer_state, cfg.projection
+        if proj is not None or (st is not None and st.dtype != "float32"):  # compact state (FP8 / GaLore)
+            from attar.train.adamw import CompactAdamW
+
+            kw: dict = {}
+            if st is not None:
+                kw |= dict(state_dtype=st.dtype, expansion=st.expansion == "dynamic", group=st.group)
+            if proj is not None:
+                kw |= dict(rank=proj.rank, update_every=proj.update_every, scale=proj.scale)
+            return CompactAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kw)
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def micro_step(self, trainer, runner, batch, opt, step):

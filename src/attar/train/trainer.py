@@ -245,7 +245,8 @@ class Trainer:
         # defaults of fields added later are left out, so checkpoints written before them still resume
         # (nor where metrics are also written: log_to changes no weight)
         parts = [self.cfg.model_dump(exclude={"device", "log_to"} | ({"dtype"} if self.cfg.dtype == "float32" else set())
-                                     | ({"steps"} if self.cfg.steps is None else set())),
+                                     | ({"steps"} if self.cfg.steps is None else set())
+                                     | {k for k in ("optimizer_state", "sparsity", "growth") if getattr(self.cfg, k) is None}),
                  self.seed, len(self.x), self.world]
         if self.selector is not None:  # a resume with another selector (or other selector settings) is refused
             parts.append(self.selector.spec())
