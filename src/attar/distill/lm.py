@@ -50,8 +50,9 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 
 from attar.data.teacher_store import TeacherStore
-from attar.distill.divergences import DIVERGENCES, divergence_params
+from attar.distill.divergences import DIVERGENCES, divergence_params, is_batchwise
 from attar.distill.lm_config import LMDistillConfig
+from attar.distill.lm_cross_tokenizer import CrossTokenizer
 from attar.distill.lm_memory import check_fits, estimate_lm_memory
 from attar.distill.lm_monitor import LMMonitor
 from attar.distill.lm_objectives import (
@@ -175,8 +176,9 @@ def distill_lm(student: nn.Module, data: LMData, teacher: nn.Module | None = Non
         raise AttarError("distill_lm: on_policy > 0 with alpha = 1 would train on the student's own samples with no "
                          "teacher signal; lower alpha.")
     vmap = check_vocab(teacher if teacher is not None else (cache.vocab_size if cache else None), student,
-                       teacher_tokenizer, student_tokenizer, token_map) if needs_teacher else None
+                       teacher_tokenizer, student_tokenizer, token_map, cfg.cross_tokenizer) if needs_teacher else None
     v_student = vmap.student_size if vmap is not None else None
+    cross = _cross_tokenizer(vmap, cfg, teacher, cache, student_tokenizer, teacher_tokenizer)
     if cache is not None:
         what = "stored teacher" if isinstance(cache, StoredLMTeacher) else "teacher cache"
         hint = getattr(cache, "rebuild_hint", "Rebuild it (LMTeacherCache.build).")
@@ -198,7 +200,7 @@ def distill_lm(student: nn.Module, data: LMData, teacher: nn.Module | None = Non
     task = LMTask(train, pad, data.eos_id, alpha=cfg.alpha, divergence_name=cfg.divergence, temperature=cfg.temperature,
                   divergence_args=cfg.divergence_args, on_policy=cfg.on_policy, sample_temperature=cfg.sample_temperature,
                   teacher=teacher if needs_teacher else None, cache=cache, vmap=vmap, teacher_pad_id=teacher_pad_id,
-                  chunk_tokens=cfg.chunk_tokens)
+                  chunk_tokens=cfg.chunk_tokens, cross=cross)
     objective = LMLoss(cfg.alpha, cfg.divergence, cfg.temperature, cfg.divergence_args, cfg.chunk_tokens)
     val = data.val.rows(torch.arange(min(cfg.eval_rows, len(data.val)))) if len(data.val) else None
     mon = data.val.rows(torch.arange(min(cfg.monitor_prompts, len(data.val)))) if (
@@ -240,9 +242,30 @@ def distill_lm(student: nn.Module, data: LMData, teacher: nn.Module | None = Non
         "restored_step": monitor.restored, "teacher_hacking_suspected": monitor.hacking, "stopped_at": monitor.stopped,
         "on_policy_rows": int(round(cfg.on_policy * (tcfg.batch_size // trainer.world))) * res.steps * cfg.accumulate,
         "teacher": ("none" if not needs_teacher else (cache.mode if cache is not None else "live")),
+        **({"teacher": f"live, {cross.describe()}", "cross_tokenizer": vmap.note,
+            "paired_fraction": round(cross.pairing_rate(train), 4)} if cross is not None else {}),
         "config": cfg.model_dump(),
     }
     return LMResult(student, monitor.history, metrics)
+
+
+def _cross_tokenizer(vmap, cfg: LMDistillConfig, teacher, cache, student_tokenizer, teacher_tokenizer):
+    """The cross-tokenizer side of distill_lm when the vocabulary check chose it (else None), with what it cannot
+    combine with refused by name."""
+    if vmap is None or vmap.cross is None:
+        return None
+    why = f"train.cross_tokenizer ({vmap.note})"
+    if teacher is None or cache is not None:
+        raise AttarError(f"{why}: the teacher must run live on its own tokens; a top-k cache, stored or served "
+                         "teacher holds outputs over the student's tokens. Load the teacher model, or give both the "
+                         "same tokenizer.")
+    if cfg.on_policy > 0:
+        raise AttarError(f"{why}: on-policy rows (train.on_policy) are not supported across tokenizers yet; set "
+                         "on_policy: 0.")
+    if is_batchwise(cfg.divergence):
+        raise AttarError(f"{why}: divergence {cfg.divergence!r} compares all tokens as one set; cross-tokenizer KD "
+                         "compares paired positions one by one: choose a per-token divergence (kl, js, ...).")
+    return CrossTokenizer(vmap.cross, student_tokenizer, teacher_tokenizer, vmap.student_size, vmap.teacher_size)
 
 
 def train_lm(model: nn.Module, data: LMData, config: LMDistillConfig | dict | None = None, **overrides: Any) -> LMResult:

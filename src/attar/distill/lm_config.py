@@ -26,6 +26,11 @@ class LMDistillConfig(BaseModel):
     divergence: str = Field("kl", description="any registered divergence")
     divergence_args: dict[str, Any] = Field(default_factory=dict)
     temperature: float = Field(1.0, gt=0)
+    cross_tokenizer: Literal["auto", "off", "uld", "gold"] = Field(
+        "auto", description="teacher and student with different tokenizers: auto = ordinary token KD when they share "
+        "one, else gold; uld/gold = cross-tokenizer KD (positions paired by text spans; uld: sorted-probability L1, "
+        "gold: exact on shared token strings + uld on the rest); off = ordinary token KD only (different tokenizers "
+        "refused)")
     on_policy: float = Field(0.0, ge=0, le=1, description="λ: fraction of each batch's rows continued by the student")
     sample_temperature: float = Field(1.0, gt=0, description="temperature of the student's on-policy sampling")
     min_ground_truth: float = Field(0.25, ge=0, le=1, description="guard: ground-truth fraction kept in every batch")

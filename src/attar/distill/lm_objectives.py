@@ -23,11 +23,14 @@ dropped). It is not the "renormalised top-k" variant, which would ignore how muc
 leaks outside the teacher's top-k. The cache is exact only at ``T = τ``; another temperature is refused.
 
 **Vocabulary check** (:func:`check_vocab`): token-level KD compares distributions over token ids, so
-teacher and student must give every token the same id. Different sizes or different token → id
-maps raise an :class:`~attar.errors.AttarError` naming both sizes, before any training, unless a
-``token_map`` (student id → teacher id) is given: then the teacher reads the student's text through
-the map and its logits are gathered onto the student's vocabulary (unmapped student tokens get
-probability 0 under the teacher).
+teacher and student must give every token the same id. Different tokenizers then say which mode applies:
+with ``cross_tokenizer`` ``auto`` (the LM route's default) they switch to cross-tokenizer KD (GOLD, see
+:mod:`attar.distill.lm_cross_tokenizer`), with ``uld``/``gold`` that mode is used even for one tokenizer, and
+with ``off`` (ordinary token KD asked for explicitly) or where a caller has no cross-tokenizer route they are
+refused, before any training, naming both sizes, the shared token strings and ``train.cross_tokenizer``. A
+``token_map`` (student id → teacher id) makes ordinary KD legal across vocabularies: the teacher reads the
+student's text through the map and its logits are gathered onto the student's vocabulary (unmapped student
+tokens get probability 0 under the teacher).
 """
 
 from __future__ import annotations
@@ -175,6 +178,8 @@ class VocabMap:
     student_size: int
     teacher_size: int
     index: Tensor | None = None
+    cross: str | None = None  # uld/gold: cross-tokenizer KD (attar.distill.lm_cross_tokenizer), no id mapping at all
+    note: str = ""  # what the check decided, in words
 
     @property
     def identity(self) -> bool:
@@ -222,8 +227,18 @@ def _size_of(model_or_size: Any) -> int | None:
     return int(cfg.vocab_size) if cfg is not None and getattr(cfg, "vocab_size", None) else None
 
 
+def _shared_count(a: Any, b: Any) -> int | None:
+    """How many token strings the two tokenizers share (None when their vocabularies cannot be read)."""
+    from attar.text.vocab_align import shared_token_ids
+
+    try:
+        return int(shared_token_ids(a, b)[0].numel())
+    except Exception:  # noqa: BLE001 - the count only decorates a message
+        return None
+
+
 def check_vocab(teacher: Any = None, student: Any = None, teacher_tokenizer: Any = None, student_tokenizer: Any = None,
-                token_map: Tensor | Mapping[int, int] | None = None) -> VocabMap:
+                token_map: Tensor | Mapping[int, int] | None = None, cross_tokenizer: str | None = None) -> VocabMap:
     """Refuse a teacher/student vocabulary mismatch before training, unless ``token_map`` is given.
 
     ``teacher``/``student`` are HF causal LMs (their output-embedding rows are the logits' size) or
@@ -231,9 +246,19 @@ def check_vocab(teacher: Any = None, student: Any = None, teacher_tokenizer: Any
     the logits sizes must agree and the two tokenizers must map every token to the same id (a model
     whose logits are padded past its tokenizer is fine: both are cut to the tokenizer's size).
     ``token_map`` (a ``{student_id: teacher_id}`` dict or a ``LongTensor [V_student]`` with ``-1`` for
-    unmapped) must be injective and point inside the teacher's vocabulary."""
+    unmapped) must be injective and point inside the teacher's vocabulary.
+
+    ``cross_tokenizer`` (``train.cross_tokenizer`` of the LM route): ``auto`` turns different tokenizers into
+    cross-tokenizer KD (``gold``), ``uld``/``gold`` ask for it outright, ``off`` or None (a caller with no
+    cross-tokenizer route) refuse different tokenizers; the result's ``cross`` and ``note`` say what applies."""
     vt, vs = _size_of(teacher), _size_of(student)
     tv, sv = _vocab_of(teacher_tokenizer), _vocab_of(student_tokenizer)
+    if token_map is not None and cross_tokenizer in ("uld", "gold"):
+        raise AttarError(f"token_map maps student ids onto the teacher's for ordinary token KD, but cross_tokenizer is "
+                         f"{cross_tokenizer!r}; drop one of them.")
+    differ = tv is not None and sv is not None and tv != sv
+    if token_map is None and (cross_tokenizer in ("uld", "gold") or (differ and cross_tokenizer == "auto")):
+        return _cross_map(cross_tokenizer, teacher_tokenizer, student_tokenizer, tv, sv, vt, vs)
     if token_map is not None:
         if vs is None or vt is None:
             raise AttarError("check_vocab: a token_map needs both models (or their vocabulary sizes).")
@@ -256,15 +281,20 @@ def check_vocab(teacher: Any = None, student: Any = None, teacher_tokenizer: Any
         if mapped.unique().numel() != mapped.numel():
             raise AttarError("token_map maps several student tokens to one teacher token; it must be one-to-one.")
         return VocabMap(vs, vt, idx)
-    hint = ("Token-level KD compares next-token distributions id by id, so teacher and student must share one "
-            "tokenizer. Pass token_map={student_id: teacher_id, ...} to distill across vocabularies, or use sequence-level "
-            "KD (teacher generations decoded to text and re-tokenised for the student).")
-    if tv is not None and sv is not None and tv != sv:
+    asked = " (train.cross_tokenizer: off asks for it)" if cross_tokenizer == "off" else ""
+    hint = (f"Token-level KD{asked} compares next-token distributions id by id, so teacher and student must share one "
+            "tokenizer. For different tokenizers set train.cross_tokenizer: gold (exact on the shared token strings, "
+            "ULD on the rest) or uld (sorted probabilities, no mapping) in an lm stage or distill_lm (both tokenizers "
+            "needed), pass token_map={student_id: teacher_id, ...}, or use sequence-level KD (teacher generations "
+            "decoded to text and re-tokenised for the student).")
+    if differ:
         diff = sorted(set(tv.items()) ^ set(sv.items()), key=lambda kv: kv[1])
         shown = ", ".join(f"{k!r}" for k, _ in diff[:5])
+        n_shared = _shared_count(student_tokenizer, teacher_tokenizer)
+        shared = f"; {n_shared:,} token strings are shared" if n_shared is not None else ""
         raise AttarError(
             f"tokenizer/vocabulary mismatch: the teacher's tokenizer has {len(tv)} tokens (model vocabulary {vt}), the "
-            f"student's has {len(sv)} (model vocabulary {vs}); they disagree on tokens such as {shown}. {hint}")
+            f"student's has {len(sv)} (model vocabulary {vs}); they disagree on tokens such as {shown}{shared}. {hint}")
     n = len(tv) if tv is not None else (len(sv) if sv is not None else None)
     if n is not None:
         for who, v in (("teacher", vt), ("student", vs)):
@@ -278,6 +308,32 @@ def check_vocab(teacher: Any = None, student: Any = None, teacher_tokenizer: Any
     if size is None:
         raise AttarError("check_vocab: give the models (or their vocabulary sizes) or the tokenizers.")
     return VocabMap(size, size)
+
+
+def _cross_map(mode: str, teacher_tokenizer: Any, student_tokenizer: Any, tv: dict | None, sv: dict | None,
+               vt: int | None, vs: int | None) -> VocabMap:
+    """The :class:`VocabMap` of cross-tokenizer KD: each side's scored vocabulary (its tokenizer's size, the model's
+    padded rows cut) and the mode (``auto`` -> gold), with the shared token strings in ``note``."""
+    if tv is None or sv is None or not hasattr(teacher_tokenizer, "get_vocab") or isinstance(teacher_tokenizer, Mapping) \
+            or isinstance(student_tokenizer, Mapping):
+        raise AttarError(f"cross_tokenizer {mode!r}: cross-tokenizer KD re-tokenises the student's text for the "
+                         "teacher, so it needs both tokenizers (Hugging Face tokenizers, not id tables); pass "
+                         "teacher_tokenizer and student_tokenizer.")
+    chosen = "gold" if mode == "auto" else mode
+    sizes = []
+    for who, tok, model in (("teacher", tv, vt), ("student", sv, vs)):
+        n = max(tok.values()) + 1 if tok else 0
+        if model is not None and model < n:
+            raise AttarError(f"tokenizer/vocabulary mismatch: the {who} model predicts {model} tokens but its "
+                             f"tokenizer has {n}.")
+        sizes.append(n)
+    n_shared = _shared_count(student_tokenizer, teacher_tokenizer)
+    same = tv == sv
+    why = "one tokenizer, cross-tokenizer loss asked for" if same else "the tokenizers differ"
+    shared = f", {n_shared:,} token strings shared" if n_shared is not None else ""
+    note = (f"{why}: cross-tokenizer KD ({chosen}) between the teacher's {sizes[0]:,}-token and the student's "
+            f"{sizes[1]:,}-token vocabulary{shared}")
+    return VocabMap(sizes[1], sizes[0], cross=chosen, note=note)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from attar.distill.divergences import divergence, is_batchwise
+from attar.distill.lm_cross_tokenizer import CrossTokenizer
 from attar.distill.lm_objectives import LMTeacherCache, TopK, VocabMap, _bucketise
 from attar.distill.lm_sampling import sample_continuations, trim_padding
 from attar.errors import AttarError
@@ -157,6 +158,7 @@ class LMBatch(Batch):
     from_cache: Tensor | None = None
     cached: TopK | None = None
     teacher_hidden: Tensor | None = None
+    kd_tokens: Tensor | None = None  # cross-tokenizer: which scored tokens pair with a teacher position (get KD)
 
 
 class LMTask(Task):
@@ -165,8 +167,10 @@ class LMTask(Task):
     def __init__(self, split: LMSplit, pad_id: int, eos_id: int | None, *, alpha: float, divergence_name: str,
                  temperature: float, divergence_args: dict, on_policy: float = 0.0, sample_temperature: float = 1.0,
                  teacher: nn.Module | None = None, cache: LMTeacherCache | None = None, vmap: VocabMap | None = None,
-                 teacher_pad_id: int | None = None, chunk_tokens: int | None = None):
+                 teacher_pad_id: int | None = None, chunk_tokens: int | None = None,
+                 cross: CrossTokenizer | None = None):
         self.split, self.pad_id, self.eos_id = split, pad_id, eos_id
+        self.cross = cross  # teacher with another tokenizer: its own rows, positions paired by text spans
         self.alpha, self.divergence_name, self.temperature = alpha, divergence_name, temperature
         self.divergence_args, self.on_policy, self.sample_temperature = dict(divergence_args), on_policy, sample_temperature
         self.teacher, self.cache, self.vmap, self.teacher_pad_id = teacher, cache, vmap, teacher_pad_id
@@ -207,6 +211,8 @@ class LMTask(Task):
                     targets=ids[:, 1:][pos], ground_truth=~on_rows[row_of])
         if not self.needs_teacher:
             return b
+        if self.cross is not None:
+            return self._cross_batch(trainer, b, ids, mask, pos, rows, on_rows)
         from_cache = torch.zeros(len(row_of), dtype=torch.bool)
         if self.cache is not None:
             from_cache = ~on_rows[row_of]
@@ -234,6 +240,25 @@ class LMTask(Task):
             return None, self.vmap.to_student(rows).to(trainer.device)
         return rows.to(trainer.device), None
 
+    @torch.no_grad()
+    def _cross_batch(self, trainer, b: LMBatch, ids: Tensor, mask: Tensor, pos: Tensor, rows: Tensor,
+                     on_rows: Tensor) -> LMBatch:
+        """The teacher reads each row's text in its own tokens; KD on the scored positions paired by text spans
+        (training rows aligned once, on-policy rows every time)."""
+        keys = [None if bool(o) else int(r) for r, o in zip(rows.tolist(), on_rows)]
+        cb = self.cross.restrict(self.cross.align_batch(ids, mask, keys), pos)
+        b.kd_tokens = cb.student_pos[pos]
+        b.from_cache = torch.zeros(len(b.kd_tokens), dtype=torch.bool)
+        if bool(cb.teacher_pos.any()):
+            dev = device_of(self.teacher)
+            t_rows, head = head_split(self.teacher).at(cb.teacher_ids.to(dev), cb.attention.to(dev),
+                                                       cb.teacher_pos.to(dev))
+            if head is _identity:
+                b.teacher_logits = t_rows.to(trainer.device)
+            else:
+                b.teacher_hidden = t_rows.to(trainer.device)
+        return b
+
     # -------------------------------------------------------------------------------------- batch -> losses
     def forward(self, model: nn.Module, objective: Objective, batch: LMBatch) -> tuple[dict[str, Tensor], None]:
         split = head_split(model)
@@ -245,7 +270,8 @@ class LMTask(Task):
         """The live teacher's logits over the student's vocabulary for live tokens ``live``."""
         if batch.teacher_hidden is None:
             return batch.teacher_logits[live]
-        return self.vmap.to_student(head_split(self.teacher).logits(batch.teacher_hidden[live]))
+        z = head_split(self.teacher).logits(batch.teacher_hidden[live])
+        return z if self.cross is not None else self.vmap.to_student(z)
 
 
 class ScoredRows(NamedTuple):
@@ -289,7 +315,9 @@ class LMLoss(Objective):
         n_gt = int(gt.sum())
         want_ce, want_kd = self.alpha > 0 and n_gt > 0, self.alpha < 1
         from_cache = batch.from_cache.to(h.device) if want_kd else None
-        live_index = (torch.cumsum((~from_cache).long(), 0) - 1) if want_kd else None
+        kd_on = batch.kd_tokens.to(h.device) if want_kd and batch.kd_tokens is not None else None
+        live = (~from_cache if kd_on is None else ~from_cache & kd_on) if want_kd else None
+        live_index = (torch.cumsum(live.long(), 0) - 1) if want_kd else None
         cache_index = (torch.cumsum(from_cache.long(), 0) - 1) if want_kd else None
 
         def part(hc: Tensor, start: int) -> tuple[Tensor, Tensor]:
@@ -303,7 +331,7 @@ class LMLoss(Objective):
                 if bool(g.any()):
                     ce = nn.functional.cross_entropy(z[g], targets[sl][g], reduction="sum")
             if want_kd:
-                kd = self._kd_sum(z, batch, task, from_cache[sl], live_index[sl], cache_index[sl])
+                kd = self._kd_sum(z, batch, task, from_cache[sl], live[sl], live_index[sl], cache_index[sl])
             return ce, kd
 
         ce_sum, kd_sum = zero, zero
@@ -320,13 +348,14 @@ class LMLoss(Objective):
             loss = loss + self.alpha * ce
             losses["ce"] = ce.detach()
         if want_kd:
-            kd = kd_sum if is_batchwise(self.divergence_name) else kd_sum / n
+            n_kd = n if kd_on is None else max(1, int(kd_on.sum()))  # cross-tokenizer: the paired tokens
+            kd = kd_sum if is_batchwise(self.divergence_name) else kd_sum / n_kd
             loss = loss + (1 - self.alpha) * kd
             losses["kd"] = kd.detach()
         losses["loss"] = loss
         return losses
 
-    def _kd_sum(self, z: Tensor, batch: LMBatch, task: LMTask, from_cache: Tensor, live_index: Tensor,
+    def _kd_sum(self, z: Tensor, batch: LMBatch, task: LMTask, from_cache: Tensor, live: Tensor, live_index: Tensor,
                 cache_index: Tensor) -> Tensor:
         """Sum over this chunk's tokens of the divergence (batch-wise divergences: token-weighted means)."""
         name, T, args = self.divergence_name, self.temperature, self.divergence_args
@@ -340,10 +369,11 @@ class LMLoss(Objective):
             s, t = _bucketise(z[from_cache], topk, T)
             total = total + (divergence(name, s, t, T, "mean", **args) * (len(c) / n_all) if batchwise
                              else divergence(name, s, t, T, "none", **args).sum())
-        live = ~from_cache
         if bool(live.any()):
             t = task.teacher_logits_of(batch, live_index[live]).to(z.device)
             s = z[live]
+            if getattr(task, "cross", None) is not None:
+                return total + task.cross.loss(s, t, name, T, "none", **args).sum()
             total = total + (divergence(name, s, t, T, "mean", **args) * (int(live.sum()) / n_all) if batchwise
                              else divergence(name, s, t, T, "none", **args).sum())
         return total

@@ -138,7 +138,14 @@ class LMStage(StageKind):
             stored = o.teacher is not None and o.teacher.store is not None
             teacher, ttok = (_load(o.teacher, "teacher", inputs.earlier) if o.teacher is not None and not stored
                              else (None, None))
-            vmap = check_vocab(teacher, student, ttok, stok) if teacher is not None else None
+            vmap = check_vocab(teacher, student, ttok, stok, cross_tokenizer=cfg.cross_tokenizer) if teacher is not None \
+                else None
+            if vmap is not None and vmap.cross is not None:
+                if o.responses == "teacher" or o.cache_topk is not None:
+                    raise AttarError(f"lm.{'responses' if o.responses == 'teacher' else 'cache_topk'}: {vmap.note}; "
+                                     "it needs teacher and student on one tokenizer (drop it, or use a teacher that "
+                                     "shares the student's tokenizer).")
+                inputs.log(f"  teacher: {vmap.note}")
             contexts = [c for c in (lm_context(student), lm_context(teacher) if teacher is not None else None) if c]
             data = stage_data(o.data, stok, contexts, cfg.seed, inputs.cache_dir, inputs.log)
             vocab = vmap.student_size if vmap is not None else scored_vocab(student, stok)
@@ -193,8 +200,12 @@ class LMStage(StageKind):
                                    "train_s": round(float(res.metrics["train_seconds"]), 1),
                                    "params": sum(p.numel() for p in model.parameters()), "trainable": trainable} | pruned
         if teacher is not None:
-            metrics["teacher_test_ppl"] = perplexity(teacher, data.test, data.pad_id, vocab_size=vocab)
-            metrics |= agreement(teacher, model, data.test, data.pad_id, vocab)
+            if vmap is None or vmap.cross is None:  # across tokenizers the two models score different tokens
+                metrics["teacher_test_ppl"] = perplexity(teacher, data.test, data.pad_id, vocab_size=vocab)
+                metrics |= agreement(teacher, model, data.test, data.pad_id, vocab)
+            else:
+                metrics["cross_tokenizer"] = res.metrics.get("teacher", vmap.note)
+                metrics["paired_fraction"] = res.metrics.get("paired_fraction")
         with staged_folder(out) as tmp:
             save_causal_lm(model, stok, tmp)
         atomic_write_json(metrics_file, {"metrics": metrics, "history": res.history})

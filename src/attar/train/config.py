@@ -132,9 +132,9 @@ class TrainConfig(_Strict):
                                                   and self.optimizer_state.dtype != "float32")
         if self.optimizer_state is not None and self.optimizer_name != "adamw":
             raise ValueError("optimizer_state (FP8 moments) is AdamW's state; set optimizer: adamw or drop it")
-        if compact and self.fsdp:
-            raise ValueError("optimizer_state / optimizer.projection keep whole-tensor state; they do not combine with "
-                             "fsdp: true (drop one of them)")
+        if (compact or self.sparsity is not None) and self.fsdp:
+            raise ValueError("optimizer_state / optimizer.projection / sparsity work on whole tensors; they do not "
+                             "combine with fsdp: true (drop one of them)")
         return self
 
 
