@@ -164,16 +164,16 @@ class Trainer:
         self._fsdp: tuple | None = None  # (step module, skeleton, buffers) while an FSDP run trains
         if selector is not None:
             selector.setup(self)  # rows, model, seed and schedule length (static pruning, curricula)
+        if config.sparsity is not None:  # SPDF: a callback of the Trainer's own, last (the callers' indices hold)
+            from attar.train.sparsity import SPDF
+
+            self.callbacks.append(SPDF(model, config.sparsity, seed))
 
     # ------------------------------------------------------------------ randomness and ranks
     def generator(self, *parts: int) -> torch.Generator:
         """A CPU generator of ``(seed, *parts)``: the same parts draw the same numbers in a resumed run."""
         return rng.generator(self.seed, *parts)
 
-        if config.sparsity is not None:  # SPDF: a callback of the Trainer's own, last (the callers' indices hold)
-            from attar.train.sparsity import SPDF
-
-            self.callbacks.append(SPDF(model, config.sparsity, seed))
     def rng_seed(self, *parts: int) -> int:
         return rng.seed_of(self.seed, *parts)
 
