@@ -8,6 +8,8 @@ outputs").
   ``teacher: {store: store/}``. A killed dump resumes when run again with the same arguments (finished shards are
   kept); progress with ETA on stderr.
 * ``attar teacher show store/``: what a store holds (settings, size, bytes per token), every shard's hash checked.
+* ``attar teacher serve --model smollm2-135m --port 8000 [--topk 64]``: the teacher's top-k log-probs over HTTP
+  (:mod:`attar.distill.lm_served`; docs/lm.md, "A served teacher"), read by a recipe's ``teacher: {url: ...}``.
 
 ``--data`` is a built-in text name or file, or the ``lm`` stage's whole data block as a YAML mapping
 (``--data '{name: fortunes, max_len: 64, train_limit: 400}'``); the flags override its fields.
@@ -124,3 +126,38 @@ def show_cli(store_dir: Path = typer.Argument(..., help="a store written by atta
               f"T={s.temperature:g}, step {s.step:g} nats\n  data: {s.data} (hash {s.data_hash})\n  {s.rows} rows, "
               f"{m.positions:,} tokens, {m.bytes:,} bytes in {len(m.shards)} shards: {st.bytes_per_position:.1f} "
               "bytes/token; all shards intact", markup=False)
+
+
+@app.command("serve")
+@errors_as_messages
+def serve_cli(
+    model: str = typer.Option(..., "--model", "-m", help="the teacher: a packaged model name, a Hugging Face causal-LM "
+                              "folder, or an earlier run's model (runs/<id>/<stage>)"),
+    port: int = typer.Option(8000, "--port", "-p", min=0, max=65535, help="TCP port (0: any free one, printed)"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (the default: this machine only)"),
+    topk: int = typer.Option(256, "--topk", min=1, help="the largest k a client may ask for"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16 (the teacher's weights)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
+) -> None:
+    """Serve a causal LM's top-k log-probabilities for given token ids over HTTP (Ctrl-C stops it)."""
+    from attar.train.progress import start_command
+
+    if device not in ("auto", "cpu", "cuda") or dtype not in ("float32", "bfloat16"):
+        raise AttarError(f"--device must be auto, cpu or cuda and --dtype float32 or bfloat16 (got {device}, {dtype}).")
+    start_command(True, threads)
+    from attar.distill.lm_served import serve_model
+
+    try:
+        server = serve_model(model, host=host, port=port, max_topk=topk, device=device, dtype=dtype)
+    except OSError as e:
+        raise AttarError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port.") from None
+    info = server.info()
+    out.print(f"serving {model} ({info['vocab_size']} tokens, tokenizer {info['tokenizer'][:12]}, top-k up to {topk}) "
+              f"at {server.url}; recipes read it with teacher: {{url: {server.url}}}. Ctrl-C stops.", markup=False)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

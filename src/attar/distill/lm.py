@@ -165,6 +165,8 @@ def distill_lm(student: nn.Module, data: LMData, teacher: nn.Module | None = Non
     cfg = _config(config, overrides)
     if isinstance(cache, (str, Path, TeacherStore)):  # a stored teacher (attar teacher dump) plugs in as a cache
         cache = StoredLMTeacher(cache)
+    if getattr(cache, "split", False) is None:  # a served teacher (attar.distill.lm_served) not yet given its rows
+        cache.bind(data.train, data.pad_id)
     kd_weight = 1.0 - cfg.alpha
     needs_teacher = kd_weight > 0
     if needs_teacher and teacher is None and cache is None:

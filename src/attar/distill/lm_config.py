@@ -96,16 +96,28 @@ class LMModelSpec(BaseModel):
     stage: str | None = Field(None, description="the model an earlier lm stage wrote")
     store: str | None = Field(None, description="teacher only: a stored teacher's outputs (attar teacher dump's folder): "
                               "KD targets read from it, no live teacher")
+    url: str | None = Field(None, description="teacher only: a served teacher (attar teacher serve, or an OpenAI-compatible "
+                            "server with prompt_logprobs such as vLLM): KD targets fetched from it, e.g. http://127.0.0.1:8000")
+    protocol: Literal["auto", "attar", "openai"] = Field(
+        "auto", description="with url: attar (attar teacher serve), openai (/v1/completions prompt_logprobs), auto: ask")
+    topk: int = Field(32, ge=1, description="with url: top-k log-probs asked per token")
     prune: LMPruneSpec | None = Field(None, description="prune depth and/or width first (prune, then recover by training)")
     lora: LMLoraSpec | None = Field(None, description="train LoRA adapters instead of every weight")
 
     @model_validator(mode="after")
     def _one(self) -> "LMModelSpec":
-        given = [k for k in ("pretrained", "hf", "byte", "stage", "store") if getattr(self, k) is not None]
+        given = [k for k in ("pretrained", "hf", "byte", "stage", "store", "url") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of pretrained, hf, byte, stage or store (got {', '.join(given) or 'none'})")
-        if self.store is not None and (self.prune is not None or self.lora is not None):
-            raise ValueError("store: a stored teacher is outputs, not a model; it takes no prune or lora")
+            raise ValueError("give exactly one of pretrained, hf, byte, stage, store or url "
+                             f"(got {', '.join(given) or 'none'})")
+        for k in ("store", "url"):
+            if getattr(self, k) is not None and (self.prune is not None or self.lora is not None):
+                raise ValueError(f"{k}: a {'stored' if k == 'store' else 'served'} teacher is outputs, not a model; it "
+                                 "takes no prune or lora")
+        if self.url is None and ({"protocol", "topk"} & self.model_fields_set):
+            raise ValueError("protocol and topk apply to a served teacher (url)")
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url {self.url!r}: give an http:// or https:// address, e.g. http://127.0.0.1:8000")
         if self.byte is not None:
             unknown = sorted(set(self.byte) - {"layers", "d_model", "heads", "context"})
             if unknown:
@@ -170,6 +182,13 @@ class LMStageOptions(BaseModel):
     def _responses(self) -> "LMStageOptions":
         if self.responses == "teacher" and self.teacher is None:
             raise ValueError("responses: teacher needs lm.teacher (the model that writes the responses)")
+        if self.teacher is not None and self.teacher.url is not None:
+            for bad, why in ((self.responses == "teacher", "responses: teacher needs a live teacher to write them"),
+                             (self.cache_topk is not None, "cache_topk: a served teacher is asked for teacher.topk per token"),
+                             (self.train.on_policy > 0, "train.on_policy: on-policy rows are scored by a live teacher "
+                              "in this process")):
+                if bad:
+                    raise ValueError(f"{why}; teacher.url serves its outputs on the training text")
         if self.teacher is not None and self.teacher.store is not None:
             if self.responses == "teacher":
                 raise ValueError("responses: teacher needs a live teacher to write them; teacher.store holds outputs on "
@@ -179,6 +198,9 @@ class LMStageOptions(BaseModel):
             if self.train.on_policy > 0:
                 raise ValueError("train.on_policy: on-policy rows are scored by a live teacher; teacher.store holds "
                                  "outputs on the training text only")
+        if self.student.url is not None:
+            raise ValueError("student.url: a served model gives a teacher's outputs; the student is a model (pretrained, "
+                             "hf, byte or stage)")
         if self.student.store is not None:
             raise ValueError("student.store: a store holds a teacher's outputs; the student is a model (pretrained, hf, "
                              "byte or stage)")

@@ -35,6 +35,7 @@ from attar.distill.lm_config import LMLoraSpec, LMModelSpec, LMPruneSpec, LMStag
 from attar.distill.lm_memory import describe, estimate_lm_memory
 from attar.distill.lm_objectives import LMTeacherCache, check_vocab
 from attar.distill.lm_sampling import trim_padding
+from attar.distill.lm_served import ServedLMTeacher, probe
 from attar.distill.lm_store import StoredLMTeacher
 from attar.distill.lm_task import head_split, scored
 from attar.errors import AttarError
@@ -94,6 +95,8 @@ class LMStage(StageKind):
                     continue
                 if m.store is not None:
                     _open_store(m.store)
+                elif m.url is not None:
+                    probe(m.url, m.protocol)  # a server that is not there is named before any work
                 elif m.pretrained is not None:
                     get_pretrained(m.pretrained, field=f"lm.{role}.pretrained")
                 elif m.hf is not None:
@@ -114,9 +117,9 @@ class LMStage(StageKind):
             if o.optimizer == "mezo" and settings.alpha < 1:
                 raise AttarError("optimizer: mezo trains with next-token CE only (train.alpha 1, no teacher); MeZO "
                                  "estimates one gradient from two losses, a KD term has no place in it.")
-            if o.teacher is not None and o.teacher.store is not None and settings.alpha >= 1:
-                raise AttarError("lm.teacher.store with train.alpha 1 is never read (pure cross-entropy); lower "
-                                 "train.alpha or drop the teacher.")
+            if o.teacher is not None and (o.teacher.store or o.teacher.url) and settings.alpha >= 1:
+                raise AttarError(f"lm.teacher.{'store' if o.teacher.store else 'url'} with train.alpha 1 is never read "
+                                 "(pure cross-entropy); lower train.alpha or drop the teacher.")
             if o.cache_topk is not None and settings.alpha >= 1:
                 raise AttarError("cache_topk with train.alpha 1 has no effect (pure cross-entropy never reads the "
                                  "teacher); lower train.alpha or drop cache_topk.")
@@ -135,7 +138,7 @@ class LMStage(StageKind):
         with inputs.context("lm"):
             cfg = _settings(o, inputs.seed)
             student, stok = _load(o.student, "student", inputs.earlier)
-            stored = o.teacher is not None and o.teacher.store is not None
+            stored = o.teacher is not None and (o.teacher.store is not None or o.teacher.url is not None)  # outputs only
             teacher, ttok = (_load(o.teacher, "teacher", inputs.earlier) if o.teacher is not None and not stored
                              else (None, None))
             vmap = check_vocab(teacher, student, ttok, stok, cross_tokenizer=cfg.cross_tokenizer) if teacher is not None \
@@ -171,7 +174,9 @@ class LMStage(StageKind):
                            f"({int(data.train.mask.sum()):,} tokens)")
             cache = None
             if stored and cfg.alpha < 1:
-                cache = StoredLMTeacher(o.teacher.store)
+                cache = StoredLMTeacher(o.teacher.store) if o.teacher.url is None else ServedLMTeacher(
+                    o.teacher.url, k=o.teacher.topk, temperature=cfg.temperature,
+                    protocol=o.teacher.protocol).bind(data.train, data.pad_id)
                 cache.check(tokenizer=tokenizer_fingerprint(stok), vocab_size=vocab or len(stok), ids=data.train,
                             temperature=cfg.temperature)
                 inputs.log(f"  teacher: {cache.mode}")

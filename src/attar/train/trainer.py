@@ -53,6 +53,12 @@ class TrainingDiverged(AttarError):
     """The loss became NaN or Inf; the last good checkpoint is kept."""
 
 
+class InputUnavailable(AttarError):
+    """Something a batch reads from outside the process (a served teacher) did not answer. The trainer then writes a
+    checkpoint at the start of the step (its weights and optimiser have not moved in it) and stops with this error,
+    so a resume continues exactly once the input is back."""
+
+
 @dataclass
 class TrainResult:
     model: nn.Module
@@ -311,6 +317,17 @@ class Trainer:
             self._save(opt, step, epoch, micro, history, time.perf_counter() - t_start, seen)
         raise lifecycle.RunInterrupted(signum, checkpoint=folder)
 
+    def _unavailable(self, e: InputUnavailable, opt, step: int, epoch: int, micro: int, history: list,
+                     t_start: float, seen: int) -> str:
+        """Save the state at the start of step ``step`` (``micro``: its first micro-batch) and say where it is."""
+        if self.ckpt_dir is None:
+            return f"stage {self.name!r}: {e} Training stopped at step {step}; no checkpoint folder, nothing saved."
+        folder = self.ckpt_dir / f"step-{step:08d}"
+        if latest_checkpoint(self.ckpt_dir) != folder:
+            self._save(opt, step, epoch, micro, history, time.perf_counter() - t_start, seen)
+        return (f"stage {self.name!r}: {e} Training stopped at step {step} with a checkpoint ({folder}); resume the "
+                "run (attar run --resume RUN) once it answers again.")
+
     def _load(self, opt) -> dict | None:
         ckpt = latest_checkpoint(self.ckpt_dir) if self.ckpt_dir else None
         if self.world > 1:  # every rank resumes rank 0's choice (a lagging shared file system must not split them)
@@ -438,13 +455,18 @@ class Trainer:
                     if self._spent(step):
                         break
                     if micro % self.accumulate == 0:
+                        seen_at_step = seen
                         torch.manual_seed(self.rng_seed(4, step))  # dropout etc.
                         lr = lr_at(step, self.total_steps, self.steps_per_epoch, cfg.lr, cfg.schedule,
                                    cfg.warmup_steps, cfg.step_every, cfg.step_gamma)
                         for g in opt.param_groups:
                             g["lr"] = lr
                         opt.zero_grad(set_to_none=True)
-                    batch = self._micro_batch(order, epoch, micro)
+                    try:
+                        batch = self._micro_batch(order, epoch, micro)
+                    except InputUnavailable as e:
+                        raise InputUnavailable(self._unavailable(e, opt, step, epoch, micro - micro % self.accumulate,
+                                                                 history, t_start, seen_at_step)) from None
                     losses, outputs = self.strategy.micro_step(self, runner, batch, opt, step)
                     lval = float(self.reduce(losses["loss"].detach()))
                     if not math.isfinite(lval):
