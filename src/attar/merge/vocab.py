@@ -201,6 +201,7 @@ class VocabPlan:
         vocab = (data.get("model") or {}).get("vocab")
         added = data.setdefault("added_tokens", [])
         decoder = cfg.setdefault("added_tokens_decoder", {}) if "tokenizer_config.json" in lead_files else {}
+        entries: dict[int, dict[int, dict]] = {}
         for j in appended:
             k = al.origin[j]
             origin = al.vocabs[k]
@@ -211,22 +212,56 @@ class VocabPlan:
                 continue
             entry = {"id": j, "content": al.keys[j].decode("utf-8", errors="replace"), "single_word": False,
                      "lstrip": False, "rstrip": False, "normalized": i not in origin.special, "special": i in origin.special}
-            entry.update({key: v for key, v in _added_entry(self.roots[k], i).items() if key != "id"})
+            if k not in entries:
+                entries[k] = _added_entries(self.roots[k])
+            entry.update({key: v for key, v in entries[k].get(i, {}).items() if key != "id"})
             added.append(entry)
             decoder[str(j)] = {key: v for key, v in entry.items() if key != "id"}
         files["tokenizer.json"] = json.dumps(data, ensure_ascii=False, indent=2).encode()
         if "tokenizer_config.json" in lead_files:
             files["tokenizer_config.json"] = json.dumps(cfg, ensure_ascii=False, indent=2).encode()
+        new_specials = [al.keys[j].decode("utf-8", errors="replace") for j in appended
+                        if int(al.sources[al.origin[j]][j]) in al.vocabs[al.origin[j]].special]
+        for fname in ("tokenizer_config.json", "special_tokens_map.json"):
+            if files.get(fname) is not None:
+                files[fname] = _list_specials(files[fname], new_specials, [self.roots[k] for k in sorted(set(al.origin))])
         return files
 
 
-def _added_entry(root: Path | None, i: int) -> dict:
+_SPECIAL_LISTS = ("extra_special_tokens", "additional_special_tokens")
+
+
+def _list_specials(raw: bytes, new: list[str], roots: Sequence[Path | None]) -> bytes:
+    """Add the special tokens another input brought to the lists transformers builds ``all_special_tokens`` from
+    (``extra_special_tokens`` in transformers 5, ``additional_special_tokens`` before), under the key the
+    input that brought them used (its tokenizer_config.json or special_tokens_map.json)."""
+    cfg = json.loads(raw)
+    listed: dict[str, str] = {}
+    for root in roots:
+        for fname in ("tokenizer_config.json", "special_tokens_map.json"):
+            f = None if root is None else root / fname
+            other = json.loads(f.read_text()) if f is not None and f.is_file() else {}
+            for key in _SPECIAL_LISTS:
+                entries = other.get(key)
+                for entry in entries if isinstance(entries, list) else []:
+                    listed.setdefault(entry if isinstance(entry, str) else entry.get("content", ""), key)
+    changed = False
+    for content in new:
+        key = listed.get(content)
+        if key is None:
+            continue
+        have = cfg.setdefault(key, [])
+        if content not in [e if isinstance(e, str) else e.get("content") for e in have]:
+            have.append(content)
+            changed = True
+    return json.dumps(cfg, ensure_ascii=False, indent=2).encode() if changed else raw
+
+
+def _added_entries(root: Path | None) -> dict[int, dict]:
+    """id -> the ``added_tokens`` entry of a tokenizer.json (flags: special, lstrip, normalized, ...)."""
     if root is None:
         return {}
-    for tok in json.loads((root / "tokenizer.json").read_text()).get("added_tokens") or []:
-        if tok.get("id") == i:
-            return tok
-    return {}
+    return {tok["id"]: tok for tok in json.loads((root / "tokenizer.json").read_text()).get("added_tokens") or []}
 
 
 def _resolve_folder(ref: str, base_dir: Path | None) -> Path | None:
