@@ -312,3 +312,27 @@ def test_recipe_fields_of_a_served_teacher_are_checked():
         LMStageOptions(student={"byte": {"layers": 1}}, teacher={"url": "http://h:1"}, train={"on_policy": 0.5})
     with pytest.raises(ValidationError, match="student.url"):
         LMStageOptions(student={"url": "http://h:1"})
+
+
+def test_attar_teacher_serve_serves_a_model_folder_until_stopped(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    make_byte_lm(tmp_path / "teacher", layers=1, d_model=16, heads=2, context=32)
+    proc = subprocess.Popen([sys.executable, "-m", "attar.cli", "teacher", "serve", "--model", str(tmp_path / "teacher"),
+                             "--port", "0", "--topk", "16", "--threads", "1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving ") and "258 tokens" in line and "top-k up to 16" in line, line + proc.stderr.read()
+        url = line.split(" at ")[1].split(";")[0]
+        info = lm_served.call(url + "/info", None, retries=0)
+        assert info["protocol"] == "attar-teacher/1" and info["vocab_size"] == BYTE_VOCAB and info["max_topk"] == 16
+        assert info["tokenizer"] == tokenizer_fingerprint(byte_tokenizer())
+        got = ServedLMTeacher(url, k=16).info["context"]
+        assert got == 32
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
