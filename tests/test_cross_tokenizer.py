@@ -196,8 +196,8 @@ def test_an_lm_stage_distils_a_qwen_tokenizer_teacher_into_a_smollm2_tokenizer_s
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(TEXTS))
     lm = {"student": {"hf": str(student)}, "teacher": {"hf": str(teacher)},
-          "data": {"name": str(corpus), "max_len": 24, "prompt_len": 4},
-          "train": {"steps": 8, "batch_size": 4, "lr": 0.02, "alpha": 0.5, "warmup_steps": 0, "eval_every": 4}}
+          "data": {"name": str(corpus), "max_len": 20, "prompt_len": 4, "val_limit": 4, "test_limit": 4},
+          "train": {"steps": 8, "batch_size": 2, "lr": 0.02, "alpha": 0.5, "warmup_steps": 0, "eval_every": 4}}
     r = tmp_path / "recipe.yaml"
     r.write_text(yaml.safe_dump({"name": "xtok", "stages": [{"name": "s", "kind": "lm", "lm": lm}]}))
     logs: list[str] = []

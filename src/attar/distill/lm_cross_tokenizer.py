@@ -37,6 +37,7 @@ head runs a chunk of positions at a time inside :class:`attar.distill.lm_task.LM
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -47,7 +48,7 @@ from torch import Tensor
 from attar.distill.divergences import divergence
 from attar.errors import AttarError
 
-__all__ = ["CROSS_MODES", "uld_loss", "gold_loss", "SharedVocab", "align_ends", "token_ends", "RowAlignment",
+__all__ = ["CROSS_MODES", "uld_loss", "gold_loss", "SharedVocab", "shared_ids", "align_ends", "token_ends", "RowAlignment",
            "CrossBatch", "CrossTokenizer", "tokenizers_differ"]
 
 CROSS_MODES = ("uld", "gold")
@@ -109,9 +110,7 @@ class SharedVocab:
 
     @classmethod
     def of(cls, student_tokenizer: Any, teacher_tokenizer: Any, student_size: int, teacher_size: int) -> "SharedVocab":
-        from attar.text.vocab_align import shared_token_ids
-
-        s, t = shared_token_ids(student_tokenizer, teacher_tokenizer)
+        s, t = shared_ids(student_tokenizer, teacher_tokenizer)
         return cls(s, t, student_size, teacher_size)
 
     @classmethod
@@ -128,6 +127,26 @@ class SharedVocab:
             keep[ids] = False
             self._rest[key] = keep.nonzero().squeeze(1).to(device)
         return self._rest[key]
+
+
+_SHARED: dict[tuple[int, int], tuple[Any, Any, tuple[Tensor, Tensor]]] = {}
+
+
+def shared_ids(student_tokenizer: Any, teacher_tokenizer: Any) -> tuple[Tensor, Tensor]:
+    """:func:`attar.text.vocab_align.shared_token_ids`, computed once per pair of tokenizer objects (reading a
+    150k-token vocabulary takes about a second, and the check and the loss both ask)."""
+    from attar.text.vocab_align import shared_token_ids
+
+    key = (id(student_tokenizer), id(teacher_tokenizer))
+    hit = _SHARED.get(key)
+    if hit is not None and hit[0]() is student_tokenizer and hit[1]() is teacher_tokenizer:
+        return hit[2]
+    pair = shared_token_ids(student_tokenizer, teacher_tokenizer)
+    try:
+        _SHARED[key] = (weakref.ref(student_tokenizer), weakref.ref(teacher_tokenizer), pair)
+    except TypeError:  # an object that takes no weak reference (a dict): not kept
+        pass
+    return pair
 
 
 def gold_loss(student_logits: Tensor, teacher_logits: Tensor, shared: SharedVocab, divergence_name: str = "kl",

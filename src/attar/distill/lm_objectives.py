@@ -229,10 +229,10 @@ def _size_of(model_or_size: Any) -> int | None:
 
 def _shared_count(a: Any, b: Any) -> int | None:
     """How many token strings the two tokenizers share (None when their vocabularies cannot be read)."""
-    from attar.text.vocab_align import shared_token_ids
+    from attar.distill.lm_cross_tokenizer import shared_ids
 
     try:
-        return int(shared_token_ids(a, b)[0].numel())
+        return int(shared_ids(a, b)[0].numel())
     except Exception:  # noqa: BLE001 - the count only decorates a message
         return None
 
