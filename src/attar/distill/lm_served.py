@@ -84,13 +84,10 @@ def served_topk(model: nn.Module, rows: list[list[int]], masks: list[list[int]] 
         ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
         attn[i, : len(r)] = torch.as_tensor(masks[i], dtype=torch.long) if masks is not None else 1
         real[i, : len(r)] = True
-    hs = head_split(model)
-    if hs._verified is None:
-        hs._verified = hs.verify()
-    if hs._verified:
-        h, head = hs.hidden(ids.to(dev), attn.to(dev))[real.to(dev)], hs.logits
-    else:
-        h, head = hs.full_logits(ids.to(dev), attn.to(dev))[real.to(dev)], (lambda z: z)
+    # one masked column more, as HeadSplit.at drops the last position (causal: the others do not see it)
+    ids = torch.cat([ids, torch.full((n, 1), pad_id, dtype=torch.long)], 1)
+    attn = torch.cat([attn, torch.zeros((n, 1), dtype=torch.long)], 1)
+    h, head = head_split(model).at(ids.to(dev), attn.to(dev), real.to(dev))
     flat_own = torch.as_tensor([t for o in own for t in o], dtype=torch.long) if own is not None else None
     tops, lps, ranks = [], [], []
     for a in range(0, len(h), _CHUNK):
