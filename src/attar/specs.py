@@ -65,6 +65,21 @@ class DataSpec(_Strict):
         raise AssertionError
 
 
+class SLTrainSpec(_Strict):
+    """SLTrain: every weight matrix as ``B A + S`` (rank ``rank``; S zero on a ``sparsity`` fraction, support fixed)."""
+
+    rank: int = Field(..., ge=1, description="rank of B A; matrices with a side <= rank stay dense")
+    sparsity: float = Field(..., ge=0, lt=1, description="fraction of S's entries held at zero (the paper's "
+                            "delta = 0.03 non-zeros is sparsity 0.97)")
+    exclude: list[str] = Field(default_factory=list, description="glob patterns of module names left dense")
+
+
+class Parameterization(_Strict):
+    """How the weights of a fresh ``arch`` model are parameterised (attar.models.sltrain)."""
+
+    sltrain: SLTrainSpec
+
+
 class ModelSpec(_Strict):
     """``{arch: convnet, width: 64, depth: 3}``, ``{pretrained: mnist-cnn}``, ``{hf: path}`` or ``{artifact: path}``.
 
@@ -79,6 +94,8 @@ class ModelSpec(_Strict):
     depth: int | None = Field(None, gt=0)
     hidden: list[int] | None = None
     args: dict[str, Any] = Field(default_factory=dict)
+    parameterization: Parameterization | None = Field(
+        None, description="{sltrain: {rank, sparsity}}: weight matrices as low rank plus fixed-support sparse")
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSpec":

@@ -89,11 +89,19 @@ def build_model(
         raise AttarError("build_model needs input_shape and num_classes for arch and pretrained models.")
     input_shape = tuple(int(s) for s in input_shape)
     kwargs = spec.arch_kwargs()
+    if spec.pretrained and spec.parameterization is not None:
+        raise AttarError(f"model {{pretrained: {spec.pretrained}}}: parameterization (SLTrain) builds a fresh network; "
+                         "use it with arch, or drop it.")
     if spec.pretrained:
         model = PRETRAINED.get(spec.pretrained)(input_shape, num_classes, _load_weights=_load_weights, **kwargs)
         model.spec = spec
         return model
     net = ARCHS.get(spec.arch)(input_shape, num_classes, **kwargs)
+    if spec.parameterization is not None:  # SLTrain: W = B A + S on the fresh network's weight matrices
+        from attar.models.sltrain import apply_sltrain
+
+        sl = spec.parameterization.sltrain
+        apply_sltrain(net, sl.rank, sl.sparsity, sl.exclude)
     mean_l, std_l = _as_list(mean), _as_list(std)
     if (mean_l is None) != (std_l is None):
         raise AttarError("Give both mean and std for input normalisation, or neither.")
