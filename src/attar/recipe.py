@@ -6,19 +6,33 @@ model as its teacher or as its starting point (``init``) by naming that stage.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    Tag,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
+from attar.distill.lm_config import LMDistillConfig, LMModelSpec, LMStageOptions, LMTextSpec
 from attar.errors import AttarError, LocatedError
 from attar.paths import name_problem
 from attar.specs import DataSpec, ModelSpec
 from attar.stages import STAGES
+from attar.stages.lm import as_stage_fields
+from attar.text.pretrained_lm import PRETRAINED_LMS
 from attar.train.config import TrainConfig
-
 
 
 def stage_kinds() -> list[str]:
@@ -100,7 +114,116 @@ def stage_model(kind: str) -> type[StageSpec]:
     return create_model(f"{kind.capitalize()}Stage", __base__=StageSpec, **fields)
 
 
-Stage = Annotated[Union[tuple(stage_model(k) for k in STAGES.names())], Field(discriminator="kind")]
+# ---------------------------------------------------------------- causal-LM stages
+
+#: The kinds a causal-LM model spec turns into language-model stages (run by the ``lm`` stage kind).
+LM_KINDS = ("train", "distill", "finetune")
+#: What only the ``lm:`` block of a causal-LM stage holds: settings no image or table stage has.
+LM_EXTRAS = ("cache_topk", "optimizer", "mezo_eps", "responses")
+
+LMExtras = create_model(
+    "LMExtras", __base__=_Strict, __doc__="The ``lm:`` block of a causal-LM stage: the teacher cache, the optimizer "
+    "(backprop or MeZO) and who writes the training responses.",
+    **{f: (LMStageOptions.model_fields[f].annotation, LMStageOptions.model_fields[f]) for f in LM_EXTRAS},
+)
+
+
+class LMStageSpec(StageSpec):
+    """A ``train``/``distill``/``finetune`` stage whose model is a causal language model: the same keys as every
+    stage (``model``, ``teacher``, ``data``, ``train``), typed for text and LMs, plus an ``lm:`` block for what only
+    LMs have. It runs on the one Trainer through the LM task (the ``lm`` stage kind)::
+
+        - name: student
+          kind: distill
+          model: {pretrained: qwen2.5-coder-0.5b}
+          teacher: {pretrained: qwen2.5-coder-1.5b}     # or an earlier stage's name, or {store: DIR}
+          data: {name: fortunes, max_len: 96}
+          train: {steps: 200, alpha: 0.5, divergence: gjsd, divergence_args: {beta: 0.5}}
+          lm: {cache_topk: 64}
+    """
+
+    model: LMModelSpec = Field(description="the causal LM: {pretrained: NAME}, {hf: DIR}, {byte: {...}} or {stage: NAME}"
+                               " (+ prune, lora)")
+    teacher: str | LMModelSpec | None = Field(None, description="an earlier stage's name or an LM spec ({pretrained}, "
+                                              "{hf}, {store})")
+    data: LMTextSpec = Field(default_factory=LMTextSpec)
+    train: LMDistillConfig = Field(default_factory=LMDistillConfig)
+    lm: LMExtras = Field(default_factory=LMExtras)  # type: ignore[valid-type]
+    _options: LMStageOptions | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "LMStageSpec":
+        misplaced = [f for f in ("objective", "selector", "init") if getattr(self, f) is not None]
+        if misplaced:
+            raise ValueError(
+                f"stage {self.name!r} trains a causal LM, which takes no {' or '.join(misplaced)}: its loss is set in "
+                "train: {alpha, divergence, temperature, on_policy}, and it starts from an earlier stage's model with "
+                "model: {stage: NAME}")
+        if self.kind == "distill" and self.teacher is None:
+            raise ValueError(f"distill stage {self.name!r} needs a 'teacher' (an earlier stage's name or an LM spec)")
+        if self.kind == "finetune" and self.model.byte is not None:
+            raise ValueError(f"finetune stage {self.name!r} starts from a trained model ({{pretrained}}, {{hf}} or "
+                             "{stage}); a fresh byte-level model is trained with kind: train")
+        teacher = LMModelSpec(stage=self.teacher) if isinstance(self.teacher, str) else self.teacher
+        try:
+            self._options = LMStageOptions(student=self.model, teacher=teacher, data=self.data, train=self.train,
+                                           **self.lm.model_dump(exclude_unset=True))
+        except ValidationError as e:
+            raise ValueError(as_stage_fields("; ".join(er["msg"].removeprefix("Value error, ") for er in e.errors()))) \
+                from None
+        return self
+
+    @property
+    def options(self) -> LMStageOptions:
+        return self._options
+
+    def kind_spec(self):
+        return STAGES.get("lm")
+
+
+_LM_MODEL_KEYS = {"byte", "stage", "store", "prune", "lora"}  # keys a causal-LM spec has and an image spec has not
+_LM_DATA_KEYS = set(LMTextSpec.model_fields) - set(DataSpec.model_fields)
+
+
+def _causal_lm_folder(path: Any) -> bool:
+    try:
+        archs = json.loads((Path(str(path)) / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return False
+    return any(str(a).endswith("ForCausalLM") for a in archs)
+
+
+def is_causal_lm_stage(raw: dict) -> bool:
+    """Whether a recipe entry of kind train/distill/finetune describes a causal LM: an ``lm:`` block, a model spec
+    only LMs have (a packaged LM, a byte model, an earlier stage's LM, prune/lora), a Hugging Face folder whose
+    config names a ``*ForCausalLM``, or text settings in ``data``."""
+    if raw.get("kind") not in LM_KINDS:
+        return False
+    model, data = raw.get("model"), raw.get("data")
+    if "lm" in raw or (isinstance(data, dict) and _LM_DATA_KEYS & data.keys()):
+        return True
+    if isinstance(model, dict):
+        return bool(_LM_MODEL_KEYS & model.keys()) or model.get("pretrained") in PRETRAINED_LMS or (
+            "hf" in model and _causal_lm_folder(model["hf"]))
+    return False
+
+
+def _stage_tag(v: Any) -> str | None:
+    if isinstance(v, dict):
+        return f"{v.get('kind')} (causal LM)" if is_causal_lm_stage(v) else v.get("kind")
+    return f"{v.kind} (causal LM)" if isinstance(v, LMStageSpec) else getattr(v, "kind", None)
+
+
+def lm_stage_model(kind: str) -> type[LMStageSpec]:
+    return create_model(f"LM{kind.capitalize()}Stage", __base__=LMStageSpec,
+                        kind=(Literal[kind], Field(description=f"{kind} a causal language model")))
+
+
+Stage = Annotated[
+    Union[tuple([Annotated[stage_model(k), Tag(k)] for k in STAGES.names()]
+                + [Annotated[lm_stage_model(k), Tag(f"{k} (causal LM)")] for k in LM_KINDS])],
+    Discriminator(_stage_tag),
+]
 
 
 class Recipe(_Strict):
@@ -117,7 +240,7 @@ class Recipe(_Strict):
                 raise LocatedError(("stages", i, "name"), f"two stages are named {st.name!r}; stage names must be unique")
             refs = [("teacher", r) for r in st.teachers() if isinstance(r, str)] + ([("init", st.init)] if st.init else [])
             refs += [(st.kind, r) for r in st.kind_spec().references(st)]
-            if st.data is not None and st.data.stage:
+            if isinstance(st.data, DataSpec) and st.data.stage:
                 refs.append(("data", st.data.stage))
             for fld, ref in refs:
                 loc = ("stages", i, fld)
@@ -216,7 +339,8 @@ def _accepted(data: dict, loc: tuple) -> str:
     """What the mapping holding an unknown field accepts, for a stage or a kind's options block."""
     try:
         stage = data["stages"][loc[1]] if loc[:1] == ("stages",) else None
-        model = stage_model(stage["kind"]) if stage else Recipe
+        model = ((lm_stage_model if is_causal_lm_stage(stage) else stage_model)(stage["kind"]) if stage
+                 else Recipe)
         for part in loc[2:-1] if stage else loc[:-1]:
             model = model.model_fields[part].annotation
         return f"accepted here: {', '.join(model.model_fields)}"

@@ -50,6 +50,9 @@ class LMDistillConfig(BaseModel):
     dtype: Literal["float32", "bfloat16"] = "float32"
     fsdp: bool = Field(False, description="under torchrun: shard the student's weights, gradients and optimizer state "
                        "over the ranks (FSDP2) instead of replicating them")
+    log_to: list[Literal["tensorboard"]] = Field(
+        default_factory=list, description="recipe stages: also write the metrics as TensorBoard event files under "
+        "<run>/<stage>/tensorboard/ (needs `pip install 'attar[tensorboard]'`)")
 
 
 class LMPruneSpec(BaseModel):

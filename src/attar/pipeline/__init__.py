@@ -21,6 +21,7 @@ from attar.pipeline.recorder import RunRecorder
 from attar.pipeline.resolve import Resolver
 from attar.recipe import Recipe, StageSpec, load_recipe
 from attar.stages import EarlierStage, StageContext, StageInputs
+from attar.stages.lm import LMStage
 from attar.train import distributed as dist
 from attar.train.tensorboard_log import require_tensorboard
 
@@ -60,7 +61,8 @@ class Pipeline:
             like = st.kind_spec().produces_model_like(st)
             stand_in = earlier[like].model if like else inputs.model
             earlier[st.name] = EarlierStage(st.name, st.kind, stand_in, inputs.model_spec,
-                                            classes=got if got is not None else inputs.classes)
+                                            classes=got if got is not None else inputs.classes,
+                                            causal_lm=st.kind_spec() is LMStage)
         earlier.clear()
 
     def _check_models(self, st: StageSpec, inputs: StageInputs) -> None:
@@ -105,7 +107,8 @@ class Pipeline:
                     inputs = self.resolver.resolve(st, i)
                     res = st.kind_spec()().run(inputs, ctx)
                     self.outputs[st.name] = EarlierStage(st.name, st.kind, res.model, res.spec,
-                                                         classes=inputs.classes, data=res.data)
+                                                         classes=inputs.classes, data=res.data,
+                                                         causal_lm=st.kind_spec() is LMStage)
                     rec.finish_stage(st, res, inputs.data)
                 rec.finish()
             except BaseException as exc:

@@ -34,6 +34,7 @@ class EarlierStage:
     spec: dict = field(default_factory=dict)
     classes: int | None = None
     data: Path | None = None
+    causal_lm: bool = False  # a causal language model (``kind: lm``, or train/distill/finetune with an LM spec)
 
 
 @dataclass

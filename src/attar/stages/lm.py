@@ -1,27 +1,31 @@
-"""``lm`` stage: train or distil a causal language model on text, on the one Trainer (:mod:`attar.distill.lm`).
+"""Causal-LM stages: train or distil a causal language model on text, on the one Trainer (:mod:`attar.distill.lm`).
 
-Models are ``{pretrained: smollm2-135m}`` (a packaged model, converted once to a Hugging Face folder),
-``{hf: FOLDER}``, ``{byte: {layers: 2, d_model: 128}}`` (a fresh byte-level GPT-2) or ``{stage: NAME}`` (an
-earlier ``lm`` stage's model). Without a teacher the stage is next-token training (``alpha`` 1); with one,
-token-level KD with any divergence, a top-k teacher cache (``cache_topk``) and on-policy rows. The stage
+Recipes write them as ``train``, ``distill`` or ``finetune`` stages whose ``model`` is a causal LM
+(:class:`attar.recipe.LMStageSpec` builds this kind's options from ``model``/``teacher``/``data``/``train`` and
+the ``lm:`` block); ``kind: lm`` with an ``lm: {student, teacher, data, train, ...}`` block is the first spelling
+of the same stage and still loads. Models are ``{pretrained: smollm2-135m}`` (a packaged model, converted once to a
+Hugging Face folder), ``{hf: FOLDER}``, ``{byte: {layers: 2, d_model: 128}}`` (a fresh byte-level GPT-2) or
+``{stage: NAME}`` (an earlier LM stage's model). Without a teacher the stage is next-token training (``alpha`` 1);
+with one, token-level KD with any divergence, a top-k teacher cache (``cache_topk``) and on-policy rows. The stage
 checkpoints into ``<run>/<stage>/checkpoints`` (``attar run --resume`` continues a killed run to the same weights),
 writes ``<run>/<stage>/model`` (a Hugging Face folder with the tokenizer) and reports held-out perplexity,
 the teacher's, and KL(teacher‖student) and top-1 agreement with the teacher on the test text::
 
     - name: student
-      kind: lm
-      lm:
-        student: {byte: {layers: 1, d_model: 64}}
-        teacher: {stage: teacher}
-        data: {name: fortunes, max_len: 96}
-        train: {steps: 200, alpha: 0.2, divergence: gjsd, divergence_args: {beta: 0.5}}
+      kind: distill
+      model: {byte: {layers: 1, d_model: 64}}
+      teacher: teacher
+      data: {name: fortunes, max_len: 96}
+      train: {steps: 200, alpha: 0.2, divergence: gjsd, divergence_args: {beta: 0.5}}
+      lm: {cache_topk: 16}
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file
@@ -83,12 +87,12 @@ class LMStage(StageKind):
 
     @classmethod
     def references(cls, st: Any) -> list[str]:
-        o = st.lm
+        o = st.options  # the lm: block of a kind: lm stage, or the options a causal-LM train/distill stage builds
         return [m.stage for m in (o.student, o.teacher) if m is not None and m.stage]
 
     def preflight(self, inputs: StageInputs):
         o = inputs.options
-        with inputs.context("lm"):
+        with _recipe_fields(inputs):
             settings = _settings(o, inputs.seed)
             for role, m in (("student", o.student), ("teacher", o.teacher)):
                 if m is None:
@@ -103,9 +107,10 @@ class LMStage(StageKind):
                     resolve_lm({"hf": m.hf})
                 if m.prune is not None and role == "teacher":
                     raise AttarError("lm.teacher.prune: prune the student; the teacher is the unpruned model.")
-                if m.stage is not None and inputs.earlier[m.stage].kind != "lm":
-                    raise AttarError(f"lm.{role}: stage {m.stage!r} is a {inputs.earlier[m.stage].kind} stage; "
-                                     "an lm stage reads the model of an earlier lm stage.")
+                if m.stage is not None and not inputs.earlier[m.stage].causal_lm:
+                    raise AttarError(f"lm.{role}: stage {m.stage!r} is a {inputs.earlier[m.stage].kind} stage of an "
+                                     "image or table model; a causal-LM stage reads the model of an earlier causal-LM "
+                                     "stage.")
             if o.data.prompt_field is not None:
                 read_pairs(o.data.name, o.data.prompt_field, o.data.response_field)
             else:
@@ -135,7 +140,7 @@ class LMStage(StageKind):
             saved = json.loads(metrics_file.read_text())
             return StageResult(model, {"hf": str(out)}, saved["history"], metrics=saved["metrics"],
                                artifacts={"model": out})
-        with inputs.context("lm"):
+        with _recipe_fields(inputs):
             cfg = _settings(o, inputs.seed)
             student, stok = _load(o.student, "student", inputs.earlier)
             stored = o.teacher is not None and (o.teacher.store is not None or o.teacher.url is not None)  # outputs only
@@ -215,6 +220,26 @@ class LMStage(StageKind):
             save_causal_lm(model, stok, tmp)
         atomic_write_json(metrics_file, {"metrics": metrics, "history": res.history})
         return StageResult(model, {"hf": str(out)}, res.history, metrics=metrics, artifacts=arts)
+
+
+@contextmanager
+def _recipe_fields(inputs: StageInputs) -> Iterator[None]:
+    """Errors inside name the stage and the fields as its recipe wrote them: ``lm.student`` / ``lm.teacher`` in a
+    ``kind: lm`` stage, ``model`` / ``teacher`` in a causal-LM train/distill/finetune stage."""
+    if inputs.kind == "lm":
+        with inputs.context("lm"):
+            yield
+        return
+    with inputs.context():
+        try:
+            yield
+        except AttarError as e:
+            raise AttarError(as_stage_fields(str(e))) from None
+
+
+def as_stage_fields(msg: str) -> str:
+    """An LM options message in the words of a causal-LM train/distill/finetune stage (``lm.student`` -> ``model``)."""
+    return msg.replace("lm.student", "model").replace("lm.teacher", "teacher")
 
 
 def stage_data(d: LMTextSpec, tok, contexts: list[int], seed: int, cache_dir, log=None):
