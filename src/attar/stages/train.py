@@ -12,6 +12,7 @@ from attar.paths import remove_tree
 from attar.select.base import check_selector
 from attar.stages.base import STAGES, StageContext, StageInputs, StageKind, StageResult
 from attar.train import distributed as dist
+from attar.train.growth import g_stack
 from attar.train.trainer import Trainer
 
 
@@ -26,7 +27,21 @@ class TrainStage(StageKind):
         if st.model is None and st.init is None:
             raise ValueError(f"stage {st.name!r} needs a 'model' spec or an 'init' stage to start from")
 
+    @classmethod
+    def references(cls, st) -> list[str]:
+        growth = getattr(getattr(st, "train", None), "growth", None)
+        return [growth.from_] if growth is not None else []
+
+    @staticmethod
+    def _grow(inputs: StageInputs, model):
+        """train.growth: the stage's (deeper) model starts from the named earlier stage's, stacked (G_stack)."""
+        g = inputs.train.growth
+        with inputs.context("train.growth"):
+            return g_stack(inputs.earlier[g.from_].model, model, g.factor)
+
     def preflight(self, inputs: StageInputs):
+        if inputs.train.growth is not None and inputs.model is not None:  # shapes checked on the stand-ins
+            self._grow(inputs, copy.deepcopy(inputs.model))
         # data {stage: X} is read from X's source until X has run: its shape holds, its labels may not
         check_selector(inputs.selector, stage=inputs.spec, objective=inputs.objective,
                        input_shape=inputs.data.input_shape,
@@ -57,6 +72,8 @@ class TrainStage(StageKind):
             hist = ctx.stage_dir / "history.json"
             return StageResult(model, spec, json.loads(hist.read_text()) if hist.exists() else [])
         cfg = inputs.train
+        if cfg.growth is not None:  # (a resumed run's checkpoint then replaces these weights, as any start's)
+            self._grow(inputs, inputs.model)
         augment = None
         if cfg.augment:
             augment = make_augment(cfg.augment)
