@@ -99,8 +99,27 @@ def main_sharded(out: Path, mode: str) -> None:
     print(f"{mode} rank {dist.rank()} world {dist.world_size()} steps {res.steps}")
 
 
+def main_recipe(out: Path) -> None:
+    """``attar run``'s pipeline on a causal-LM ``train`` stage with packed text under torchrun: rank 0 builds the
+    token store once (each build prints its rank), both ranks train, rank 0 records the run."""
+    import attar.text.token_store as token_store
+    from attar.pipeline import run_recipe
+
+    build = token_store._build
+
+    def counted(*a, **k):
+        print(f"store built by rank {dist.rank()}", flush=True)
+        return build(*a, **k)
+
+    token_store._build = counted
+    run = run_recipe(out.parent / "recipe.yaml", home=out)
+    print(f"recipe rank {dist.rank()} world {dist.world_size()} run {run.name}", flush=True)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[2] in ("ddp", "fsdp", "fsdp-crash", "fsdp-resume"):
+    if len(sys.argv) > 2 and sys.argv[2] == "recipe":
+        main_recipe(Path(sys.argv[1]))
+    elif len(sys.argv) > 2 and sys.argv[2] in ("ddp", "fsdp", "fsdp-crash", "fsdp-resume"):
         main_sharded(Path(sys.argv[1]), sys.argv[2])
     elif len(sys.argv) > 2 and sys.argv[2] == "lm":
         main_lm(Path(sys.argv[1]))

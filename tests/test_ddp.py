@@ -112,3 +112,25 @@ def test_fsdp_matches_ddp_hands_back_a_plain_model_and_resumes_exactly(tmp_path)
     got = _weights(tmp_path / "resumed", 0)
     for k in fsdp0:
         assert torch.equal(got[k], fsdp0[k]), f"resumed FSDP run differs on {k}"
+
+
+@pytest.mark.slow
+def test_lm_recipe_with_packed_text_under_torchrun_builds_the_token_store_once(tmp_path):
+    """`attar run` of a causal-LM train stage with ``pack: true`` under torchrun: rank 0 builds the token store while
+    rank 1 waits, then both train on it; the run is recorded once with a finished model."""
+    import yaml
+
+    words = ["stone", "river", "light", "song", "salt", "wind"]
+    (tmp_path / "corpus.txt").write_text("\n".join(f"the {words[i % 6]} and the {words[(i * 5) % 6]} went on, {i}."
+                                                   for i in range(300)))
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"name": "packed-ddp", "stages": [{
+        "name": "lm", "kind": "train", "model": {"byte": {"layers": 1, "d_model": 16, "heads": 2, "context": 64}},
+        "data": {"name": str(tmp_path / "corpus.txt"), "pack": True, "max_len": 48},
+        "train": {"steps": 4, "batch_size": 8, "lr": 0.005, "eval_every": 2}}]}))
+    res = subprocess.run(_torchrun(tmp_path / "home", "recipe", port=_free_port()), env=ENV, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("store built by rank") == 1 and "store built by rank 0" in res.stdout
+    assert "recipe rank 0 world 2" in res.stdout and "recipe rank 1 world 2" in res.stdout
+    runs = [p for p in (tmp_path / "home").iterdir() if (p / "lm" / "model" / "config.json").exists()]
+    assert len(runs) == 1 and (runs[0] / "report.md").exists()

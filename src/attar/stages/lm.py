@@ -73,6 +73,7 @@ from attar.text.pretrained_lm import get_pretrained, load_pretrained_lm, resolve
 from attar.text.sources import TEXT_BUILTINS
 from attar.text.text_stream import text_stream
 from attar.text.token_store import tokenizer_fingerprint
+from attar.train import distributed as dist
 
 
 @STAGES.register("lm")
@@ -253,8 +254,14 @@ def stage_data(d: LMTextSpec, tok, contexts: list[int], seed: int, cache_dir, lo
         return lm_pair_data(prompts, responses, tok, d.max_len, d.chat_template, seed=seed, train_limit=d.train_limit,
                             val_limit=d.val_limit, test_limit=d.test_limit, name=d.name)
     if d.pack:
+        # under torchrun rank 0 builds the token store while the other ranks wait, then they reuse it (ranks building
+        # one folder at once would race on its files)
+        if not dist.is_main():
+            dist.barrier()
         data = lm_packed_data(d.name, tok, d.max_len, seed=seed, text_column=d.text_column, train_limit=d.train_limit,
                               val_limit=d.val_limit, test_limit=d.test_limit, store=Path(cache_dir) / "tokens", log=log)
+        if dist.is_main():
+            dist.barrier()
         if log is not None:
             log(f"  token store {'built' if data.info['store_built'] else 'reused'}: {data.info['store']}")
         return data
