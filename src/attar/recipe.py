@@ -144,7 +144,7 @@ class LMStageSpec(StageSpec):
 
     model: LMModelSpec = Field(description="the causal LM: {pretrained: NAME}, {hf: DIR}, {byte: {...}} or {stage: NAME}"
                                " (+ prune, lora)")
-    teacher: str | LMModelSpec | None = Field(None, description="an earlier stage's name or an LM spec ({pretrained}, "
+    teacher: str | LMModelSpec | None = Field(None, description="an earlier stage's name or an LM spec ({pretrained}, {url}, "
                                               "{hf}, {store})")
     data: LMTextSpec = Field(default_factory=LMTextSpec)
     train: LMDistillConfig = Field(default_factory=LMDistillConfig)
