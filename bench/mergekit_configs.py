@@ -227,6 +227,12 @@ def compare(name: str, cfg: dict, ours: Path, theirs: Path, work: Path) -> tuple
         needle = "<|im_start|>" if cfg["chat_template"] == "chatml" else cfg["chat_template"]
         if needle not in ta or needle not in tb:
             return False, "chat template missing"
+    if cfg.get("tokenizer_source") or cfg.get("tokenizer"):  # the output vocabularies: token -> id, added tokens included
+        from attar.merge.vocab import tokenizer_vocab
+
+        va, vb = tokenizer_vocab(ours), tokenizer_vocab(theirs)
+        if va is None or va != vb:
+            return False, f"tokenizer vocabularies differ: {len(va or {})} vs {len(vb or {})} tokens"
     if cfg["merge_method"] in RANDOM:
         base = load_dir(work / cfg["base_model"])
         fa = sum(int(((a[k] - base[k]).abs() > 1e-7).sum()) for k in a) / sum(v.numel() for v in a.values())

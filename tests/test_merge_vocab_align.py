@@ -68,12 +68,12 @@ def test_a_model_merged_with_itself_under_a_permuted_vocabulary_is_the_model(tmp
     want, ids = logits(tmp_path / "a")
     got_b, ids_b = logits(tmp_path / "b")
     assert ids_b == perm[ids].tolist() and torch.equal(got_b[:, perm], want)  # the permuted copy is the same model
-    for source, base in (("union", "a"), ("base", "b"), ("b", None)):
+    for source, base in (("union", "a"), ("base", "b"), ("b", None), (f"model:{tmp_path / 'b'}", None)):
         cfg = {"merge_method": "linear", "tokenizer_source": source,
                "models": [{"model": "a", "parameters": {"weight": 0.5}}, {"model": "b", "parameters": {"weight": 0.5}}]}
         if base:
             cfg["base_model"] = base
-        out = tmp_path / f"out_{source}"
+        out = tmp_path / f"out_{len(source)}"
         res = run_merge(cfg, out, base_dir=tmp_path, progress=False)
         got, out_ids = logits(out)
         if source == "union":  # output ids are a's: same ids, same logits, bit for bit

@@ -272,6 +272,13 @@ def _resolve_folder(ref: str, base_dir: Path | None) -> Path | None:
     return None
 
 
+def _same_folder(folder: Path | None, roots: Sequence[Path | None]) -> int | None:
+    if folder is None:
+        return None
+    found = [k for k, r in enumerate(roots) if r is not None and Path(r).resolve() == folder.resolve()]
+    return found[0] if found else None
+
+
 def plan_vocab(labels: Sequence[str], roots: Sequence[Path | None], source: str, *, base: int | None,
                pad: int | None = None, base_dir: Path | None = None) -> VocabPlan | None:
     """The output vocabulary for ``tokenizer_source``/``tokenizer.source`` ``source`` over the inputs (``base``:
@@ -292,9 +299,9 @@ def plan_vocab(labels: Sequence[str], roots: Sequence[Path | None], source: str,
     elif source == "base":
         mode = f"{labels[lead]}'s vocabulary"
         out_base = lead
-    elif name in labels:
-        lead = out_base = labels.index(name)
-        mode = f"{name}'s vocabulary"
+    elif name in labels or _same_folder(_resolve_folder(name, base_dir), roots) is not None:
+        lead = out_base = labels.index(name) if name in labels else _same_folder(_resolve_folder(name, base_dir), roots)
+        mode = f"{labels[lead]}'s vocabulary"
     else:
         folder = _resolve_folder(name, base_dir)
         if folder is None:
