@@ -54,6 +54,13 @@ def test_fp8_round_trip_is_within_the_formats_error_and_keeps_every_nonzero(name
     assert bool((y[nz] != 0).all()) and bool((y.sign() == x.sign()).all())
 
 
+def test_second_moments_near_float32_underflow_stay_finite():
+    """sqrt(amax * amin) of a group of 1e-20..1e-40 underflows to 0 in float32; the centre is taken in logs."""
+    x = torch.tensor([1e-40, 1e-30, 1e-20, 0.0] + [1e-25] * 124)
+    y = fp8_state.dequantize(fp8_state.quantize(x))
+    assert bool(torch.isfinite(y).all()) and bool((y[x != 0] > 0).all()) and y[3] == 0
+
+
 def test_without_expansion_small_values_underflow_and_with_it_they_do_not():
     x = torch.exp(torch.linspace(-25, 0, 128))  # 11 decades in one group: wider than E4M3's normal range
     plain = fp8_state.dequantize(fp8_state.quantize(x, 128, expansion=False))

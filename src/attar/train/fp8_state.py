@@ -58,7 +58,7 @@ def quantize(x: torch.Tensor, group: int = 128, expansion: bool = True) -> Packe
         log_r = torch.log(amax_ / amin)
         k = torch.where(log_r > 0, math.log(FP8_MAX / FP8_MIN_NORMAL) / log_r.clamp_min(1e-30),
                         torch.full_like(log_r, _K_MAX)).clamp(max=_K_MAX)
-        centre = torch.sqrt(amax_ * amin)
+        centre = torch.exp(0.5 * (torch.log(amax_) + torch.log(amin)))  # sqrt(amax * amin) without underflow
         y = g.sign() * (a / centre).pow(k)
         scale = (amax_ / centre).pow(k) / FP8_MAX
     else:
