@@ -120,3 +120,12 @@ def test_byte_level_and_sentencepiece_families_align_on_spaces_and_newlines():
     for word in ("Ġthe", "Ġhello", "Ċ"):
         j = pairs[smol.convert_tokens_to_ids(word)]
         assert gemma.convert_ids_to_tokens(j) == word.replace("Ġ", "▁").replace("Ċ", "\n")
+
+
+def test_spell_inverts_the_normalisation():
+    from attar.text.vocab_align import _key, spell
+
+    for raw in ("Ġhello", "Ċ", "Ã©", "ĠæĿ±"):  # byte-level, including a partial UTF-8 sequence
+        assert spell(_key(raw, "byte_level", False), "byte_level") == raw
+    assert spell(b" the", "metaspace") == "▁the" and spell(b"\xe6", "metaspace") == "<0xE6>"
+    assert spell(b"\xe6\xb1", "plain") is None
