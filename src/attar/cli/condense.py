@@ -46,7 +46,11 @@ def condense_cli(
     method: Optional[str] = typer.Option(None, "--method", help="random, herding, kcenter, dm, datadam, dc, dsa, mtt"),
     ipc: Optional[int] = typer.Option(None, "--ipc", help="images per class"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="artifact folder to write (atomically)"),
-    iterations: Optional[int] = typer.Option(None, "--iterations", help="outer iterations (default: the method's)"),
+    iterations: Optional[int] = typer.Option(None, "--iterations", help="outer iterations (default: see --budget)"),
+    budget: Optional[str] = typer.Option(None, "--budget", help="wall-time budget, e.g. 10m, 90s, 1h30m (learned methods; "
+                                         "on a CPU with no --iterations: 5m, a CPU budget)"),
+    paper_schedule: bool = typer.Option(False, "--paper-schedule", help="the paper's iteration count (hours on a CPU)"),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when there is one) | cpu | cuda"),
     seed: int = typer.Option(0, "--seed"),
     init: str = typer.Option("real", "--init", help="real | noise (learned methods)"),
     width: Optional[int] = typer.Option(None, "--width", help=f"ConvNet width (default {CONDENSE_MODEL.width})"),
@@ -80,7 +84,9 @@ def condense_cli(
             spec = spec.model_copy(update={"train_limit": train_limit})
         model = ModelSpec(arch="convnet", width=width or CONDENSE_MODEL.width, depth=depth or CONDENSE_MODEL.depth)
         path = condense(spec, method, ipc, out, iterations, seed, model=model, init=init, params=parse_sets(sets),
-                        soft_labels=soft_labels, flip=flip, zca=zca, zca_eps=zca_eps, overwrite=overwrite)
+                        soft_labels=soft_labels, flip=flip, zca=zca, zca_eps=zca_eps, overwrite=overwrite,
+                        budget=budget, paper_schedule=paper_schedule, device=device,
+                        log=(lambda s: None) if quiet else err.print)
         if png:
             render_grid(path, png)
     except AttarError as e:
@@ -94,7 +100,10 @@ def evaluate_cli(
     nets: int = typer.Option(5, "--nets", help="freshly initialised networks per row"),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="training epochs (default 1000 for sets of <= 256 rows)"),
     augment: str = typer.Option("dsa", "--augment", help="dsa | crop,flip | none"),
-    full_epochs: int = typer.Option(5, "--full-epochs", help="epochs of the full-data reference (cached)"),
+    full_epochs: Optional[int] = typer.Option(None, "--full-epochs", help="epoch budget of the full-data reference "
+                                              "(default: grows with the data; stops on a validation plateau; cached)"),
+    full_patience: Optional[int] = typer.Option(None, "--full-patience", help="epochs without a better validation "
+                                                "accuracy before the reference stops (0: never)"),
     no_random: bool = typer.Option(False, "--no-random", help="skip the random-subset row"),
     no_full: bool = typer.Option(False, "--no-full", help="skip the full-data row"),
     test_limit: Optional[int] = typer.Option(None, "--test-limit", help="score on a stratified subset of the test split"),
@@ -109,6 +118,7 @@ def evaluate_cli(
         start_command(quiet, threads)
         r = evaluate_condensed(artifact, nets=nets, epochs=epochs, augment=augment, seed=seed,
                                compare_random=not no_random, full_data=not no_full, full_epochs=full_epochs,
+                               full_patience=full_patience,
                                test_limit=test_limit, log=err.print)
     except AttarError as e:
         _fail(e)

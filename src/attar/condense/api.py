@@ -24,7 +24,26 @@ from attar.data import load_data
 from attar.data.artifact import SyntheticSet, data_hash, save_synthetic
 from attar.errors import AttarError
 from attar.specs import DataSpec, ModelSpec
-from attar.train.progress import StepProgress
+from attar.condense.schedule import fmt_duration, plan_schedule
+from attar.train.progress import StepProgress, progress_mode
+from attar.train.trainer import resolve_device
+
+
+def _stderr_log(progress: bool | None) -> Callable[[str], None]:
+    """Plan and ETA lines to stderr whenever progress would show (a bar or lines), else nowhere."""
+    import sys
+
+    if progress_mode(None, progress) == "off":
+        return lambda s: None
+
+    def write(s: str) -> None:
+        try:
+            sys.stderr.write(s + "\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+    return write
 
 
 def _as_data_spec(data: DataSpec | dict | str) -> DataSpec:
@@ -92,7 +111,10 @@ def condense(
     overwrite: bool = False,
     progress: bool | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
-    device: str = "cpu",
+    device: str = "auto",
+    budget: str | float | None = None,
+    paper_schedule: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> Path:
     """Condense ``data`` into ``ipc`` images per class with ``method`` and write the artifact to ``out_dir``.
 
@@ -104,6 +126,13 @@ def condense(
     flip-aware synthesis: the matching loss sees every synthetic image and its horizontal flip) and
     ``zca`` (the method runs in ZCA-whitened space, regularised by ``zca_eps``; the learned images are
     mapped back to pixel space before saving, see :mod:`attar.condense.zca`). Returns the artifact folder.
+
+    How long a learned method runs (:mod:`attar.condense.schedule`): ``iterations``, a wall-time ``budget``
+    (``"10m"``, ``"90s"`` or seconds; checked between iterations, the run ends within it), or
+    ``paper_schedule`` (the paper's count); with none of them, the paper's count on a GPU and a
+    :data:`~attar.condense.schedule.CPU_BUDGET_S` wall budget on a CPU. The plan is said through ``log``
+    (default: stderr while progress shows) before work starts, and the ETA after the first iteration.
+    ``device``: ``auto`` (CUDA when there is one), ``cpu`` or ``cuda``.
     """
     spec = _as_data_spec(data)
     mspec = _as_model_spec(model)
@@ -116,10 +145,9 @@ def condense(
     condenser = check_request(method, ipc, bundle.train.y, bundle.classes, bundle.name, params, init)
     if not bundle.is_image and mspec.arch != "mlp":
         raise AttarError(f"data set {bundle.name!r} is not images (shape {bundle.input_shape}); use model {{arch: mlp}}.")
-    if iterations is None:
-        iterations = cls.default_iterations
-    if cls.learns_images and iterations < 1:
-        raise AttarError(f"method {method!r} learns images and needs iterations >= 1, got {iterations}.")
+    dev = resolve_device(device)
+    plan = plan_schedule(cls.learns_images, cls.default_iterations, iterations, budget, paper_schedule, dev.type)
+    iterations = plan.iterations
     for name, on in (("flip", flip), ("zca", zca)):
         if on and not cls.learns_images:
             raise AttarError(f"{name} is a plug-in for methods that learn images (dm, datadam, dc, dsa, mtt); "
@@ -139,9 +167,11 @@ def condense(
                 f"soft-label teacher {soft_labels} predicts {info['num_classes']} classes on inputs {tuple(info['input_shape'])}, "
                 f"but {bundle.name!r} has {len(bundle.classes)} classes and inputs {tuple(bundle.input_shape)}."
             )
-    dev = torch.device(device)
     n_iter = iterations if cls.learns_images else 1
+    say = log if log is not None else _stderr_log(progress)
+    say(f"condense {method} ipc {ipc} on {bundle.name} ({dev.type}): {plan.describe()}")
     t0 = time.perf_counter()
+    deadline = time.monotonic() + plan.budget_s if plan.budget_s else None
     train_hash = data_hash(bundle.train.x, bundle.train.y)
     condenser.preflight(model=mspec, data_name=bundle.name, data_hash=train_hash, input_shape=tuple(bundle.input_shape),
                         num_classes=len(bundle.classes), zca_eps=zca_eps if zca else None)
@@ -152,9 +182,18 @@ def condense(
         whitening = ZCA.fit(bundle.train.x, bundle.mean, bundle.std, zca_eps)
         x_ctx = torch.cat([whitening.whiten(bundle.train.x[i:i + 8192]) for i in range(0, len(bundle.train.x), 8192)])
         mean_ctx, std_ctx = torch.zeros_like(bundle.mean), torch.ones_like(bundle.std)
-    with StepProgress(f"condense {method} ipc {ipc}", n_iter, enabled=progress) as bar:
-
+    left = (deadline - time.monotonic()) if deadline else None
+    with StepProgress(f"condense {method} ipc {ipc}", n_iter, enabled=progress, unit="iterations",
+                      budget_s=left) as bar:
         def step(i: int, m: dict[str, float]) -> None:
+            if i == 0 and n_iter > 1:
+                per = time.monotonic() - (ctx.loop_started or time.monotonic())
+                eta = per * (n_iter - 1)
+                if deadline:
+                    eta = min(eta, max(0.0, deadline - time.monotonic()))
+                say(f"  first iteration {per:.2f}s; ETA {fmt_duration(eta)}"
+                    + (f" ({n_iter} iterations would take {fmt_duration(per * n_iter)})" if deadline and
+                       per * n_iter > eta + per else ""))
             bar.update(1, **m)
             if on_step is not None:
                 on_step(i, m)
@@ -163,7 +202,7 @@ def condense(
             x=x_ctx, y=bundle.train.y, num_classes=len(bundle.classes), ipc=ipc,
             iterations=iterations if cls.learns_images else 0, seed=seed, model=mspec,
             mean=mean_ctx, std=std_ctx, init=init, device=dev, on_step=step,
-            flip=flip, data_name=bundle.name, data_hash=train_hash, zca=whitening,
+            flip=flip, data_name=bundle.name, data_hash=train_hash, zca=whitening, deadline=deadline,
         )
         out = condenser.run(ctx)
         if whitening is not None:
@@ -180,7 +219,8 @@ def condense(
         "method": method,
         "ipc": ipc,
         "seed": seed,
-        "iterations": iterations if cls.learns_images else 0,
+        "iterations": ctx.done if cls.learns_images else 0,
+        **(plan.meta() | {"stopped_by_budget": ctx.stopped_by_budget} if cls.learns_images else {}),
         "init": init if cls.learns_images else "real",
         "params": condenser.p.model_dump(mode="json"),
         "model": mspec.model_dump(mode="json", exclude_none=True),
@@ -195,7 +235,7 @@ def condense(
         "flip": bool(flip),
         "zca": whitening.info() if whitening is not None else None,
         "seconds": round(seconds, 3),
-        "seconds_per_iteration": round(seconds / max(1, n_iter), 4),
+        "seconds_per_iteration": round(seconds / max(1, ctx.done if cls.learns_images else 1), 4),
         "torch": torch.__version__,
         "host": platform.node(),
         **({"selected_rows": out.extra["rows"]} if "rows" in out.extra else {}),

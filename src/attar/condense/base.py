@@ -11,6 +11,7 @@ are held as ``[C, ipc, ...]``.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -92,10 +93,31 @@ class CondenseContext:
     data_hash: str = ""
     #: ZCA plug-in: a fitted :class:`attar.condense.zca.ZCA` when ``x`` is in ZCA space (mean 0, std 1), else None
     zca: Any = None
+    #: wall-time budget: ``time.monotonic()`` by which the loop must end (None: none); see :meth:`keep_going`
+    deadline: float | None = None
     index: ClassIndex = field(init=False)
+    #: iterations finished so far (set by :meth:`step`); ``stopped_by_budget`` once :meth:`keep_going` said no
+    done: int = field(init=False, default=0)
+    stopped_by_budget: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         self.index = ClassIndex(self.y, self.num_classes)
+        self.loop_started: float | None = None
+
+    def keep_going(self, it: int) -> bool:
+        """Whether iteration ``it`` should run: always the first; later ones only while the next one fits in
+        the wall-time budget, judged by the mean time of those done (so the run ends within the budget)."""
+        now = time.monotonic()
+        if it == 0 or self.loop_started is None:
+            self.loop_started = now
+            return True
+        if self.deadline is None:
+            return True
+        per = (now - self.loop_started) / max(1, it)
+        if now + per > self.deadline:
+            self.stopped_by_budget = True
+            return False
+        return True
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -140,6 +162,7 @@ class CondenseContext:
         return x2, torch.cat([yc, yc], 1).reshape(-1, *y.shape[1:])
 
     def step(self, i: int, **metrics: float) -> None:
+        self.done = i + 1
         if self.on_step is not None:
             self.on_step(i, metrics)
 

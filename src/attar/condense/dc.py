@@ -130,6 +130,8 @@ class DC(Condenser):
         y_real = torch.arange(c, device=ctx.device).repeat_interleave(p.batch_real)
         batching = p.grad_batching if p.grad_batching != "auto" else ("vmap" if ctx.device.type == "cuda" else "loop")
         for it in range(ctx.iterations):
+            if not ctx.keep_going(it):
+                break
             net = ctx.fresh_model(self.name, it)
             net.train()
             net_opt = torch.optim.SGD(net.parameters(), lr=p.lr_net)

@@ -68,6 +68,8 @@ class DM(Condenser):
         opt = torch.optim.SGD([z], lr=self.p.lr_img, momentum=self.p.momentum)
         dsa = DSA(self.p.dsa_strategy, mean=ctx.mean, std=ctx.std) if self.p.dsa else None
         for it in range(ctx.iterations):
+            if not ctx.keep_going(it):
+                break
             g = gen(ctx.seed, self.name, it)
             net = ctx.fresh_model(self.name, it)
             net.train()

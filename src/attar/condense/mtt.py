@@ -311,6 +311,8 @@ class MTT(Condenser):
         dsa = DSA(p.dsa_strategy, mean=ctx.mean, std=ctx.std) if p.dsa and z.dim() == 4 else None
         first = last = None
         for it in range(ctx.iterations):
+            if not ctx.keep_going(it):
+                break
             g = gen(ctx.seed, self.name, it)
             k = int(torch.randint(min(store.num_experts, cfg.num_experts), (1,), generator=g))
             lo, hi = self.window(it, ctx.iterations)

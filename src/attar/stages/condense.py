@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from attar.condense import check_request, condense, evaluate_condensed
+from attar.condense.schedule import plan_schedule
 from attar.data.artifact import is_condensed_artifact
 from attar.specs import ModelSpec
 from attar.stages.base import STAGES, StageContext, StageInputs, StageKind, StageResult
@@ -29,7 +30,10 @@ class CondenseOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     method: str = Field(..., description="random, herding, kcenter, dm, datadam, dc, dsa, ... (attar methods condense)")
     ipc: int = Field(..., ge=1, description="synthetic images per class")
-    iterations: int | None = Field(None, ge=1, description="outer iterations (default: the method's)")
+    iterations: int | None = Field(None, ge=1, description="outer iterations (default: see budget)")
+    budget: str | float | None = Field(None, description="wall-time budget of a learned method, e.g. 10m, 90s, 1h30m or "
+                                                        "seconds; with no iterations on a CPU: 5m (a CPU budget)")
+    paper_schedule: bool = Field(False, description="the paper's iteration count (hours on a CPU)")
     init: Literal["real", "noise"] = "real"
     params: dict[str, Any] = Field(default_factory=dict, description="the method's own fields")
     model: ModelSpec | None = Field(None, description="the network matched through (default ConvNet width 128 depth 3)")
@@ -50,7 +54,8 @@ class CondenseStage(StageKind):
     def preflight(self, inputs: StageInputs):
         o, bundle = inputs.options, inputs.data
         with inputs.context():
-            check_request(o.method, o.ipc, bundle.train.y, bundle.classes, bundle.name, o.params, o.init)
+            cls = check_request(o.method, o.ipc, bundle.train.y, bundle.classes, bundle.name, o.params, o.init)
+            plan_schedule(cls.learns_images, cls.default_iterations, o.iterations, o.budget, o.paper_schedule)
         return len(bundle.classes)
 
     def run(self, inputs: StageInputs, ctx: StageContext) -> StageResult:
@@ -61,7 +66,8 @@ class CondenseStage(StageKind):
         else:
             soft = str(ctx.run_dir / o.soft_labels / "model") if o.soft_labels else None
             condense(inputs.data_spec, o.method, o.ipc, out, o.iterations, inputs.seed, model=o.model, init=o.init,
-                     params=o.params, soft_labels=soft, overwrite=True)
+                     params=o.params, soft_labels=soft, overwrite=True, budget=o.budget,
+                     paper_schedule=o.paper_schedule, log=inputs.log)
         metrics: dict[str, Any] = {"images": o.ipc * len(inputs.data.classes), "ipc": o.ipc, "method": o.method}
         if o.evaluate:
             r = evaluate_condensed(out, nets=o.evaluate, seed=inputs.seed, full_data=False,

@@ -4,8 +4,9 @@ Three modes, decided once per loop by :func:`progress_mode`:
 
 * ``bar``: a live rich bar with loss, throughput and ETA, when stderr is a terminal;
 * ``lines``: when stderr is not a terminal (a log file, a pipe) or ``CI`` is set, a plain line every
-  ``interval`` seconds (default 30, ``ATTAR_PROGRESS_INTERVAL``) and a summary line at the end. Why: a
-  bar is invisible there, and a silent job looks the same as a hung one for hours;
+  ``interval`` seconds (default 30, ``ATTAR_PROGRESS_INTERVAL``) or every 5% of the work, whichever is
+  later, and a summary line at the end. Why: a bar is invisible there, and a silent job looks the same as
+  a hung one for hours; and a run of hours should not fill its log with a line every 30 s;
 * ``off``: ``--quiet`` (:func:`set_quiet`), ``ATTAR_PROGRESS=0``, ``enabled=False``, or a DDP rank other
   than 0 (one voice per job).
 """
@@ -22,6 +23,8 @@ from attar.train import distributed as dist
 
 _quiet = False
 DEFAULT_INTERVAL = 30.0
+#: in lines mode, at least this share of the work between two lines (with ``interval`` > 0)
+MIN_FRACTION = 0.05
 
 
 def set_quiet(flag: bool) -> None:
@@ -94,14 +97,19 @@ class StepProgress:
     """Context manager: ``update(n, **fields)`` advances by ``n`` units and shows the latest fields.
 
     ``enabled``: ``False`` is silent; ``None`` or ``True`` let :func:`progress_mode` decide (quiet always
-    wins). ``stream``, ``interval`` (seconds between lines; 0 = a line per update) and ``clock`` are
-    injectable (tests; a log-friendly cadence); ``unit`` names what is counted.
+    wins). ``stream``, ``interval`` (seconds between lines, and at least ``MIN_FRACTION`` of the work
+    between them; 0 = a line per update) and ``clock`` are injectable (tests; a log-friendly cadence);
+    ``unit`` names what is counted. ``budget_s``: a wall-time budget that may end the loop before
+    ``total`` (a condensation ``--budget``): the share done and the ETA then count whichever of the two
+    ends it first.
     """
 
     def __init__(self, description: str, total: int, completed: int = 0, enabled: bool | None = None, *,
                  unit: str = "steps", stream: TextIO | None = None, interval: float | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, budget_s: float | None = None):
         self.description, self.total, self.completed, self.unit = description, int(total), int(completed), unit
+        self.budget_s = budget_s
+        self._last_fraction = 0.0
         self._stream = stream
         self.mode = progress_mode(stream, enabled)
         self.enabled = self.mode != "off"
@@ -117,6 +125,7 @@ class StepProgress:
 
     def __enter__(self) -> "StepProgress":
         self._t0 = self._last = self.clock()
+        self._last_fraction = self.fraction(self._t0) or 0.0
         if self.mode == "bar":
             from rich.console import Console
             from rich.progress import (
@@ -145,17 +154,37 @@ class StepProgress:
             self._progress.update(self._task, advance=advance, info=_fields(fields))
         elif self.mode == "lines":
             now = self.clock()
-            if now - self._last >= self.interval:
-                self._last = now
+            frac = self.fraction(now)
+            due = now - self._last >= self.interval
+            if due and self.interval > 0 and frac is not None:
+                due = frac - self._last_fraction >= MIN_FRACTION - 1e-12
+            if due:
+                self._last, self._last_fraction = now, frac or 0.0
                 self._line(self._status(now))
+
+    def fraction(self, now: float) -> float | None:
+        """Share of the work done (the larger of the steps' and the wall budget's); None without a total."""
+        parts = [self.completed / self.total] if self.total > 0 else []
+        if self.budget_s:
+            parts.append((now - self._t0) / self.budget_s)
+        return min(1.0, max(parts)) if parts else None
+
+    def eta(self, now: float) -> float | None:
+        """Seconds left: by the rate so far, capped by what is left of the wall budget."""
+        elapsed = now - self._t0
+        done = self.completed - self._start_completed
+        left = []
+        if done > 0 and self.total > self.completed:
+            left.append(elapsed / done * (self.total - self.completed))
+        if self.budget_s:
+            left.append(max(0.0, self.budget_s - elapsed))
+        return min(left) if left else None
 
     def _status(self, now: float) -> str:
         elapsed = now - self._t0
         pct = f" ({100.0 * self.completed / self.total:.0f}%)" if self.total > 0 else ""
-        done = self.completed - self._start_completed
-        eta = ""
-        if done > 0 and self.total > self.completed:
-            eta = f"  eta {fmt_seconds(elapsed / done * (self.total - self.completed))}"
+        left = self.eta(now)
+        eta = f"  eta {fmt_seconds(left)}" if left is not None else ""
         info = _fields(self.fields)
         return (f"{self.description}: {self.completed}/{self.total} {self.unit}{pct}" + (f"  {info}" if info else "")
                 + f"  elapsed {fmt_seconds(elapsed)}{eta}")
