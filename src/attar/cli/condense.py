@@ -86,7 +86,7 @@ def condense_cli(
         path = condense(spec, method, ipc, out, iterations, seed, model=model, init=init, params=parse_sets(sets),
                         soft_labels=soft_labels, flip=flip, zca=zca, zca_eps=zca_eps, overwrite=overwrite,
                         budget=budget, paper_schedule=paper_schedule, device=device,
-                        log=(lambda s: None) if quiet else err.print)
+                        log=(lambda s: None) if quiet else (lambda s: err.print(s, soft_wrap=True)))
         if png:
             render_grid(path, png)
     except AttarError as e:
@@ -106,6 +106,8 @@ def evaluate_cli(
                                                 "accuracy before the reference stops (0: never)"),
     no_random: bool = typer.Option(False, "--no-random", help="skip the random-subset row"),
     no_full: bool = typer.Option(False, "--no-full", help="skip the full-data row"),
+    ranking: bool = typer.Option(False, "--ranking", help="also train without augmentation: DD-Ranking's "
+                                 "augmentation-robust score (the label-robust score is always shown when it can be)"),
     test_limit: Optional[int] = typer.Option(None, "--test-limit", help="score on a stratified subset of the test split"),
     seed: int = typer.Option(0, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
@@ -118,7 +120,7 @@ def evaluate_cli(
         start_command(quiet, threads)
         r = evaluate_condensed(artifact, nets=nets, epochs=epochs, augment=augment, seed=seed,
                                compare_random=not no_random, full_data=not no_full, full_epochs=full_epochs,
-                               full_patience=full_patience,
+                               full_patience=full_patience, ranking=ranking,
                                test_limit=test_limit, log=err.print)
     except AttarError as e:
         _fail(e)
