@@ -12,22 +12,10 @@ from attar.errors import AttarError
 from attar.train import fp8_state, projection
 from attar.train.adamw import CompactAdamW, state_bytes
 from attar.train.config import TrainConfig
-from attar.train.objective import Objective
 from attar.train.trainer import Trainer
+from tiny_task import CE, digits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class CE(Objective):
-    def forward(self, batch, logits):
-        return {"loss": nn.functional.cross_entropy(logits, batch.y)}
-
-
-def _digits():
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return torch.tensor(d.data, dtype=torch.float32) / 16, torch.tensor(d.target)
 
 
 def _mlp():
@@ -197,7 +185,7 @@ class Stop(Exception):
 
 @pytest.mark.parametrize("kind", list(EFFICIENT))
 def test_resumed_after_a_kill_equals_an_uninterrupted_run(tmp_path, kind):
-    x, y = _digits()
+    x, y = digits()
     cfg = TrainConfig(epochs=2, batch_size=64, lr=1e-2, checkpoint_every=5, **EFFICIENT[kind])
 
     def stop_at_20(step, metrics):
@@ -236,7 +224,7 @@ def test_config_names_the_misfit():
 
 def test_plain_config_hash_is_unchanged_by_the_new_fields():
     """Checkpoints written before these settings existed still resume (their defaults are left out of the hash)."""
-    x, y = _digits()
+    x, y = digits()
     cfg = TrainConfig(epochs=1)
     old = cfg.model_dump(exclude={"device", "log_to", "dtype", "steps"})
     for k in ("optimizer_state", "sparsity", "growth"):  # what the config dumped before these fields existed

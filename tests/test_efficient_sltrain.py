@@ -2,28 +2,15 @@
 
 import pytest
 import torch
-from torch import nn
 
 from attar.errors import AttarError
 from attar.models import build_model, load_model, save_model
 from attar.models.sltrain import parameter_bytes, supports
 from attar.train.config import TrainConfig
-from attar.train.objective import Objective
 from attar.train.trainer import Trainer
+from tiny_task import CE, digits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class CE(Objective):
-    def forward(self, batch, logits):
-        return {"loss": nn.functional.cross_entropy(logits, batch.y)}
-
-
-def _digits():
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return torch.tensor(d.data, dtype=torch.float32).view(-1, 1, 8, 8) / 16, torch.tensor(d.target)
 
 
 SPEC = {"arch": "mlp", "hidden": [96, 48], "parameterization": {"sltrain": {"rank": 6, "sparsity": 0.9}}}
@@ -34,7 +21,7 @@ def _layers(model):
 
 
 def test_support_never_changes_and_only_b_a_and_its_values_train():
-    x, y = _digits()
+    x, y = digits(images=True)
     torch.manual_seed(0)
     model = build_model(SPEC, (1, 8, 8), 10)
     before = {k: v.clone() for k, v in supports(model).items()}

@@ -8,23 +8,11 @@ from attar.checkpoint import latest_checkpoint
 from attar.errors import AttarError
 from attar.train.callbacks import Callback
 from attar.train.config import TrainConfig
-from attar.train.objective import Objective
 from attar.train.sparsity import masked_parameters
 from attar.train.trainer import Trainer
+from tiny_task import CE, digits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class CE(Objective):
-    def forward(self, batch, logits):
-        return {"loss": nn.functional.cross_entropy(logits, batch.y)}
-
-
-def _digits():
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return torch.tensor(d.data, dtype=torch.float32) / 16, torch.tensor(d.target)
 
 
 def _mlp():
@@ -44,7 +32,7 @@ class Watch(Callback):
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 def test_masked_weights_stay_exactly_zero_until_dense_from_then_train(optimizer):
-    x, y = _digits()
+    x, y = digits()
     model = _mlp()
     cfg = TrainConfig(epochs=2, batch_size=64, lr=1e-2, weight_decay=1e-2, optimizer=optimizer,
                       sparsity={"schedule": "spdf", "sparsity": 0.75, "dense_from": 20})
@@ -73,7 +61,7 @@ def test_exclude_and_embeddings_stay_dense():
 
 
 def test_spdf_resumed_after_a_kill_equals_an_uninterrupted_run(tmp_path):
-    x, y = _digits()
+    x, y = digits()
     cfg = TrainConfig(epochs=2, batch_size=64, lr=1e-2, checkpoint_every=5,
                       sparsity={"sparsity": 0.5, "dense_from": 30})
 

@@ -14,13 +14,9 @@ from attar.select import build_selector
 from attar.select.efficienttrain import low_pass
 from attar.select.uds import nuclear_shares
 from attar.train.trainer import Trainer
+from tiny_task import CE, digits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class CE(Objective):
-    def forward(self, batch, logits):
-        return {"loss": nn.functional.cross_entropy(logits, batch.y)}
 
 
 class KDish(Objective):
@@ -28,13 +24,6 @@ class KDish(Objective):
 
     def forward(self, batch, logits):
         return {"loss": nn.functional.cross_entropy(logits, batch.y)}
-
-
-def _digits():
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return torch.tensor(d.data, dtype=torch.float32) / 16, torch.tensor(d.target)
 
 
 def _setup(sel, n=100, epochs=10, seed=0, objective=None, **extra):
@@ -100,7 +89,7 @@ def test_rs2_covers_every_row_exactly_once_per_round_of_one_over_keep_epochs():
 
 
 def test_rs2_through_the_trainer_sees_every_row_once_per_round():
-    x, y = _digits()
+    x, y = digits()
     x, y = x[:400], y[:400]
     seen = []
 
@@ -198,7 +187,7 @@ def test_disagreement_needs_a_teacher_and_a_per_sample_divergence():
 # ---------------------------------------------------------------------------------------- prune
 @pytest.mark.parametrize("score", ["random", "el2n", "loss", "forgetting"])
 def test_prune_keeps_the_fraction_fixed_across_epochs(score):
-    x, y = _digits()
+    x, y = digits()
     torch.manual_seed(0)
     tr = Trainer(nn.Linear(64, 10), CE(), x, y, TrainConfig(epochs=2, batch_size=64),
                  selector=build_selector({"name": "prune", "keep": 0.3, "score": score, "probe_epochs": 1}))
@@ -220,7 +209,7 @@ def test_prune_keeps_the_fraction_fixed_across_epochs(score):
 
 
 def test_prune_easy_keeps_the_lowest_scores_and_needs_labels():
-    x, y = _digits()
+    x, y = digits()
     tr = Trainer(nn.Linear(64, 10), CE(), x, y, TrainConfig(epochs=1, batch_size=64),
                  selector=build_selector({"name": "prune", "keep": 0.2, "score": "el2n", "keep_hardest": False,
                                           "probe_epochs": 1, "balanced": False}))
@@ -320,7 +309,7 @@ def test_the_accounting_test_covers_every_registered_selector():
 @pytest.mark.parametrize("spec", ALL_SPECS, ids=lambda s: "-".join(str(v) for v in s.values()))
 def test_every_selector_accounts_for_its_cost(spec):
     """Scoring forward passes, selection vs training wall time and samples seen, for every selector."""
-    x, y = _digits()
+    x, y = digits()
     x = x.view(-1, 1, 8, 8)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
@@ -509,7 +498,7 @@ def test_a_selector_without_a_name_fails_at_recipe_load():
 def test_the_selector_is_part_of_the_checkpoint_config_hash(tmp_path):
     from attar.select import selector_spec_hash
 
-    x, y = _digits()
+    x, y = digits()
     cfg = TrainConfig(epochs=1, batch_size=64)
 
     def tr(spec, ckpt=None):

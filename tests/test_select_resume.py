@@ -5,28 +5,16 @@ import pytest
 import torch
 from torch import nn
 
-from attar.train.objective import Objective
 from attar.train.config import TrainConfig
 from attar.select import build_selector
 from attar.train.trainer import Trainer
+from tiny_task import CE, digits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class CE(Objective):
-    def forward(self, batch, logits):
-        return {"loss": nn.functional.cross_entropy(logits, batch.y)}
-
-
 class Stop(Exception):
     pass
-
-
-def _data():
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return torch.tensor(d.data, dtype=torch.float32).view(-1, 1, 8, 8) / 16, torch.tensor(d.target)
 
 
 def _model():
@@ -51,7 +39,7 @@ SPECS = [
 
 @pytest.mark.parametrize("spec", SPECS, ids=[s["name"] for s in SPECS])
 def test_resume_with_selector_matches_uninterrupted(tmp_path, spec):
-    x, y = _data()
+    x, y = digits(images=True)
     cfg = TrainConfig(epochs=2, batch_size=32, checkpoint_every=7, lr=3e-3)
     ref_sel = build_selector(spec)
     ref = Trainer(_model(), CE(), x, y, cfg, seed=4, selector=ref_sel).fit()

@@ -7,11 +7,7 @@ from attar.errors import AttarError
 from attar.train.objective import Objective
 from attar.train.config import TrainConfig
 from attar.train.trainer import Trainer, TrainingDiverged
-
-
-class CE(Objective):
-    def forward(self, batch, logits):
-        return {"loss": nn.functional.cross_entropy(logits, batch.y)}
+from tiny_task import CE, digits
 
 
 class NaNAt(Objective):
@@ -27,20 +23,13 @@ class NaNAt(Objective):
         return {"loss": loss * float("nan") if self.calls > self.at else loss}
 
 
-def _digits():
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return torch.tensor(d.data, dtype=torch.float32) / 16, torch.tensor(d.target)
-
-
 def _mlp():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 10))
 
 
 def test_training_learns_and_is_deterministic():
-    x, y = _digits()
+    x, y = digits()
     cfg = TrainConfig(epochs=3, batch_size=64, lr=3e-3)
     a = Trainer(_mlp(), CE(), x, y, cfg, seed=1, val=(x, y)).fit()
     b = Trainer(_mlp(), CE(), x, y, cfg, seed=1, val=(x, y)).fit()
@@ -51,7 +40,7 @@ def test_training_learns_and_is_deterministic():
 
 def test_accumulation_matches_large_batch():
     """accumulate=2 over micro-batches of 32 takes the same SGD step as one batch of the same 64 rows."""
-    x, y = _digits()
+    x, y = digits()
     m1, m2 = nn.Sequential(nn.Linear(64, 10)), nn.Sequential(nn.Linear(64, 10))
     m2.load_state_dict(m1.state_dict())
     cfg = TrainConfig(epochs=1, batch_size=32, accumulate=2, optimizer="sgd", momentum=0.0, weight_decay=0,
@@ -67,7 +56,7 @@ def test_accumulation_matches_large_batch():
 
 
 def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
-    x, y = _digits()
+    x, y = digits()
     cfg = TrainConfig(epochs=2, batch_size=64, checkpoint_every=5)
     tr = Trainer(_mlp(), NaNAt(12), x, y, cfg, ckpt_dir=tmp_path)
     with pytest.raises(TrainingDiverged) as e:
@@ -80,7 +69,7 @@ def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
 def test_resume_rejects_changed_settings(tmp_path):
     from attar.errors import AttarError
 
-    x, y = _digits()
+    x, y = digits()
     Trainer(_mlp(), CE(), x, y, TrainConfig(epochs=1, batch_size=64), ckpt_dir=tmp_path).fit()
     with pytest.raises(AttarError, match="different training settings"):
         Trainer(_mlp(), CE(), x, y, TrainConfig(epochs=1, batch_size=32), ckpt_dir=tmp_path).fit(resume=True)
@@ -88,7 +77,7 @@ def test_resume_rejects_changed_settings(tmp_path):
 
 def test_nan_right_after_a_checkpoint_drops_it_and_names_the_previous_one(tmp_path):
     """The checkpoint written just before the divergence holds the weights that produced it: it is not 'good'."""
-    x, y = _digits()
+    x, y = digits()
     cfg = TrainConfig(epochs=2, batch_size=64, checkpoint_every=5)
     with pytest.raises(TrainingDiverged) as e:
         Trainer(_mlp(), NaNAt(10), x, y, cfg, ckpt_dir=tmp_path).fit()
@@ -99,7 +88,7 @@ def test_nan_right_after_a_checkpoint_drops_it_and_names_the_previous_one(tmp_pa
 
 
 def test_nan_before_any_checkpoint_says_so_in_words(tmp_path):
-    x, y = _digits()
+    x, y = digits()
     with pytest.raises(TrainingDiverged) as e:
         Trainer(_mlp(), NaNAt(0), x, y, TrainConfig(epochs=1, batch_size=64), ckpt_dir=tmp_path).fit()
     msg = str(e.value)
@@ -109,7 +98,7 @@ def test_nan_before_any_checkpoint_says_so_in_words(tmp_path):
 def test_resume_with_changed_optimiser_settings_only_on_request(tmp_path):
     from attar.errors import AttarError
 
-    x, y = _digits()
+    x, y = digits()
     cfg = TrainConfig(epochs=2, batch_size=64, checkpoint_every=5, optimizer="sgd", schedule="constant")
     with pytest.raises(TrainingDiverged):
         Trainer(_mlp(), NaNAt(12), x, y, cfg, ckpt_dir=tmp_path).fit()
@@ -163,7 +152,7 @@ MEZO_CFG = TrainConfig(epochs=2, batch_size=64, lr=1e-2, weight_decay=1e-3, chec
 
 @pytest.mark.usefixtures("one_thread")
 def test_mezo_strategy_resumed_after_a_kill_matches_uninterrupted(tmp_path):
-    x, y = _digits()
+    x, y = digits()
     ref = Trainer(_mlp(), CE(), x, y, MEZO_CFG, seed=2, strategy=_mezo()).fit()
     with pytest.raises(Stop):
         Trainer(_mlp(), CE(), x, y, MEZO_CFG, seed=2, strategy=_mezo(), ckpt_dir=tmp_path, on_metrics=_stop_at(20)).fit()
@@ -208,7 +197,7 @@ def test_mezo_strategy_stops_on_sigterm_with_a_checkpoint_and_resumes_exactly(tm
             if self.n == 8:
                 os.kill(os.getpid(), signal.SIGTERM)
 
-    x, y = _digits()
+    x, y = digits()
     cfg = MEZO_CFG.model_copy(update={"checkpoint_every": 0})
     ref = Trainer(_mlp(), CE(), x, y, cfg, seed=2, strategy=_mezo()).fit()
     term = TermAt()
@@ -222,7 +211,7 @@ def test_mezo_strategy_stops_on_sigterm_with_a_checkpoint_and_resumes_exactly(tm
 def test_mezo_strategy_has_the_nan_guard_and_refuses_teacher_objectives(tmp_path):
     from attar.errors import AttarError
 
-    x, y = _digits()
+    x, y = digits()
     with pytest.raises(TrainingDiverged) as e:  # two forward passes per MeZO step: call 25 is step 12's first
         Trainer(_mlp(), NaNAt(24), x, y, MEZO_CFG, strategy=_mezo(), ckpt_dir=tmp_path).fit()
     assert "step 12" in str(e.value) and "step-00000010" in str(e.value)
@@ -237,7 +226,7 @@ def test_mezo_strategy_has_the_nan_guard_and_refuses_teacher_objectives(tmp_path
 def test_mezo_fit_is_the_trainer_with_the_mezo_strategy():
     from attar.adapt.mezo import MeZOConfig, mezo_fit
 
-    x, y = _digits()
+    x, y = digits()
     a = mezo_fit(_mlp(), CE(), x, y, MEZO_CFG, MeZOConfig(eps=1e-3), seed=2)
     b = Trainer(_mlp(), CE(), x, y, MEZO_CFG, seed=2, name="finetune", strategy=_mezo()).fit()
     _same_weights(a.model, b.model)
@@ -260,7 +249,7 @@ def test_callbacks_see_every_batch_and_epoch_and_resume_with_their_state(tmp_pat
         def on_epoch_end(self, trainer, epoch):
             self.epochs.append(epoch)
 
-    x, y = _digits()
+    x, y = digits()
     cfg = TrainConfig(epochs=3, batch_size=64, checkpoint_every=10, lr=3e-3)
     count, traj, forget = Count(), Trajectory(m := _mlp()), ForgettingCounter(len(y))
     ref = Trainer(m, CE(), x, y, cfg, seed=1, callbacks=[count, traj, forget]).fit()
@@ -302,7 +291,7 @@ def test_a_task_turns_rows_into_batches_and_batches_into_losses():
             l2 = logits.pow(2).mean()
             return {"loss": objective(batch, logits)["loss"] + 1e-3 * l2, "logit_l2": l2.detach()}, logits
 
-    x, y = _digits()
+    x, y = digits()
     seen = []
     res = Trainer(_mlp(), CE(), x, y, TrainConfig(epochs=3, batch_size=64, lr=3e-3), val=(x, y), task=NoisyRows(),
                   on_metrics=lambda step, m: seen.append(m)).fit()
@@ -311,7 +300,7 @@ def test_a_task_turns_rows_into_batches_and_batches_into_losses():
 
 
 def test_inner_runs_see_every_row_and_leave_the_global_rng_alone():
-    x, y = _digits()
+    x, y = digits()
     tr = Trainer(_mlp(), CE(), x, y, TrainConfig(epochs=2, batch_size=64), drop_last=False, inner=True)
     torch.manual_seed(123)
     before = torch.get_rng_state()
@@ -328,7 +317,7 @@ def test_a_selectors_progress_spans_the_micro_batches_the_trainer_runs_with_mezo
     the micro-batches the trainer really runs: progress reaches the end of training, not half of it."""
     from attar.select import build_selector
 
-    x, y = _digits()
+    x, y = digits()
     seen = []
     sel = build_selector({"name": "uniform", "keep": 0.5})
     begin = sel.begin_micro
@@ -349,7 +338,7 @@ def test_a_step_budget_and_a_callbacks_stop_end_the_run_and_stay_ended(tmp_path)
     """train.steps replaces epochs; a callback's request_stop ends the run, and resuming it trains no further."""
     from attar.train.callbacks import Callback
 
-    x, y = _digits()
+    x, y = digits()
     res = Trainer(_mlp(), CE(), x, y, TrainConfig(steps=7, batch_size=64), progress=False).fit()
     assert res.steps == 7 and len(res.history) == 1
 
@@ -373,6 +362,6 @@ def test_a_step_budget_and_a_callbacks_stop_end_the_run_and_stay_ended(tmp_path)
 def test_device_cuda_without_one_is_refused_with_the_fix():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    x, y = _digits()
+    x, y = digits()
     with pytest.raises(AttarError, match="no CUDA device; use device: auto or cpu"):
         Trainer(_mlp(), CE(), x, y, TrainConfig(epochs=1, device="cuda")).fit()
