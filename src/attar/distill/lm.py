@@ -226,7 +226,7 @@ def distill_lm(student: nn.Module, data: LMData, teacher: nn.Module | None = Non
     tcfg = TrainConfig(epochs=1, steps=cfg.steps, batch_size=min(cfg.batch_size, len(train)), lr=cfg.lr,
                        weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip,
                        accumulate=cfg.accumulate, checkpoint_every=cfg.checkpoint_every, schedule="cosine",
-                       eval_every=10**9, device=cfg.device, dtype=cfg.dtype, fsdp=cfg.fsdp)
+                       eval_every=10**9, device=cfg.device, dtype=cfg.dtype, fsdp=cfg.fsdp, **cfg.train_fields())
     monitor = LMMonitor(cfg.eval_every, cfg.steps, val, mon, measure, cfg.restore_best, cfg.patience,
                         cfg.stop_on_hacking, on_metrics)
     # the LM task reads rows through train.rows(...); the Trainer only counts them (a token store's blocks stay on disk)

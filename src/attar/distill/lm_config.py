@@ -8,7 +8,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from attar.specs import Parameterization
+from attar.train.config import (
+    GrowthConfig,
+    OptimizerConfig,
+    OptimizerStateConfig,
+    SparsityConfig,
+    TrainConfig,
+)
 
 
 class LMDistillConfig(BaseModel):
@@ -53,6 +62,33 @@ class LMDistillConfig(BaseModel):
     log_to: list[Literal["tensorboard"]] = Field(
         default_factory=list, description="recipe stages: also write the metrics as TensorBoard event files under "
         "<run>/<stage>/tensorboard/ (needs `pip install 'attar[tensorboard]'`)")
+    # the efficient-training options of the one Trainer (issue 15), the same types as TrainConfig's (docs/efficient.md)
+    optimizer: Literal["adamw", "sgd"] | OptimizerConfig = Field(
+        "adamw", description="adamw, sgd, or a block {name: adamw, projection: {rank, update_every}} (GaLore)")
+    optimizer_state: OptimizerStateConfig | None = Field(
+        None, description="{dtype: fp8_e4m3, expansion: dynamic}: AdamW moments stored in FP8 (COAT)")
+    sparsity: SparsityConfig | None = Field(
+        None, description="{schedule: spdf, sparsity: 0.75, dense_from: STEP}: sparse, then dense training (SPDF)")
+    growth: GrowthConfig | None = Field(
+        None, description="{method: g_stack, from: STAGE, factor: 2}: the model starts as an earlier causal-LM "
+        "stage's model with its blocks stacked factor times (G_stack)")
+
+    @model_validator(mode="after")
+    def _efficient_settings_fit(self) -> "LMDistillConfig":
+        """The efficient options' rules are TrainConfig's (e.g. none of them with fsdp): checked by building one."""
+        try:
+            self.train_fields()
+        except ValidationError as e:
+            raise ValueError("; ".join(er["msg"].removeprefix("Value error, ") for er in e.errors())) from None
+        return self
+
+    def train_fields(self) -> dict[str, Any]:
+        """The efficient-training settings as TrainConfig fields (unset ones left out, so the Trainer's config hash
+        of runs made before these options existed is unchanged)."""
+        out = {k: getattr(self, k) for k in ("optimizer", "optimizer_state", "sparsity", "growth")
+               if getattr(self, k) is not None}
+        TrainConfig(fsdp=self.fsdp, **out)  # raises when they do not fit together
+        return out
 
 
 class LMPruneSpec(BaseModel):
@@ -106,6 +142,9 @@ class LMModelSpec(BaseModel):
     topk: int = Field(32, ge=1, description="with url: top-k log-probs asked per token")
     prune: LMPruneSpec | None = Field(None, description="prune depth and/or width first (prune, then recover by training)")
     lora: LMLoraSpec | None = Field(None, description="train LoRA adapters instead of every weight")
+    parameterization: Parameterization | None = Field(
+        None, description="byte only: {sltrain: {rank, sparsity}}: weight matrices as low rank plus fixed-support "
+        "sparse (SLTrain); the saved model is dense")
 
     @model_validator(mode="after")
     def _one(self) -> "LMModelSpec":
@@ -121,6 +160,9 @@ class LMModelSpec(BaseModel):
             raise ValueError("protocol and topk apply to a served teacher (url)")
         if self.url is not None and not self.url.startswith(("http://", "https://")):
             raise ValueError(f"url {self.url!r}: give an http:// or https:// address, e.g. http://127.0.0.1:8000")
+        if self.parameterization is not None and self.byte is None:
+            raise ValueError("parameterization (SLTrain) re-parameterises a fresh model's weights: give byte: {...}; "
+                             "a trained model's dense weights have no sparse support to keep")
         if self.byte is not None:
             unknown = sorted(set(self.byte) - {"layers", "d_model", "heads", "context"})
             if unknown:

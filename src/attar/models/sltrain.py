@@ -52,9 +52,11 @@ class SparsePlusLowRank(nn.Module):
 
 
 def _layers(model: nn.Module, rank: int, exclude: list[str]):
+    # an output head tied to the input embedding (GPT-2's lm_head) is the embedding: it stays dense and tied
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     for name, mod in model.named_modules():
         w = getattr(mod, "weight", None)
-        if not isinstance(w, nn.Parameter) or w.dim() < 2 or isinstance(mod, nn.Embedding):
+        if not isinstance(w, nn.Parameter) or w.dim() < 2 or isinstance(mod, nn.Embedding) or id(w) in embeddings:
             continue
         if any(fnmatch(name, pat) for pat in exclude) or parametrize.is_parametrized(mod, "weight"):
             continue
@@ -77,6 +79,16 @@ def apply_sltrain(model: nn.Module, rank: int, sparsity: float, exclude: list[st
         raise AttarError(f"model.parameterization.sltrain: no weight matrix has both sides larger than rank {rank}; "
                          "lower the rank.")
     return done
+
+
+def materialize(model: nn.Module) -> nn.Module:
+    """Replace every ``B A + S`` weight by its dense value, in place (for formats that know only plain weights, e.g.
+    a Hugging Face folder); returns ``model``."""
+    for mod in list(model.modules()):
+        if parametrize.is_parametrized(mod, "weight") and any(
+                isinstance(p, SparsePlusLowRank) for p in mod.parametrizations["weight"]):
+            parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
+    return model
 
 
 def supports(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -44,6 +44,8 @@ from attar.distill.lm_store import StoredLMTeacher
 from attar.distill.lm_task import head_split, scored
 from attar.errors import AttarError
 from attar.io import atomic_write_json, staged_folder
+from attar.models.sltrain import apply_sltrain, materialize
+from attar.models.sltrain import parameter_bytes as sltrain_bytes
 from attar.stages.base import (
     STAGES,
     EarlierStage,
@@ -74,6 +76,7 @@ from attar.text.sources import TEXT_BUILTINS
 from attar.text.text_stream import text_stream
 from attar.text.token_store import tokenizer_fingerprint
 from attar.train import distributed as dist
+from attar.train.growth import g_stack
 
 
 @STAGES.register("lm")
@@ -89,7 +92,8 @@ class LMStage(StageKind):
     @classmethod
     def references(cls, st: Any) -> list[str]:
         o = st.options  # the lm: block of a kind: lm stage, or the options a causal-LM train/distill stage builds
-        return [m.stage for m in (o.student, o.teacher) if m is not None and m.stage]
+        return [m.stage for m in (o.student, o.teacher) if m is not None and m.stage] + (
+            [o.train.growth.from_] if o.train.growth is not None else [])
 
     def preflight(self, inputs: StageInputs):
         o = inputs.options
@@ -120,6 +124,9 @@ class LMStage(StageKind):
                     TEXT_BUILTINS.get(o.data.name).load()  # says what is missing and the install command
                 if stream.kind != "builtin":
                     next(stream.chunks(16))  # the first rows: a missing field or column is named before any work
+            _check_efficient(o, inputs.earlier)
+            if o.student.byte is not None:  # what a later stage's growth checks its shape against
+                inputs.model_spec = {"byte": dict(o.student.byte)}
             if o.optimizer == "mezo" and settings.alpha < 1:
                 raise AttarError("optimizer: mezo trains with next-token CE only (train.alpha 1, no teacher); MeZO "
                                  "estimates one gradient from two losses, a KD term has no place in it.")
@@ -144,6 +151,9 @@ class LMStage(StageKind):
         with _recipe_fields(inputs):
             cfg = _settings(o, inputs.seed)
             student, stok = _load(o.student, "student", inputs.earlier)
+            if cfg.growth is not None:  # G_stack (a resumed run's checkpoint then replaces these weights, as any start's)
+                student = _grow(student, cfg.growth, inputs.earlier)
+                inputs.log(f"  grown from stage {cfg.growth.from_!r}: its blocks stacked {cfg.growth.factor} times")
             stored = o.teacher is not None and (o.teacher.store is not None or o.teacher.url is not None)  # outputs only
             teacher, ttok = (_load(o.teacher, "teacher", inputs.earlier) if o.teacher is not None and not stored
                              else (None, None))
@@ -217,6 +227,9 @@ class LMStage(StageKind):
             else:
                 metrics["cross_tokenizer"] = res.metrics.get("teacher", vmap.note)
                 metrics["paired_fraction"] = res.metrics.get("paired_fraction")
+        if o.student.parameterization is not None:  # SLTrain: the folder holds the dense weights B A + S
+            metrics |= {f"sltrain_{k}_bytes": v for k, v in sltrain_bytes(model).items()}
+            materialize(model)
         with staged_folder(out) as tmp:
             save_causal_lm(model, stok, tmp)
         atomic_write_json(metrics_file, {"metrics": metrics, "history": res.history})
@@ -294,9 +307,56 @@ def _open_store(path: str) -> None:
         raise AttarError(f"lm.teacher.store: {path} holds a {st.kind}'s outputs, not a language model's.")
 
 
+def _check_efficient(o: LMStageOptions, earlier: dict[str, EarlierStage]) -> None:
+    """The efficient-training options (docs/efficient.md) where they cannot apply to this stage, refused by name."""
+    t, compact = o.train, o.train.optimizer != "adamw" or o.train.optimizer_state is not None
+    if o.optimizer == "mezo" and (compact or t.sparsity is not None):
+        raise AttarError("train.optimizer / optimizer_state / sparsity shape backprop's AdamW step; optimizer: mezo "
+                         "takes its own zeroth-order step (drop one of them).")
+    if t.sparsity is not None and o.student.lora is not None:
+        raise AttarError("train.sparsity (SPDF) masks the weights that train; with model.lora only the adapters "
+                         "train (drop one of them).")
+    if o.teacher is not None and o.teacher.parameterization is not None:
+        raise AttarError("lm.teacher.parameterization: SLTrain shapes a model that trains; the teacher does not.")
+    g = t.growth
+    if g is None:
+        return
+    if o.student.byte is None and o.student.hf is None or o.student.prune or o.student.lora:
+        raise AttarError("train.growth (G_stack) replaces the stage's model's weights with the grown ones: give a "
+                         "fresh model (model: {byte: {...}}, or {hf: FOLDER} of an untrained config) with no prune "
+                         "or lora.")
+    if o.student.parameterization is not None:
+        raise AttarError("train.growth with model.parameterization: the grown weights are dense copies; SLTrain's "
+                         "factors have no source to copy from (drop one of them).")
+    if not earlier[g.from_].causal_lm:
+        raise AttarError(f"train.growth.from: stage {g.from_!r} is not a causal-LM stage; G_stack grows an earlier "
+                         "causal-LM stage's model.")
+    src = (earlier[g.from_].spec or {}).get("byte")  # a byte model's shape, which preflight records (below)
+    if src is not None and o.student.byte is not None:  # both byte models: shapes known before anything trains
+        a, b = ({"layers": 4, "d_model": 128, "heads": 4, "context": 256} | m for m in (src, o.student.byte))
+        if b["layers"] != g.factor * a["layers"] or any(a[k] != b[k] for k in ("d_model", "heads", "context")):
+            raise AttarError(f"train.growth: stage {g.from_!r} has {a['layers']} layers, so factor {g.factor} makes "
+                             f"{g.factor * a['layers']} of the same width; model.byte has {b} (byte model "
+                             f"{a} grown must differ only in layers).")
+
+
+def _grow(student, g, earlier: dict[str, EarlierStage]):
+    """train.growth: ``student`` (fresh, factor x deeper) loaded with the earlier stage's model stacked (G_stack)."""
+    e = earlier[g.from_]
+    source = e.model if e.model is not None else load_causal_lm(e.spec["hf"])[0]
+    try:
+        return g_stack(source, student, g.factor)
+    except AttarError as err:
+        raise AttarError(str(err).replace("the stage's model", "model")) from None
+
+
 def _load(spec: LMModelSpec, role: str, earlier: dict[str, EarlierStage]) -> tuple[Any, Any]:
     if spec.byte is not None:
-        return make_byte_lm(**spec.byte), byte_tokenizer()
+        model = make_byte_lm(**spec.byte)
+        if spec.parameterization is not None:  # the support is drawn from the seeded generator make_byte_lm set
+            sl = spec.parameterization.sltrain
+            apply_sltrain(model, sl.rank, sl.sparsity, sl.exclude)
+        return model, byte_tokenizer()
     if spec.stage is not None:
         e = earlier[spec.stage]
         if not e.spec.get("hf"):
