@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from attar.distill import lm_served
 from attar.distill.lm import distill_lm
 from attar.distill.lm_objectives import LMTeacherCache, TopK, ids_hash, token_kd_loss
-from attar.distill.lm_served import ServedLMTeacher, TeacherServer, parse_attar, parse_openai
+from attar.distill.lm_serve import TeacherServer, serve_model
+from attar.distill.lm_served import ServedLMTeacher, parse_attar, parse_openai
 from attar.errors import AttarError
 from attar.text.charlm import BYTE_VOCAB, byte_tokenizer, lm_data, make_byte_lm
 from attar.text.token_store import tokenizer_fingerprint
@@ -260,7 +261,7 @@ def test_a_server_killed_mid_run_stops_the_stage_with_a_checkpoint_and_resume_ma
 
     torch.manual_seed(0)
     make_byte_lm(tmp_path / "teacher", layers=1, d_model=32, heads=2, context=96)
-    served = Served(lm_served.serve_model(str(tmp_path / "teacher")))
+    served = Served(serve_model(str(tmp_path / "teacher")))
     port, url = served.server.server_address[1], served.url
     ref = Pipeline(*load_recipe(_recipe(tmp_path, url, "ref")), home=tmp_path / "ref", log=lambda *a, **k: None).run()
     metrics = json.loads((ref / "student" / "lm-metrics.json").read_text())["metrics"]
@@ -286,7 +287,7 @@ def test_a_server_killed_mid_run_stops_the_stage_with_a_checkpoint_and_resume_ma
     assert (run / "student" / "checkpoints" / "step-00000003").is_dir()
     with pytest.raises(AttarError, match="did not answer"):  # still down: resume says so and keeps the checkpoint
         Pipeline(*load_recipe(run / "recipe.yaml"), home=home, log=lambda *a, **k: None).run(resume_dir=run)
-    back = Served(lm_served.serve_model(str(tmp_path / "teacher"), port=port))
+    back = Served(serve_model(str(tmp_path / "teacher"), port=port))
     try:
         Pipeline(*load_recipe(run / "recipe.yaml"), home=home, log=lambda *a, **k: None).run(resume_dir=run)
     finally:

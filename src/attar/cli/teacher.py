@@ -7,6 +7,13 @@ outputs").
   ``lm`` stage with the same ``data`` block and seed trains on, so a recipe reads the store with
   ``teacher: {store: store/}``. A killed dump resumes when run again with the same arguments (finished shards are
   kept); progress with ETA on stderr.
+* ``attar teacher dump --model runs/<id>/teacher --data fashion-mnist --out store/ [--k 10] [--values f32]``: the
+  same for an image/table classifier (a model artifact or run stage folder, a packaged classifier such as
+  ``mnist-cnn``, or a model spec as YAML): top-k per example of the data set's training rows (default every class),
+  read by ``teacher: {store: store/}`` in a ``distill`` stage, the ``stored_teacher`` selector and ``attar teacher
+  relabel``. ``--data`` is then an image/table data spec (``digits``, ``'{name: fashion-mnist, train_limit: 2000}'``,
+  ``'{artifact: runs/<id>/condense/data}'``).
+* ``attar teacher relabel CONDENSED --store store/``: a condensed set's soft labels from a store made on it.
 * ``attar teacher show store/``: what a store holds (settings, size, bytes per token), every shard's hash checked.
 * ``attar teacher serve --model smollm2-135m --port 8000 [--topk 64]``: the teacher's top-k log-probs over HTTP
   (:mod:`attar.distill.lm_served`; docs/lm.md, "A served teacher"), read by a recipe's ``teacher: {url: ...}``.
@@ -17,6 +24,7 @@ outputs").
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -31,6 +39,80 @@ from attar.errors import AttarError
 app = typer.Typer(help="Stored teacher outputs: run a teacher once over a corpus and keep its top-k per token "
                        "(docs/lm.md).", add_completion=False, no_args_is_help=True)
 out = Console(highlight=False, soft_wrap=True)
+
+
+def _classifier_model(model: str):
+    """``(module, name)`` when ``--model`` is an image/table classifier (a model artifact, a run stage folder holding
+    ``model/``, a packaged classifier or a model spec as YAML), else None (a causal LM). The module is built later
+    for a spec that needs the data's shape."""
+    from attar.models import PRETRAINED
+    from attar.specs import ModelSpec
+
+    if model.strip().startswith("{"):
+        try:
+            return ModelSpec.model_validate(yaml.safe_load(model)), model
+        except Exception as e:  # noqa: BLE001  (yaml or pydantic: one message)
+            raise AttarError(f"--model {model!r}: not a model spec ({e}).") from None
+    folder = Path(model).expanduser()
+    for f in (folder, folder / "model"):
+        try:
+            is_model = (f / "manifest.json").is_file() and json.loads((f / "state.json").read_text()).get("kind") == "model"
+        except (OSError, ValueError):
+            is_model = False
+        if is_model:
+            return ModelSpec(artifact=str(f)), str(f)
+    if model in PRETRAINED:
+        return ModelSpec(pretrained=model), model
+    return None
+
+
+def _data_spec(data: str, **fields):
+    """``--data`` for a classifier: a data set name/folder or a data spec as YAML, with the flags that were given."""
+    from pydantic import ValidationError
+
+    from attar.registry import validation_error
+    from attar.specs import DataSpec
+
+    block = yaml.safe_load(data) if data.strip().startswith("{") else (
+        {"imagefolder": data} if Path(data).expanduser().is_dir() else {"name": data})
+    if not isinstance(block, dict):
+        raise AttarError(f"--data {data!r}: expected a mapping such as '{{name: fashion-mnist, train_limit: 2000}}'.")
+    block |= {k: v for k, v in fields.items() if v is not None}
+    try:
+        return DataSpec(**block)
+    except ValidationError as e:
+        raise validation_error("--data", e, DataSpec) from None
+
+
+def _dump_classifier(spec, name: str, data: str, out_dir: Path, *, k, temperature, step, values, train_limit,
+                     shard_rows, batch_size, overwrite, quiet) -> None:
+    """The classifier path of ``attar teacher dump`` (:func:`attar.distill.cls_store.dump_classifier_teacher`)."""
+    import torch
+
+    from attar.data import load_data
+    from attar.distill.cls_store import DEFAULT_SHARD_ROWS, dump_classifier_teacher
+    from attar.models import build_model, load_model
+
+    dspec = _data_spec(data, train_limit=train_limit)
+    bundle = load_data(dspec)
+    if spec.artifact:
+        teacher, info = load_model(spec.artifact)
+        if tuple(info.get("input_shape") or ()) != tuple(bundle.input_shape):
+            raise AttarError(f"--model {name} takes inputs of shape {tuple(info['input_shape'])}, --data {data} has "
+                             f"{tuple(bundle.input_shape)}.")
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            teacher = build_model(spec, bundle.input_shape, len(bundle.classes), mean=bundle.mean, std=bundle.std)
+    desc = f"{bundle.name}: {dspec.model_dump_json(exclude_defaults=True)}, {len(bundle.train)} training rows"
+    store = dump_classifier_teacher(teacher, bundle.train.x, out_dir, k=k, temperature=temperature, step=step,
+                                    values=values, classes=bundle.classes, teacher_name=name, data=desc,
+                                    shard_rows=shard_rows or DEFAULT_SHARD_ROWS, batch_size=batch_size,
+                                    overwrite=overwrite, progress=None if not quiet else False)
+    m = store.manifest
+    out.print(f"teacher store {out_dir}: {m.settings.rows} examples of {bundle.name}, top-{m.settings.k} of "
+              f"{m.settings.vocab_size} classes ({values}), {m.bytes / 2**10:.1f} KiB ({store.bytes_per_position:.1f} "
+              f"bytes/example) in {len(m.shards)} shards; read it with teacher: {{store: {out_dir}}}", markup=False)
 
 
 def _text_spec(data: str, **fields):
@@ -60,23 +142,30 @@ def _text_spec(data: str, **fields):
 @app.command("dump")
 @errors_as_messages
 def dump_cli(
-    model: str = typer.Option(..., "--model", "-m", help="the teacher: a packaged model name (attar models list) or "
-                              "a Hugging Face causal-LM folder"),
+    model: str = typer.Option(..., "--model", "-m", help="the teacher: a packaged model name (attar models list), "
+                              "a Hugging Face causal-LM folder, or an image/table classifier (a model artifact or "
+                              "run stage folder, a packaged classifier, or a model spec as YAML)"),
     data: str = typer.Option(..., "--data", "-d", help="a built-in text set or text file, or the lm stage's data "
-                             "block as YAML: '{name: fortunes, max_len: 64, train_limit: 400}'"),
+                             "block as YAML: '{name: fortunes, max_len: 64, train_limit: 400}'; for a classifier an "
+                             "image/table data spec: 'digits', '{name: fashion-mnist, train_limit: 2000}', "
+                             "'{artifact: CONDENSED_DIR}'"),
     out_dir: Path = typer.Option(..., "--out", "-o", help="the store's folder (resumed when it holds an unfinished "
                                  "dump with the same settings)"),
-    k: int = typer.Option(32, "--k", min=1, help="top-k log-probs kept per token"),
+    k: Optional[int] = typer.Option(None, "--k", min=1, help="top-k log-probs kept per token (default 32) or per "
+                                    "example (default: every class)"),
     temperature: float = typer.Option(1.0, "--temperature", min=1e-6, help="the KD temperature the store is for"),
     step: float = typer.Option(1 / 16, "--step", min=1e-4, max=1.0, help="log-prob quantisation step in nats (each "
                                "stored log-prob within this of the teacher's)"),
+    values: str = typer.Option("q8", "--values", help="q8: one byte per log-prob (within --step); f32: float32, "
+                               "exact (classifier stores: KD equal to the live teacher's at k = classes)"),
     max_len: Optional[int] = typer.Option(None, "--max-len", help="tokens per row (overrides the data block)"),
     prompt_len: Optional[int] = typer.Option(None, "--prompt-len", help="prompt tokens per row (never scored)"),
     train_limit: Optional[int] = typer.Option(None, "--train-limit", help="training rows kept"),
     text_column: Optional[str] = typer.Option(None, "--text-column", help="text field/column of a file"),
     pack: bool = typer.Option(False, "--pack", help="packed text (the data block's pack: true)"),
     seed: int = typer.Option(0, "--seed", help="the recipe's seed (it decides which texts are validation rows)"),
-    shard_rows: int = typer.Option(128, "--shard-rows", min=1, help="rows per shard (the unit of resume and reading)"),
+    shard_rows: Optional[int] = typer.Option(None, "--shard-rows", min=1, help="rows per shard, the unit of resume "
+                                             "and reading (default 128 for LMs, 4096 for classifiers)"),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="rows per teacher forward pass"),
     home: Optional[Path] = typer.Option(None, "--home", help="where the token store of --pack lives (default "
                                         "$ATTAR_HOME or ./runs), as for attar run"),
@@ -88,6 +177,19 @@ def dump_cli(
     from attar.train.progress import is_quiet, start_command
 
     start_command(quiet, threads)
+    if values not in ("q8", "f32"):
+        raise AttarError(f"--values must be q8 or f32, got {values!r}.")
+    cls_spec = _classifier_model(model)
+    if cls_spec is not None:
+        _dump_classifier(*cls_spec, data, out_dir, k=k, temperature=temperature, step=step, values=values,
+                         train_limit=train_limit, shard_rows=shard_rows, batch_size=batch_size, overwrite=overwrite,
+                         quiet=quiet)
+        return
+    if values != "q8":
+        raise AttarError("--values f32 is for classifier stores; an LM store keeps its log-probs as one byte each "
+                         "(--step sets their precision).")
+    k = 32 if k is None else k
+    shard_rows = 128 if shard_rows is None else shard_rows
     spec = _text_spec(data, max_len=max_len, prompt_len=prompt_len, train_limit=train_limit, text_column=text_column,
                       pack=pack)
     from attar.distill.lm_store import dump_lm_teacher
@@ -114,6 +216,23 @@ def dump_cli(
               f"{len(m.shards)} shards", markup=False)
 
 
+@app.command("relabel")
+@errors_as_messages
+def relabel_cli(
+    artifact: Path = typer.Argument(..., help="a condensed set (attar condense --out, or runs/<id>/<stage>/data)"),
+    store_dir: Path = typer.Option(..., "--store", "-s", help="a classifier store dumped on this condensed set "
+                                   "(attar teacher dump --data '{artifact: CONDENSED}')"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="write the relabelled set here (default: replace "
+                                           "the artifact in place)"),
+) -> None:
+    """Give a condensed set's rows the soft labels a stored teacher pass holds (condense evaluate reads them)."""
+    from attar.distill.cls_store import relabel_condensed
+
+    dest = relabel_condensed(artifact, store_dir, out_dir)
+    out.print(f"{dest}: soft labels from teacher store {store_dir}; attar condense evaluate {dest} scores them",
+              markup=False)
+
+
 @app.command("show")
 @errors_as_messages
 def show_cli(store_dir: Path = typer.Argument(..., help="a store written by attar teacher dump")) -> None:
@@ -122,10 +241,12 @@ def show_cli(store_dir: Path = typer.Argument(..., help="a store written by atta
 
     st = TeacherStore.open(store_dir)
     s, m = st.settings, st.manifest
+    unit = "examples" if s.kind == "classifier" else "tokens"
+    vals = "float32" if s.values == "f32" else f"step {s.step:g} nats"
     out.print(f"{store_dir}: {s.kind} teacher {s.teacher or '?'} (weights {s.teacher_hash}), top-{s.k} of {s.vocab_size}, "
-              f"T={s.temperature:g}, step {s.step:g} nats\n  data: {s.data} (hash {s.data_hash})\n  {s.rows} rows, "
-              f"{m.positions:,} tokens, {m.bytes:,} bytes in {len(m.shards)} shards: {st.bytes_per_position:.1f} "
-              "bytes/token; all shards intact", markup=False)
+              f"T={s.temperature:g}, {vals}\n  data: {s.data} (hash {s.data_hash})\n  {s.rows} rows, "
+              f"{m.positions:,} {unit}, {m.bytes:,} bytes in {len(m.shards)} shards: {st.bytes_per_position:.1f} "
+              f"bytes/{unit[:-1]}; all shards intact", markup=False)
 
 
 @app.command("serve")
@@ -146,7 +267,7 @@ def serve_cli(
     if device not in ("auto", "cpu", "cuda") or dtype not in ("float32", "bfloat16"):
         raise AttarError(f"--device must be auto, cpu or cuda and --dtype float32 or bfloat16 (got {device}, {dtype}).")
     start_command(True, threads)
-    from attar.distill.lm_served import serve_model
+    from attar.distill.lm_serve import serve_model
 
     try:
         server = serve_model(model, host=host, port=port, max_topk=topk, device=device, dtype=dtype)
