@@ -116,6 +116,13 @@ class ModelSpec(_Strict):
         return kw
 
 
+class TeacherStoreRef(_Strict):
+    """``teacher: {store: DIR}``: a teacher's outputs stored once by ``attar teacher dump`` stand for the live model
+    (``attar.distill.cls_store``; a causal-LM stage reads its own kind of store)."""
+
+    store: str = Field(..., description="a folder written by attar teacher dump on this stage's training rows")
+
+
 Split = Literal["train", "val", "test"]
 
 

@@ -17,6 +17,9 @@ teacher's ``k`` most likely classes/tokens, their log-probabilities and the log 
 * *ids*: sorted ascending within a position, then the gaps ``id_0, id_1 − id_0 − 1, ...`` as LEB128 varints (the
   log-prob codes are stored in the same id order, so rank order costs nothing: it is the order of the values).
 * *tail*: ``log(1 − Σ_topk p)`` as float16 (exact in the k = V case: ``−inf``).
+* ``values: f32`` (instead of the default ``q8`` above): log-probs and tail stored as float32, exact. For
+  classifier stores (ten to a thousand classes, one position per example: bytes hardly matter), where a store with
+  ``k`` = the number of classes then gives the same KD targets as the live teacher.
 * which positions of a row are stored: a bit mask ``[rows, width]`` (LMs keep only the scored positions).
 
 A shard is a small header and four zstd frames, one per section (mask bits, tails, codes, varint ids):
@@ -72,6 +75,7 @@ class StoreSettings(BaseModel):
     k: int
     temperature: float = 1.0
     step: float = DEFAULT_STEP
+    values: Literal["q8", "f32"] = "q8"
     data: str = ""
     data_hash: str = ""
     rows: int
@@ -182,7 +186,7 @@ def dequantise(codes: np.ndarray, rest: np.ndarray, step: float) -> np.ndarray:
 @dataclass
 class Decoded:
     """A decoded shard: ``mask [rows, width]`` (stored positions), per stored position (row-major)
-    ``codes [n, k]`` (quantised log-probs, :func:`dequantise` them), ``ids [n, k]`` (ascending within a position) and
+    ``codes [n, k]`` (quantised log-probs, :func:`dequantise` them; the float32 log-probs themselves in a ``values: f32`` store), ``ids [n, k]`` (ascending within a position) and
     ``rest [n]`` log tail mass; ``offsets [rows + 1]``: where each row's positions start."""
 
     mask: np.ndarray
@@ -197,9 +201,10 @@ class Decoded:
 
 
 def encode_shard(mask: np.ndarray, top_logp: np.ndarray, ids: np.ndarray, rest: np.ndarray, step: float,
-                 level: int = 9) -> bytes:
+                 level: int = 9, values: str = "q8") -> bytes:
     """One shard: ``mask [rows, width]`` bool; per True position (row-major) ``top_logp [n, k]`` (descending),
-    ``ids [n, k]`` and ``rest [n]`` (log tail mass). Returns the zstd-compressed bytes."""
+    ``ids [n, k]`` and ``rest [n]`` (log tail mass). ``values``: ``q8`` (one byte per log-prob, module doc) or
+    ``f32`` (log-probs and tail as float32). Returns the zstd-compressed bytes."""
     import zstandard
 
     mask = np.asarray(mask, dtype=bool)
@@ -207,7 +212,8 @@ def encode_shard(mask: np.ndarray, top_logp: np.ndarray, ids: np.ndarray, rest: 
     if int(mask.sum()) != n or ids.shape != (n, k) or rest.shape != (n,):
         raise AttarError(f"teacher store: a shard's mask marks {int(mask.sum())} positions but {n} rows of top-{k} "
                          f"were given (ids {ids.shape}, rest {rest.shape}).")
-    codes = quantise(np.asarray(top_logp, dtype=np.float64), step)
+    exact = values == "f32"
+    codes = np.asarray(top_logp, dtype="<f4") if exact else quantise(np.asarray(top_logp, dtype=np.float64), step)
     ids = np.asarray(ids, dtype=np.int64)
     order = np.argsort(ids, axis=1, kind="stable")
     sid = np.take_along_axis(ids, order, 1)
@@ -217,12 +223,14 @@ def encode_shard(mask: np.ndarray, top_logp: np.ndarray, ids: np.ndarray, rest: 
         raise AttarError("teacher store: a position lists the same id twice.")
     z = zstandard.ZstdCompressor(level=level)
     sections = [z.compress(x) for x in (np.packbits(mask.ravel()).tobytes(),
-                                        np.asarray(rest, dtype=np.float32).astype("<f2").tobytes(),
+                                        np.asarray(rest, dtype=np.float32).astype("<f4" if exact else "<f2").tobytes(),
                                         np.ascontiguousarray(scodes).tobytes(), _varint_encode(gaps))]
     return _HEADER.pack(MAGIC, mask.shape[0], mask.shape[1], n, k, *map(len, sections)) + b"".join(sections)
 
 
-def decode_shard(data: bytes) -> Decoded:
+def decode_shard(data: bytes, values: str = "q8") -> Decoded:
+    """A shard's bytes -> :class:`Decoded`; ``values`` as it was encoded with (``f32``: ``codes`` holds the
+    float32 log-probs themselves)."""
     import zstandard
 
     magic, rows, width, n, k, *lens = _HEADER.unpack_from(data)
@@ -233,8 +241,9 @@ def decode_shard(data: bytes) -> Decoded:
         parts.append(unz.decompress(data[p : p + ln]))
         p += ln
     mask = np.unpackbits(np.frombuffer(parts[0], np.uint8), count=rows * width).astype(bool).reshape(rows, width)
-    rest = np.frombuffer(parts[1], "<f2", n).astype(np.float32)
-    codes = np.frombuffer(parts[2], np.uint8, n * k).reshape(n, k)
+    exact = values == "f32"
+    rest = np.frombuffer(parts[1], "<f4" if exact else "<f2", n).astype(np.float32)
+    codes = np.frombuffer(parts[2], "<f4" if exact else np.uint8, n * k).reshape(n, k)
     gaps = _varint_decode(parts[3], n * k).reshape(n, k)
     ids = (np.cumsum(gaps + 1, axis=1) - 1).astype(np.int32)
     offsets = np.concatenate([[0], np.cumsum(mask.sum(1))]).astype(np.int64)
@@ -296,7 +305,8 @@ class StoreWriter:
         a, b = self.shard_rows(i)
         if mask.shape != (b - a, self.settings.width):
             raise AttarError(f"teacher store: shard {i} holds rows {a}..{b - 1}, got a mask of shape {mask.shape}.")
-        data = encode_shard(mask, top_logp, ids, rest, self.settings.step, self.settings.zstd_level)
+        data = encode_shard(mask, top_logp, ids, rest, self.settings.step, self.settings.zstd_level,
+                            self.settings.values)
         atomic_write_bytes(self.folder / shard_name(i), data)
         info = ShardInfo(file=shard_name(i), rows=b - a, positions=int(np.asarray(mask).sum()), bytes=len(data),
                          sha256=hashlib.sha256(data).hexdigest())
@@ -379,7 +389,7 @@ class TeacherStore:
         if len(data) != info.bytes or hashlib.sha256(data).hexdigest() != info.sha256:
             raise _refuse(self.folder, f"the shard {f.name} changed since the store was opened")
         try:
-            d = decode_shard(data)
+            d = decode_shard(data, self.settings.values)
         except Exception as e:  # a shard with the recorded hash that does not decode: a writer bug, say so
             raise _refuse(self.folder, f"the shard {f.name} does not decode ({e})") from None
         self._cache[i] = d
@@ -405,7 +415,8 @@ class TeacherStore:
             tok = d.offsets[local[rr]] + (np.arange(len(rr)) - np.concatenate([[0], np.cumsum(d.mask[local].sum(1))])[rr])
             r_out.append(sel[rr])
             p_out.append(pp)
-            v_out.append(dequantise(d.codes[tok], d.rest[tok], self.settings.step))
+            v_out.append(d.codes[tok].astype(np.float32) if self.settings.values == "f32"
+                         else dequantise(d.codes[tok], d.rest[tok], self.settings.step))
             i_out.append(d.ids[tok])
             t_out.append(d.rest[tok])
         k = self.settings.k

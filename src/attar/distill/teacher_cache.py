@@ -34,7 +34,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -80,6 +80,37 @@ def _device_of(model: nn.Module) -> torch.device:
     for t in list(model.parameters()) + list(model.buffers()):
         return t.device
     return torch.device("cpu")
+
+
+def teacher_log_probs(teachers: list[nn.Module], x: torch.Tensor, batch_size: int = 1024,
+                      temperature: float = 1.0) -> Iterator[tuple[int, torch.Tensor]]:
+    """The teacher pass: ``(start, l)`` per batch of ``x``, ``l = log_softmax(z/τ)`` float32 on the CPU (an
+    ensemble: the log of the averaged probabilities). Teachers run in eval and inference mode and get their own
+    training flags back. Shared by :meth:`TeacherCache.build` and the stored-output dump
+    (:mod:`attar.distill.cls_store`), so both see the same numbers."""
+    modes = [t.training for t in teachers]
+    num_classes = None
+    try:
+        for t in teachers:
+            t.eval()
+        for start in range(0, len(x), batch_size):
+            xb = x[start : start + batch_size]
+            logps = []
+            with torch.inference_mode():
+                for ti, t in enumerate(teachers):
+                    z = t(xb.to(_device_of(t))).float().cpu()
+                    if z.dim() != 2 or (num_classes is not None and z.shape[1] != num_classes):
+                        raise AttarError(
+                            f"TeacherCache.build: teacher {ti} returned logits of shape {tuple(z.shape)}; "
+                            f"every teacher must return [batch, {num_classes or 'classes'}]."
+                        )
+                    num_classes = z.shape[1]
+                    logps.append(torch.log_softmax(z / temperature, dim=-1))
+                logp = logps[0] if len(logps) == 1 else torch.logsumexp(torch.stack(logps), dim=0) - math.log(len(logps))
+            yield start, logp.clone()  # cloned outside inference mode: an ordinary tensor the caller may use anywhere
+    finally:
+        for t, m in zip(teachers, modes):
+            t.train(m)
 
 
 class TeacherCache:
@@ -159,55 +190,33 @@ class TeacherCache:
         if k is not None and k < 1:
             raise AttarError(f"TeacherCache.build: k must be None (all classes) or >= 1, got {k!r}.")
         n = len(x)
-        modes = [t.training for t in teachers]
         values = index = rest = None
         num_classes = None
-
         bar = StepProgress(f"teacher pass ({len(teachers)} teacher{'s' if len(teachers) > 1 else ''})", n, unit="rows")
-        try:
-            for t in teachers:
-                t.eval()
-            with torch.inference_mode(), bar:
-                for start in range(0, n, batch_size):
-                    xb = x[start : start + batch_size]
-                    logps = []
-                    for ti, t in enumerate(teachers):
-                        z = t(xb.to(_device_of(t))).float().cpu()
-                        if z.dim() != 2 or (num_classes is not None and z.shape[1] != num_classes):
-                            raise AttarError(
-                                f"TeacherCache.build: teacher {ti} returned logits of shape {tuple(z.shape)}; "
-                                f"every teacher must return [batch, {num_classes or 'classes'}]."
-                            )
-                        num_classes = z.shape[1]
-                        logps.append(torch.log_softmax(z / temperature, dim=-1))
-                    if len(logps) == 1:
-                        logp = logps[0]
-                    else:
-                        logp = torch.logsumexp(torch.stack(logps), dim=0) - math.log(len(logps))
-                    c = logp.shape[1]
-                    if values is None:
-                        if k is not None and k > c:
-                            raise AttarError(f"TeacherCache.build: k={k} exceeds the {c} classes the teachers predict.")
-                        width = c if k is None else k
-                        values = torch.empty(n, width, dtype=torch.float16)
-                        if k is not None:
-                            index = torch.empty(n, k, dtype=torch.int16 if c <= 32767 else torch.int32)
-                            rest = torch.empty(n, dtype=torch.float32)
-                    sl = slice(start, start + len(xb))
-                    if k is None:
-                        values[sl] = logp.clamp_min(_LOG_FLOOR).half()
-                    else:
-                        top, ind = logp.topk(k, dim=-1)
-                        values[sl] = top.clamp_min(_LOG_FLOOR).half()
-                        index[sl] = ind.to(index.dtype)
-                        others = logp.scatter(1, ind, float("-inf"))
-                        rest[sl] = torch.logsumexp(others, dim=-1).clamp_min(_LOG_FLOOR)
-                    bar.update(len(xb))
-                    if progress is not None:
-                        progress(min(start + batch_size, n), n)
-        finally:
-            for t, m in zip(teachers, modes):
-                t.train(m)
+        with bar:
+            for start, logp in teacher_log_probs(teachers, x, batch_size, temperature):
+                c = logp.shape[1]
+                if values is None:
+                    num_classes = c
+                    if k is not None and k > c:
+                        raise AttarError(f"TeacherCache.build: k={k} exceeds the {c} classes the teachers predict.")
+                    width = c if k is None else k
+                    values = torch.empty(n, width, dtype=torch.float16)
+                    if k is not None:
+                        index = torch.empty(n, k, dtype=torch.int16 if c <= 32767 else torch.int32)
+                        rest = torch.empty(n, dtype=torch.float32)
+                sl = slice(start, start + len(logp))
+                if k is None:
+                    values[sl] = logp.clamp_min(_LOG_FLOOR).half()
+                else:
+                    top, ind = logp.topk(k, dim=-1)
+                    values[sl] = top.clamp_min(_LOG_FLOOR).half()
+                    index[sl] = ind.to(index.dtype)
+                    others = logp.scatter(1, ind, float("-inf"))
+                    rest[sl] = torch.logsumexp(others, dim=-1).clamp_min(_LOG_FLOOR)
+                bar.update(len(logp))
+                if progress is not None:
+                    progress(min(start + batch_size, n), n)
         return cls(values, index, rest, num_classes, temperature, [model_hash(t) for t in teachers], tensor_hash(x))
 
     # ---------------------------------------------------------------- read
