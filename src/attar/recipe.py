@@ -28,7 +28,7 @@ from pydantic import (
 from attar.distill.lm_config import LMDistillConfig, LMModelSpec, LMStageOptions, LMTextSpec
 from attar.errors import AttarError, LocatedError
 from attar.paths import name_problem
-from attar.specs import DataSpec, ModelSpec
+from attar.specs import DataSpec, ModelSpec, TeacherStoreRef
 from attar.stages import STAGES
 from attar.stages.lm import as_stage_fields
 from attar.text.pretrained_lm import PRETRAINED_LMS
@@ -43,7 +43,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # lr: .inf would train to NaN
 
 
-TeacherRef = Union[str, ModelSpec]
+TeacherRef = Union[str, ModelSpec, TeacherStoreRef]  # a stage name, a model, or stored outputs
 
 
 class StageSpec(_Strict):

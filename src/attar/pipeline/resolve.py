@@ -18,13 +18,14 @@ import torch
 from torch import nn
 
 from attar.data import load_data
+from attar.distill.cls_store import stage_teacher_store
 from attar.distill.objectives import build_objective
 from attar.distill.teacher_cache import TeacherCache
 from attar.errors import AttarError, error_context
 from attar.models import build_model, load_model
 from attar.recipe import Recipe, StageSpec
 from attar.select import build_selector
-from attar.specs import DataSpec, ModelSpec
+from attar.specs import DataSpec, ModelSpec, TeacherStoreRef
 from attar.stages import STAGES, EarlierStage, StageInputs
 from attar.train import distributed as dist
 from attar.train.config import TrainConfig
@@ -160,12 +161,18 @@ class Resolver:
             inputs.classes = len(inputs.data.classes)
             inputs.model, inputs.model_spec = self._student(st, index, inputs.data, preflight)
             inputs.teachers = [self.earlier[r].model if isinstance(r, str) else self.teacher_model(r, inputs.data)
-                               for r in st.teachers()]
+                               for r in st.teachers() if not isinstance(r, TeacherStoreRef)]
         if kind.trains:
             inputs.train = st.train
             inputs.objective = self.objective(st, index)
             inputs.selector = self.selector(st, index)
-            if not preflight:
+            stores = [r for r in st.teachers() if isinstance(r, TeacherStoreRef)]
+            if stores:  # teacher: {store: DIR}: the stored outputs are the teacher cache, checked against the rows
+                later = preflight and self.recipe.stage_data(st).stage  # data an earlier stage writes: checked at run
+                opened = stage_teacher_store(st, stores, inputs.objective, st.train, inputs.data.classes,
+                                             None if later else inputs.data.train.x)
+                inputs.teacher_cache = lambda: opened
+            elif not preflight:
                 x = inputs.data.train.x
                 objective, teachers, cfg = inputs.objective, inputs.teachers, st.train
                 inputs.teacher_cache = lambda: self.teacher_cache(objective, teachers, x, cfg)
