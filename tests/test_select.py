@@ -297,7 +297,8 @@ def test_efficienttrain_augmentation_grows_over_training():
 ALL_SPECS = [{"name": "uniform", "keep": 0.5}, {"name": "high_loss", "keep": 0.5}, {"name": "uds", "keep": 0.25},
              {"name": "rs2", "keep": 0.5}, {"name": "efficienttrain", "keep": 0.5, "max_noise": 0.1},
              {"name": "disagreement", "keep": 0.5}, {"name": "prune", "keep": 0.5},
-             {"name": "prune", "keep": 0.5, "score": "el2n", "probe_epochs": 1}]
+             {"name": "prune", "keep": 0.5, "score": "el2n", "probe_epochs": 1},
+             {"name": "stored_teacher", "keep": 0.5, "store": "(a store dumped in the test)"}]
 
 
 def test_the_accounting_test_covers_every_registered_selector():
@@ -307,10 +308,16 @@ def test_the_accounting_test_covers_every_registered_selector():
 
 
 @pytest.mark.parametrize("spec", ALL_SPECS, ids=lambda s: "-".join(str(v) for v in s.values()))
-def test_every_selector_accounts_for_its_cost(spec):
+def test_every_selector_accounts_for_its_cost(spec, tmp_path):
     """Scoring forward passes, selection vs training wall time and samples seen, for every selector."""
     x, y = digits()
     x = x.view(-1, 1, 8, 8)
+    if spec["name"] == "stored_teacher":  # a stored teacher pass over these rows
+        from attar.distill.cls_store import dump_classifier_teacher
+
+        torch.manual_seed(1)
+        dump_classifier_teacher(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), x, tmp_path / "s", progress=False)
+        spec = dict(spec, store=str(tmp_path / "s"))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     kd = spec["name"] == "disagreement"
