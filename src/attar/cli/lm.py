@@ -91,14 +91,15 @@ def _write_metrics(folder: Path, metrics: dict[str, Any]) -> None:
 
 
 class _Progress:
-    """``on_metrics`` hook on the shared progress (:mod:`attar.train.progress`): a bar on a terminal, a line
-    per evaluation otherwise (``--eval-every`` steps apart) and a summary, nothing with --quiet."""
+    """``on_metrics`` hook on the shared progress (:mod:`attar.train.progress`): a bar on a terminal, otherwise a
+    line at an evaluation once 30 s or 5% of the steps have passed (the rule of every long command) and a
+    summary, nothing with --quiet."""
 
     def __init__(self, label: str, total: int, quiet: bool):
         from attar.train.progress import StepProgress
 
         self.total, self.last = total, 0
-        self.bar = StepProgress(label, total, enabled=False if quiet else None, interval=0)
+        self.bar = StepProgress(label, total, enabled=False if quiet else None)
 
     def __enter__(self) -> "_Progress":
         self.bar.__enter__()
