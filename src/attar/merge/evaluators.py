@@ -26,6 +26,7 @@ from attar.merge.methods.base import Evaluator, FisherEstimator, StateDict
 from attar.merge.test_time import _logits
 from attar.metrics import classification_metrics
 from attar.train.config import TrainConfig
+from attar.train.progress import StepProgress
 from attar.train.trainer import Trainer, predict
 
 Metric = Literal["accuracy", "nll"]
@@ -135,24 +136,26 @@ def fisher_estimator(
         was = model.training
         model.eval()
         try:
-            for start in range(0, len(x), batch_size):
-                xb = x[start : start + batch_size]
-                if labels == "expected":
-                    probs = vmap(log_probs, in_dims=(None, 0))(params, xb).exp()  # [B, C]
-                    jac = vmap(jacrev(log_probs), in_dims=(None, 0))(params, xb)  # name -> [B, C, *shape]
-                    for n, j in jac.items():
-                        w = probs.reshape(*probs.shape, *([1] * (j.dim() - 2)))
-                        fisher[n].add_((w * j.float().pow(2)).sum((0, 1)))
-                    continue
-                probs = vmap(log_probs, in_dims=(None, 0))(params, xb).exp()
-                if labels == "sampled":
-                    cls = torch.multinomial(probs, 1, generator=g).squeeze(1)
-                else:
-                    cls = y[start : start + batch_size].long()
-                onehot = F.one_hot(cls, probs.shape[1]).to(torch.float32)
-                grads = vmap(grad(log_prob_of), in_dims=(None, 0, 0))(params, xb, onehot)
-                for n, gr in grads.items():
-                    fisher[n].add_(gr.float().pow(2).sum(0))
+            with StepProgress("Fisher", len(x), unit="examples") as bar:
+                for start in range(0, len(x), batch_size):
+                    xb = x[start : start + batch_size]
+                    if labels == "expected":
+                        probs = vmap(log_probs, in_dims=(None, 0))(params, xb).exp()  # [B, C]
+                        jac = vmap(jacrev(log_probs), in_dims=(None, 0))(params, xb)  # name -> [B, C, *shape]
+                        for n, j in jac.items():
+                            w = probs.reshape(*probs.shape, *([1] * (j.dim() - 2)))
+                            fisher[n].add_((w * j.float().pow(2)).sum((0, 1)))
+                    else:
+                        probs = vmap(log_probs, in_dims=(None, 0))(params, xb).exp()
+                        if labels == "sampled":
+                            cls = torch.multinomial(probs, 1, generator=g).squeeze(1)
+                        else:
+                            cls = y[start : start + batch_size].long()
+                        onehot = F.one_hot(cls, probs.shape[1]).to(torch.float32)
+                        grads = vmap(grad(log_prob_of), in_dims=(None, 0, 0))(params, xb, onehot)
+                        for n, gr in grads.items():
+                            fisher[n].add_(gr.float().pow(2).sum(0))
+                    bar.update(len(xb))
         finally:
             model.train(was)
         return {n: f / len(x) for n, f in fisher.items()}
