@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -31,6 +32,7 @@ from attar.paths import name_problem
 from attar.specs import DataSpec, ModelSpec, TeacherStoreRef
 from attar.stages import STAGES
 from attar.stages.lm import as_stage_fields
+from attar.stages.lm_merge import LMMergeOptions, LMMergeStage
 from attar.text.pretrained_lm import PRETRAINED_LMS
 from attar.train.config import TrainConfig
 
@@ -208,10 +210,53 @@ def is_causal_lm_stage(raw: dict) -> bool:
     return False
 
 
+class LMMergeStageSpec(StageSpec):
+    """A ``merge`` stage whose models are causal-LM stages (:mod:`attar.stages.lm_merge`): it reads each merged
+    stage's own text, so it takes no ``data``."""
+
+    kind: Literal["merge"] = Field(description="merge earlier causal-LM stages' models")
+    merge: LMMergeOptions
+
+    @model_validator(mode="after")
+    def _no_data(self) -> "LMMergeStageSpec":
+        if self.data is not None or self.model is not None or self.init is not None or self.teacher is not None:
+            raise ValueError(f"merge stage {self.name!r} merges language models: it reads each merged stage's own text "
+                             "and takes no data, model, init or teacher (only merge: {method, models, base, ...})")
+        return self
+
+    def kind_spec(self):
+        return LMMergeStage
+
+
+#: Names of the causal-LM stages of the recipe being validated (set by :class:`Recipe`, read by :func:`_stage_tag`):
+#: a ``merge`` stage is a language-model merge when the stages it merges are.
+_LM_NAMES: ContextVar[frozenset[str]] = ContextVar("attar_lm_stage_names", default=frozenset())
+
+
+def is_lm_merge(raw: dict, lm_names: frozenset[str] | set[str]) -> bool:
+    """A raw ``merge`` stage that merges causal-LM stages, or whose base is an LM spec (``{pretrained: ...}``)."""
+    m = raw.get("merge")
+    if raw.get("kind") != "merge" or not isinstance(m, dict):
+        return False
+    base = m.get("base")
+    refs = [r for r in list(m.get("models") or []) + [base] if isinstance(r, str)]
+    return isinstance(base, dict) or any(r in lm_names for r in refs)
+
+
+def _lm_stage_names(stages: Any) -> frozenset[str]:
+    names: set[str] = set()
+    for s in stages if isinstance(stages, list) else []:
+        if isinstance(s, dict) and (s.get("kind") == "lm" or is_causal_lm_stage(s) or is_lm_merge(s, names)):
+            names.add(s.get("name"))
+    return frozenset(names)
+
+
 def _stage_tag(v: Any) -> str | None:
     if isinstance(v, dict):
-        return f"{v.get('kind')} (causal LM)" if is_causal_lm_stage(v) else v.get("kind")
-    return f"{v.kind} (causal LM)" if isinstance(v, LMStageSpec) else getattr(v, "kind", None)
+        if is_causal_lm_stage(v) or is_lm_merge(v, _LM_NAMES.get()):
+            return f"{v.get('kind')} (causal LM)"
+        return v.get("kind")
+    return f"{v.kind} (causal LM)" if isinstance(v, (LMStageSpec, LMMergeStageSpec)) else getattr(v, "kind", None)
 
 
 def lm_stage_model(kind: str) -> type[LMStageSpec]:
@@ -221,7 +266,8 @@ def lm_stage_model(kind: str) -> type[LMStageSpec]:
 
 Stage = Annotated[
     Union[tuple([Annotated[stage_model(k), Tag(k)] for k in STAGES.names()]
-                + [Annotated[lm_stage_model(k), Tag(f"{k} (causal LM)")] for k in LM_KINDS])],
+                + [Annotated[lm_stage_model(k), Tag(f"{k} (causal LM)")] for k in LM_KINDS]
+                + [Annotated[LMMergeStageSpec, Tag("merge (causal LM)")]])],
     Discriminator(_stage_tag),
 ]
 
@@ -231,6 +277,16 @@ class Recipe(_Strict):
     seed: int = 0
     data: DataSpec | None = Field(None, description="default data for stages that name none")
     stages: list[Stage] = Field(min_length=1)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _lm_stages(cls, data: Any, handler: Any) -> "Recipe":
+        """Which stages are causal LMs, for the stage tags: a merge of LM stages is an LM merge."""
+        token = _LM_NAMES.set(_lm_stage_names(data.get("stages")) if isinstance(data, dict) else frozenset())
+        try:
+            return handler(data)
+        finally:
+            _LM_NAMES.reset(token)
 
     @model_validator(mode="after")
     def _references(self) -> "Recipe":

@@ -62,7 +62,7 @@ class Pipeline:
             stand_in = earlier[like].model if like else inputs.model
             earlier[st.name] = EarlierStage(st.name, st.kind, stand_in, inputs.model_spec,
                                             classes=got if got is not None else inputs.classes,
-                                            causal_lm=st.kind_spec() is LMStage)
+                                            causal_lm=_causal_lm(st))
         earlier.clear()
 
     def _check_models(self, st: StageSpec, inputs: StageInputs) -> None:
@@ -108,7 +108,7 @@ class Pipeline:
                     res = st.kind_spec()().run(inputs, ctx)
                     self.outputs[st.name] = EarlierStage(st.name, st.kind, res.model, res.spec,
                                                          classes=inputs.classes, data=res.data,
-                                                         causal_lm=st.kind_spec() is LMStage)
+                                                         causal_lm=_causal_lm(st))
                     rec.finish_stage(st, res, inputs.data)
                 rec.finish()
             except BaseException as exc:
@@ -118,6 +118,11 @@ class Pipeline:
                 raise e from None
         self.rows = rec.rows
         return run_dir
+
+
+def _causal_lm(st: StageSpec) -> bool:
+    """Whether the stage's output is a causal LM (an LM stage, or a merge of LM stages)."""
+    return st.kind_spec() is LMStage or bool(getattr(st.kind_spec(), "causal_lm", False))
 
 
 def _width(model: torch.nn.Module, probe: torch.Tensor) -> int:

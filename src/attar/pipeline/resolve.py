@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from attar.data import load_data
+from attar.distill.lm_config import LMStageOptions
 from attar.distill.cls_store import stage_teacher_store
 from attar.distill.objectives import build_objective
 from attar.distill.teacher_cache import TeacherCache
@@ -62,6 +63,15 @@ class Resolver:
         if key not in self._bundles:
             self._bundles[key] = load_data(spec)
         return self._bundles[key]
+
+    def data_of(self, name: str):
+        """The data stage ``name`` read: its DataBundle, or for a causal-LM stage ``(text spec, seed)`` (the
+        reader tokenises it with its own tokenizer and splits it with that seed, as the stage did)."""
+        st = self.stage(name)
+        o = getattr(st, "options", None)
+        if isinstance(o, LMStageOptions):  # the seed the stage split its text with (attar.stages.lm._settings)
+            return o.data, o.train.seed if "seed" in o.train.model_fields_set else self.recipe.stage_seed(st)
+        return self.bundle(self.recipe.stage_data(st))
 
     def stage(self, name: str) -> StageSpec:
         return next(s for s in self.recipe.stages if s.name == name)
@@ -153,7 +163,7 @@ class Resolver:
         inputs = StageInputs(name=st.name, kind=st.kind, index=index, seed=self.recipe.stage_seed(st), spec=st,
                              options=kind.parse_options(st.kind, st.options), earlier=self.earlier,
                              cache_dir=self.cache_dir, log=self.log, preflight=preflight)
-        inputs.data_of = lambda name: self.bundle(self.recipe.stage_data(self.stage(name)))
+        inputs.data_of = self.data_of
         if kind.needs_data:
             data = self.recipe.stage_data(st)
             inputs.data = self.bundle(data)

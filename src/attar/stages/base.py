@@ -62,6 +62,7 @@ class StageInputs:
     log: Callable[..., None] = print
     teacher_cache: Callable[[], Any] = lambda: None  # built on first call (a teacher pass over the train split)
     data_of: Callable[[str], Any] | None = None  # an earlier stage's name -> the DataBundle that stage read
+    # (a causal-LM stage: (its text spec, its seed))
     preflight: bool = False
 
     def where(self, fld: str | None = None) -> str:
