@@ -334,6 +334,12 @@ def _control_teacher(s, full: dict[str, Any] | None):
     method learned itself, e.g. DATM) the first full-data reference net; ``(None, why)`` when there is neither."""
     from attar.models import load_model
 
+    committee = s.meta.get("soft_label_committee")  # cvdd: the committee's weighted mixture labels the control too
+    if committee and all(Path(p).exists() for p in committee["teachers"]):
+        from attar.condense.bn_matching import Committee
+
+        return Committee.load(committee["teachers"], committee["weights"]), \
+            f"committee {', '.join(committee['teachers'])} (weights {', '.join(f'{w:.3f}' for w in committee['weights'])})"
     path = s.meta.get("soft_label_teacher")
     if path and Path(path).exists():
         return load_model(path)[0], str(path)
