@@ -43,7 +43,7 @@ def start_command(quiet: bool, threads: Optional[int]) -> None:
 def condense_cli(
     ctx: typer.Context,
     data: Optional[str] = typer.Option(None, "--data", help="built-in data set name (fashion-mnist, ...) or an image folder"),
-    method: Optional[str] = typer.Option(None, "--method", help="random, herding, kcenter, dm, datadam, dc, dsa, mtt"),
+    method: Optional[str] = typer.Option(None, "--method", help="random, herding, kcenter, dm, datadam, dc, dsa, mtt, rded, sre2l, cda, cvdd, ncfm (attar methods condense)"),
     ipc: Optional[int] = typer.Option(None, "--ipc", help="images per class"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="artifact folder to write (atomically)"),
     iterations: Optional[int] = typer.Option(None, "--iterations", help="outer iterations (default: see --budget)"),
