@@ -58,7 +58,7 @@ from attar.text.charlm import (
     LMSplit,
     byte_tokenizer,
     lm_packed_data,
-    lm_pair_data,
+    lm_pair_store_data,
     load_causal_lm,
     make_byte_lm,
     save_causal_lm,
@@ -66,7 +66,7 @@ from attar.text.charlm import (
 from attar.text.lm_io import (
     lm_context,
     lm_dataset,
-    read_pairs,
+    pair_stream,
     scored_vocab,
 )
 from attar.text.lm_prune import decoder_layers, drop_layers, prune_depth
@@ -116,8 +116,8 @@ class LMStage(StageKind):
                     raise AttarError(f"lm.{role}: stage {m.stage!r} is a {inputs.earlier[m.stage].kind} stage of an "
                                      "image or table model; a causal-LM stage reads the model of an earlier causal-LM "
                                      "stage.")
-            if o.data.prompt_field is not None:
-                read_pairs(o.data.name, o.data.prompt_field, o.data.response_field)
+            if o.data.prompt_field is not None:  # the first rows: a missing field or column is named before any work
+                next(pair_stream(o.data.name, o.data.prompt_field, o.data.response_field).chunks(16), None)
             else:
                 stream = text_stream(o.data.name, o.data.text_column)
                 if stream.kind == "builtin" and not TEXT_BUILTINS.get(o.data.name).available():
@@ -262,25 +262,27 @@ def stage_data(d: LMTextSpec, tok, contexts: list[int], seed: int, cache_dir, lo
     store and a stage given the same ``data`` block and seed hold the same rows."""
     if (d.prompt_field is not None or d.pack) and contexts and d.max_len > min(contexts):
         raise AttarError(f"data.max_len {d.max_len} is longer than the model's context of {min(contexts)}.")
+    store, limits = Path(cache_dir) / "tokens", dict(train_limit=d.train_limit, val_limit=d.val_limit,
+                                                     test_limit=d.test_limit)
+    # every kind of row is tokenised once into a token store under the cache (attar.text.token_store/row_store); under
+    # torchrun rank 0 builds it while the other ranks wait, then they reuse it (ranks building one folder at once would
+    # race on its files)
+    if not dist.is_main():
+        dist.barrier()
     if d.prompt_field is not None:
-        prompts, responses = read_pairs(d.name, d.prompt_field, d.response_field)
-        return lm_pair_data(prompts, responses, tok, d.max_len, d.chat_template, seed=seed, train_limit=d.train_limit,
-                            val_limit=d.val_limit, test_limit=d.test_limit, name=d.name)
-    if d.pack:
-        # under torchrun rank 0 builds the token store while the other ranks wait, then they reuse it (ranks building
-        # one folder at once would race on its files)
-        if not dist.is_main():
-            dist.barrier()
-        data = lm_packed_data(d.name, tok, d.max_len, seed=seed, text_column=d.text_column, train_limit=d.train_limit,
-                              val_limit=d.val_limit, test_limit=d.test_limit, store=Path(cache_dir) / "tokens", log=log)
-        if dist.is_main():
-            dist.barrier()
-        if log is not None:
-            log(f"  token store {'built' if data.info['store_built'] else 'reused'}: {data.info['store']}")
-        return data
-    return lm_dataset(d.name, tok, min(contexts) if contexts else None, text_column=d.text_column,
-                      prompt_len=d.prompt_len, max_len=d.max_len, seed=seed, train_limit=d.train_limit,
-                      val_limit=d.val_limit, test_limit=d.test_limit)
+        data = lm_pair_store_data(pair_stream(d.name, d.prompt_field, d.response_field), tok, store, d.max_len,
+                                  d.chat_template, seed=seed, log=log, **limits)
+    elif d.pack:
+        data = lm_packed_data(d.name, tok, d.max_len, seed=seed, text_column=d.text_column, store=store, log=log,
+                              **limits)
+    else:
+        data = lm_dataset(d.name, tok, min(contexts) if contexts else None, text_column=d.text_column,
+                          prompt_len=d.prompt_len, max_len=d.max_len, seed=seed, store=store, log=log, **limits)
+    if dist.is_main():
+        dist.barrier()
+    if log is not None:
+        log(f"  token store {'built' if data.info['store_built'] else 'reused'}: {data.info['store']}")
+    return data
 
 
 def _settings(o: LMStageOptions, seed: int):

@@ -22,6 +22,7 @@ row ``i``'s response starts (the on-policy sampler continues from there).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,8 +34,9 @@ from attar.checkpoint import apply_umask
 from attar.errors import AttarError
 from attar.text.hf import _quiet_transformers
 from attar.text.lm_split import LMData, LMSplit, special_ids as _special_ids
+from attar.text.row_store import RowView, row_store
 from attar.text.text_stream import TextStream, text_stream
-from attar.text.token_store import split_of, token_store
+from attar.text.token_store import SHARD_BYTES, RowStoreSettings, split_of, token_store, tokenizer_fingerprint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -162,7 +164,15 @@ def lm_pairs(prompts: Sequence[str], responses: Sequence[str], tokenizer: Any, m
         raise AttarError(f"lm_pairs: {len(prompts)} prompts but {len(responses)} responses.")
     if not prompts:
         raise AttarError("lm_pairs: no rows.")
-    bos, eos, pad = _special_ids(tokenizer)
+    rows, plen = _pair_rows(prompts, responses, tokenizer, max_len, chat_template)
+    return _pad_rows(rows, plen, _special_ids(tokenizer)[2])
+
+
+def _pair_rows(prompts: Sequence[str], responses: Sequence[str], tokenizer: Any, max_len: int, chat_template: bool,
+               first: int = 0) -> tuple[list[list[int]], list[int]]:
+    """The rows of :func:`lm_pairs` unpadded, and their prompt lengths (``first``: the number of the first row, for
+    the error); the in-memory rows and a token store's are both made here."""
+    bos, eos, _ = _special_ids(tokenizer)
     head = [bos] if bos is not None else []
     tail = [eos] if eos is not None else []
     if chat_template:
@@ -179,11 +189,11 @@ def lm_pairs(prompts: Sequence[str], responses: Sequence[str], tokenizer: Any, m
     for i, (p, r) in enumerate(zip(encoded, _encode(responses, tokenizer))):
         p = head + p
         if len(p) >= max_len:
-            raise AttarError(f"lm_pairs: row {i}'s prompt has {len(p)} tokens, max_len={max_len} leaves no room for "
-                             "a response; raise max_len or shorten the prompt.")
+            raise AttarError(f"lm_pairs: row {first + i}'s prompt has {len(p)} tokens, max_len={max_len} leaves no "
+                             "room for a response; raise max_len or shorten the prompt.")
         rows.append((p + r + tail)[:max_len])
         plen.append(len(p))
-    return _pad_rows(rows, plen, pad)
+    return rows, plen
 
 
 def _pad_rows(rows: list[list[int]], plen: list[int], pad: int, texts: list[str] | None = None) -> LMSplit:
@@ -201,31 +211,62 @@ def lm_texts(texts: Sequence[str], tokenizer: Any, prompt_len: int = 16, max_len
     """Plain texts -> rows ``[BOS] t[:prompt_len] | t[prompt_len:] [EOS]`` cut at ``max_len`` tokens.
 
     Texts shorter than ``prompt_len + min_response`` tokens are dropped; returns (split, dropped)."""
+    made = _text_rows(texts, tokenizer, prompt_len, max_len, min_response)
+    kept = [(t, r, p) for t, (r, p) in zip(texts, made) if r is not None]
+    if not kept:
+        raise AttarError(_no_text_row(prompt_len, min_response))
+    return (_pad_rows([r for _, r, _ in kept], [p for _, _, p in kept], _special_ids(tokenizer)[2], [t for t, _, _ in kept]),
+            len(texts) - len(kept))
+
+
+def _no_text_row(prompt_len: int, min_response: int) -> str:
+    return f"lm_texts: no text has at least prompt_len + min_response = {prompt_len + min_response} tokens."
+
+
+def _text_rows(texts: Sequence[str], tokenizer: Any, prompt_len: int, max_len: int,
+               min_response: int) -> list[tuple[list[int] | None, int]]:
+    """Each text's row of :func:`lm_texts` unpadded and its prompt length, ``(None, 0)`` for a text too short; the
+    in-memory rows and a token store's are both made here."""
     if prompt_len < 1 or max_len <= prompt_len + 1:
         raise AttarError(f"lm_texts: need 1 <= prompt_len < max_len - 1, got prompt_len={prompt_len}, max_len={max_len}.")
-    bos, eos, pad = _special_ids(tokenizer)
+    bos, eos, _ = _special_ids(tokenizer)
     head = [bos] if bos is not None else []
     tail = [eos] if eos is not None else []
-    rows, plen, kept = [], [], []
-    for t, enc in zip(texts, _encode(texts, tokenizer)):
-        if len(enc) < prompt_len + min_response:
-            continue
-        rows.append((head + enc + tail)[:max_len])
-        plen.append(len(head) + prompt_len)
-        kept.append(t)
-    if not rows:
-        raise AttarError(f"lm_texts: no text has at least prompt_len + min_response = {prompt_len + min_response} tokens.")
-    return _pad_rows(rows, plen, pad, kept), len(texts) - len(rows)
+    return [((head + enc + tail)[:max_len], len(head) + prompt_len) if len(enc) >= prompt_len + min_response
+            else (None, 0) for enc in _encode(texts, tokenizer)]
 
 
-def lm_data(source: str | Sequence[str], tokenizer: Any, prompt_len: int = 16, max_len: int = 128,
+def lm_data(source: str | Sequence[str] | TextStream, tokenizer: Any, prompt_len: int = 16, max_len: int = 128,
             val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0, train_limit: int | None = None,
-            val_limit: int | None = None, test_limit: int | None = None) -> LMData:
+            val_limit: int | None = None, test_limit: int | None = None, *, store: str | Path | None = None,
+            text_column: str | None = None, shard_tokens: int | None = None, log: Any = None) -> LMData:
     """LM data from a built-in text set (``"fortunes"``, ``"tweets"``, ``"brown"``) or a list of strings.
 
     Duplicate texts are removed first (so no test text is also a training text). The test rows are
     drawn with a fixed seed (the same for every ``seed``); validation is drawn from the rest with
-    ``seed``; the limits then keep the first rows of each (already shuffled) split."""
+    ``seed``; the limits then keep the first rows of each (already shuffled) split.
+
+    With ``store`` (a folder, e.g. a run's cache) ``source`` may also be a file or datasets folder
+    (:func:`attar.text.text_stream.text_stream`), read a chunk at a time: the rows are tokenised once into a token
+    store there (:mod:`attar.text.row_store`, reused while the source, tokenizer and settings are unchanged) and the
+    splits are :class:`~attar.text.row_store.RowView` views holding the same rows as without ``store``."""
+    if store is not None:
+        stream = text_stream(source, text_column)
+
+        def chunks():
+            for chunk in stream.chunks():
+                made = _text_rows(chunk, tokenizer, prompt_len, max_len, 4)
+                yield [(t.encode("utf-8", "surrogatepass"), r, p) for t, (r, p) in zip(chunk, made)]
+
+        if prompt_len < 1 or max_len <= prompt_len + 1:  # refused before any store is made
+            _text_rows(["x"], tokenizer, prompt_len, max_len, 4)
+        ts, built = _row_store("texts", stream, tokenizer, store, chunks, _no_text_row(prompt_len, 4), log,
+                               shard_tokens, max_len=max_len, prompt_len=prompt_len, min_response=4)
+        index = ts.manifest.splits["rows"].index
+        info = {"source": stream.name, "prompt_len": prompt_len, "max_len": max_len,
+                "texts": ts.manifest.splits["rows"].texts, "dropped_short": index.dropped}
+        return _stored_split(ts, tokenizer, info, built, val_fraction, test_fraction, seed, train_limit, val_limit,
+                             test_limit)
     texts, name = _texts_of(source)
     split, dropped = lm_texts(texts, tokenizer, prompt_len, max_len)
     info = {"source": name, "prompt_len": prompt_len, "max_len": max_len, "texts": len(texts), "dropped_short": dropped}
@@ -244,6 +285,63 @@ def lm_pair_data(prompts: Sequence[str], responses: Sequence[str], tokenizer: An
     split = lm_pairs([p for p, _ in pairs], [r for _, r in pairs], tokenizer, max_len, chat_template)
     info = {"source": name, "max_len": max_len, "chat_template": chat_template, "texts": len(pairs), "dropped_short": 0}
     return split_lm_rows(split, tokenizer, info, val_fraction, test_fraction, seed, train_limit, val_limit, test_limit)
+
+
+def lm_pair_store_data(pairs: Any, tokenizer: Any, store: str | Path, max_len: int = 128, chat_template: bool = False,
+                       val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
+                       train_limit: int | None = None, val_limit: int | None = None, test_limit: int | None = None, *,
+                       shard_tokens: int | None = None, log: Any = None) -> LMData:
+    """:func:`lm_pair_data` for a corpus read a chunk at a time and kept on disk: ``pairs`` (a
+    :class:`attar.text.lm_io.PairStream`: ``chunks()`` of ``(prompts, responses)``, ``fingerprint()``) is tokenised
+    once into a token store under ``store`` (:mod:`attar.text.row_store`), and the splits are
+    :class:`~attar.text.row_store.RowView` views of the same rows, split the same way (with ``seed``)."""
+    def chunks():
+        seen = 0
+        for prompts, responses in pairs.chunks():
+            kept = [(str(p), str(r)) for p, r in zip(prompts, responses) if str(r).strip()]
+            if kept:
+                rows, plen = _pair_rows([p for p, _ in kept], [r for _, r in kept], tokenizer, max_len, chat_template,
+                                        seen)
+                yield [(_pair_key(p, r), row, n) for (p, r), row, n in zip(kept, rows, plen)]
+            seen += len(kept)
+
+    ts, built = _row_store("pairs", pairs, tokenizer, store, chunks,
+                           f"{pairs.name}: no prompt/response row has a non-empty response.", log, shard_tokens,
+                           max_len=max_len, chat_template=chat_template)
+    info = {"source": pairs.name, "max_len": max_len, "chat_template": chat_template,
+            "texts": ts.manifest.splits["rows"].texts, "dropped_short": 0}
+    return _stored_split(ts, tokenizer, info, built, val_fraction, test_fraction, seed, train_limit, val_limit,
+                         test_limit)
+
+
+def _pair_key(prompt: str, response: str) -> bytes:
+    p = prompt.encode("utf-8", "surrogatepass")
+    return len(p).to_bytes(8, "little") + p + response.encode("utf-8", "surrogatepass")
+
+
+def _row_store(kind: str, source: Any, tokenizer: Any, root: str | Path, chunks: Any, empty: str, log: Any,
+               shard_tokens: int | None, *, max_len: int, prompt_len: int | None = None, min_response: int | None = None,
+               chat_template: bool = False) -> Any:
+    vocab = len(tokenizer)
+    dtype = "uint16" if vocab <= 65535 else "uint32"
+    bos, eos, _ = _special_ids(tokenizer)
+    template = hashlib.sha256(str(tokenizer.chat_template).encode()).hexdigest() if chat_template else None
+    settings = RowStoreSettings(
+        rows=kind, source=f"{source.kind}:{source.name}", source_sha256=source.fingerprint(),
+        tokenizer=tokenizer_fingerprint(tokenizer), chat_template=template, vocab_size=vocab, bos_id=bos, eos_id=eos,
+        max_len=max_len, prompt_len=prompt_len, min_response=min_response,
+        shard_tokens=shard_tokens or SHARD_BYTES // np.dtype(dtype).itemsize, dtype=dtype)
+    return row_store(source, settings, chunks, root, empty=empty, log=log)
+
+
+def _stored_split(ts: Any, tokenizer: Any, info: dict[str, Any], built: bool, val_fraction: float,
+                  test_fraction: float, seed: int, train_limit: int | None, val_limit: int | None,
+                  test_limit: int | None) -> LMData:
+    pad = _special_ids(tokenizer)[2]
+    n = ts.manifest.splits["rows"].blocks
+    idx = split_index(n, val_fraction, test_fraction, seed, train_limit, val_limit, test_limit)
+    train, val, test = (RowView(ts, i, pad) for i in idx)
+    return _lm_data(train, val, test, tokenizer, info | {"store": str(ts.folder), "store_built": built})
 
 
 def lm_packed(texts: Sequence[str], tokenizer: Any, block: int) -> LMSplit:
@@ -327,7 +425,15 @@ def _texts_of(source: str | Sequence[str]) -> tuple[list[str], str]:
 def split_lm_rows(split: LMSplit, tokenizer: Any, info: dict[str, Any], val_fraction: float, test_fraction: float,
                   seed: int, train_limit: int | None, val_limit: int | None, test_limit: int | None) -> LMData:
     """Train/val/test rows: the test rows fixed for every seed, validation drawn with ``seed``, then the limits."""
-    n = len(split)
+    idx = split_index(len(split), val_fraction, test_fraction, seed, train_limit, val_limit, test_limit)
+    train, val, test = (split.rows(torch.as_tensor(i, dtype=torch.long)) for i in idx)
+    return _lm_data(train, val, test, tokenizer, info)
+
+
+def split_index(n: int, val_fraction: float, test_fraction: float, seed: int, train_limit: int | None,
+                val_limit: int | None, test_limit: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The train, val and test row numbers of ``n`` rows (:func:`split_lm_rows`): the test rows a function of ``n``
+    alone, validation drawn from the rest with ``seed``, each cut to its limit."""
     n_test = max(1, int(round(n * test_fraction)))
     n_val = int(round(n * val_fraction))
     if n_test + n_val >= n:
@@ -336,9 +442,11 @@ def split_lm_rows(split: LMSplit, tokenizer: Any, info: dict[str, Any], val_frac
     test_idx, pool = perm[:n_test], perm[n_test:]
     pool = pool[np.random.default_rng(seed + 104729).permutation(len(pool))]
     val_idx, train_idx = pool[:n_val], pool[n_val:]
-    cut = lambda idx, lim: torch.as_tensor(idx[:lim] if lim else idx, dtype=torch.long)  # noqa: E731
-    train, val, test = (split.rows(cut(train_idx, train_limit)), split.rows(cut(val_idx, val_limit)),
-                        split.rows(cut(test_idx, test_limit)))
+    cut = lambda idx, lim: idx[:lim] if lim else idx  # noqa: E731
+    return cut(train_idx, train_limit), cut(val_idx, val_limit), cut(test_idx, test_limit)
+
+
+def _lm_data(train: Any, val: Any, test: Any, tokenizer: Any, info: dict[str, Any]) -> LMData:
     _, eos, pad = _special_ids(tokenizer)
     info = info | {"sizes": {"train": len(train), "val": len(val), "test": len(test)},
                    "response_tokens": {"train": train.response_tokens, "val": val.response_tokens,

@@ -22,6 +22,11 @@ ones (same source content, tokenizer and settings) and rebuilt otherwise.
 blocks from the shards through ``np.memmap`` (across shard boundaries) as int64 tensors. Opening checks every
 shard's size and sha256 (about a second per GB): a truncated or changed shard is refused, naming the file and the
 fix (delete the store's folder; the next run rebuilds it).
+
+**Rows of their own length** (prompt/response pairs, prompt + continuation rows) use the same shards, manifest,
+staged build and checks with :class:`RowStoreSettings` and one ``rows`` entry whose :class:`RowIndex` names two more
+hashed files: each row's ``(start, length)`` in the token stream and its prompt length; :mod:`attar.text.row_store`
+builds and reads them.
 """
 
 from __future__ import annotations
@@ -86,6 +91,28 @@ class StoreSettings(BaseModel):
     dtype: Literal["uint16", "uint32"]
 
 
+class RowStoreSettings(BaseModel):
+    """What a store of variable-length rows was built from (:mod:`attar.text.row_store`): the rows' kind and the
+    settings that shape each row. The train/val/test split is not among them: it is drawn when the store is read."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    layout: Literal["rows"] = "rows"
+    rows: Literal["pairs", "texts"]
+    source: str
+    source_sha256: str
+    tokenizer: str
+    chat_template: str | None  # sha256 of the template the prompts were wrapped in (pairs with chat_template)
+    vocab_size: int
+    bos_id: int | None
+    eos_id: int | None
+    max_len: int
+    prompt_len: int | None  # texts: the fixed prompt length
+    min_response: int | None
+    shard_tokens: int
+    dtype: Literal["uint16", "uint32"]
+
+
 class ShardInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -94,20 +121,34 @@ class ShardInfo(BaseModel):
     sha256: str
 
 
+class RowIndex(BaseModel):
+    """A row store's index: ``offsets`` holds ``rows`` pairs of int64 ``(start, length)`` into the token stream,
+    ``prompt`` ``rows`` int32 prompt lengths (each file's ``tokens`` is its number of entries)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rows: int
+    width: int  # the longest row: every row is read right-padded to it, as the in-memory rows are
+    dropped: int  # distinct texts too short to make a row
+    offsets: ShardInfo
+    prompt: ShardInfo
+
+
 class SplitInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     texts: int
     tokens: int
-    blocks: int
+    blocks: int  # a row store: its rows
     shards: list[ShardInfo]
+    index: RowIndex | None = None
 
 
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     format: Literal["attar-token-store/1"] = STORE_FORMAT
-    settings: StoreSettings
+    settings: StoreSettings | RowStoreSettings
     splits: dict[str, SplitInfo]
 
 
@@ -134,6 +175,11 @@ class _ShardWriter:
         self.buf: list[int] = []
         self.shards: list[ShardInfo] = []
         self.file, self.sha, self.in_shard, self.tokens = None, None, 0, 0
+
+    @property
+    def position(self) -> int:
+        """Where the next token goes in the split's stream."""
+        return self.tokens + len(self.buf)
 
     def add(self, ids: list[int]) -> None:
         self.buf += ids
@@ -204,15 +250,38 @@ def _refuse(folder: Path, what: str) -> AttarError:
                       f"folder {folder} and run again to rebuild it from the text.")
 
 
-class PackedBlocks:
+class ShardReader:
+    """A split's token stream across its shards, mapped (``np.memmap``) only when first read."""
+
+    def __init__(self, files: list[Path], shard_tokens: int, dtype: np.dtype):
+        self.files, self.shard_tokens, self.dtype = files, shard_tokens, dtype
+        self._maps: list[np.memmap | None] = [None] * len(files)
+        self.texts: list[str] = []
+
+    def _map(self, s: int) -> np.memmap:
+        if self._maps[s] is None:
+            self._maps[s] = np.memmap(self.files[s], dtype=self.dtype, mode="r")
+        return self._maps[s]
+
+    def _read(self, start: int, count: int) -> np.ndarray:
+        """Tokens ``start:start+count`` of the split's stream, across shards, as int64."""
+        out = np.empty(count, dtype=np.int64)
+        done = 0
+        while done < count:
+            s, off = divmod(start + done, self.shard_tokens)
+            take = min(count - done, self.shard_tokens - off)
+            out[done : done + take] = self._map(s)[off : off + take]
+            done += take
+        return out
+
+
+class PackedBlocks(ShardReader):
     """A split of a token store as ``block``-token rows, every token after a row's first scored (the ``LMSplit``
     calls of :mod:`attar.text.lm_split`); nothing is read until rows are asked for."""
 
     def __init__(self, files: list[Path], shard_tokens: int, dtype: np.dtype, block: int, blocks: int, digest: str):
-        self.files, self.shard_tokens, self.dtype = files, shard_tokens, dtype
+        super().__init__(files, shard_tokens, dtype)
         self.block, self.blocks, self._digest = block, blocks, digest
-        self._maps: list[np.memmap | None] = [None] * len(files)
-        self.texts: list[str] = []
 
     def __len__(self) -> int:
         return self.blocks
@@ -237,22 +306,6 @@ class PackedBlocks:
     def fingerprint(self) -> str:
         """Names these exact rows (the shards' sha256, block and count): what a teacher cache records."""
         return hashlib.sha256(f"{self._digest}:{self.block}:{self.blocks}".encode()).hexdigest()[:16]
-
-    def _map(self, s: int) -> np.memmap:
-        if self._maps[s] is None:
-            self._maps[s] = np.memmap(self.files[s], dtype=self.dtype, mode="r")
-        return self._maps[s]
-
-    def _read(self, start: int, count: int) -> np.ndarray:
-        """Tokens ``start:start+count`` of the split's stream, across shards, as int64."""
-        out = np.empty(count, dtype=np.int64)
-        done = 0
-        while done < count:
-            s, off = divmod(start + done, self.shard_tokens)
-            take = min(count - done, self.shard_tokens - off)
-            out[done : done + take] = self._map(s)[off : off + take]
-            done += take
-        return out
 
     def _split(self, ids: np.ndarray) -> LMSplit:
         t = torch.from_numpy(ids)
@@ -301,13 +354,16 @@ class TokenStore:
             raise _refuse(folder, "manifest.json is missing or not a token-store manifest")
         itemsize = np.dtype(manifest.settings.dtype).itemsize
         for split in manifest.splits.values():
-            for s in split.shards:
+            files = [(s, itemsize, "tokens") for s in split.shards]
+            if split.index is not None:  # a row store's (start, length) pairs and prompt lengths
+                files += [(split.index.offsets, 16, "rows"), (split.index.prompt, 4, "rows")]
+            for s, size, unit in files:
                 f = folder / s.file
                 if not f.is_file():
                     raise _refuse(folder, f"the shard {f.name} is missing")
-                if f.stat().st_size != s.tokens * itemsize:
+                if f.stat().st_size != s.tokens * size:
                     raise _refuse(folder, f"the shard {f.name} holds {f.stat().st_size} bytes, the manifest says "
-                                          f"{s.tokens * itemsize} ({s.tokens} tokens): it is truncated or changed")
+                                          f"{s.tokens * size} ({s.tokens} {unit}): it is truncated or changed")
                 if verify and sha256_file(f) != s.sha256:
                     raise _refuse(folder, f"the shard {f.name} does not have the sha256 the manifest records")
         return cls(folder, manifest)
