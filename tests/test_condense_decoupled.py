@@ -179,5 +179,7 @@ def test_refusals_name_the_fix(home, tmp_path):
         condense("digits", "sre2l", 1, tmp_path / "a", iterations=1, model=TINY, progress=False, params={"teacher": str(tmp_path / "in")})
     with pytest.raises(AttarError, match="teachers"):
         condense("digits", "cvdd", 1, tmp_path / "b", iterations=1, model=TINY, progress=False, params={"teacher": "x"})
+    with pytest.raises(AttarError, match="relabels its images with its own teacher"):
+        condense("digits", "sre2l", 1, tmp_path / "d", iterations=1, model=TINY, progress=False, soft_labels=tmp_path / "in")
     with pytest.raises(AttarError, match="drop flip"):
         condense("digits", "cda", 1, tmp_path / "c", iterations=1, model=TINY, progress=False, flip=True, params=QUICK)

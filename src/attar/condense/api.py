@@ -158,6 +158,9 @@ def condense(
     if soft_labels is not None and getattr(condenser.p, "soft_labels", False):
         raise AttarError(f"method {method!r} learns its own soft labels (params soft_labels: true); drop one of the two: "
                          f"the soft-label teacher {soft_labels} or that parameter.")
+    if soft_labels is not None and getattr(cls, "relabels", False):
+        raise AttarError(f"method {method!r} relabels its images with its own teacher (params teacher/teachers); "
+                         f"drop the soft-label teacher {soft_labels}, or pass it as the method's teacher.")
     if soft_labels is not None:
         from attar.models import load_model
 

@@ -47,6 +47,7 @@ class CVDD(Condenser):
     summary = "committee voting: recovery against several BatchNorm teachers with prior-weighted votes; committee soft labels"
     learns_images = True
     default_iterations = 1000
+    relabels = True  # its teacher labels the images; condense() refuses a second soft-label teacher
     Params = CVDDParams
 
     def run(self, ctx: CondenseContext) -> CondenseOutput:

@@ -74,6 +74,7 @@ class SRe2L(Condenser):
     summary = "squeeze, recover, relabel: images from noise matching a BatchNorm teacher's statistics + CE; teacher soft labels"
     learns_images = True
     default_iterations = 1000
+    relabels = True  # its teacher labels the images; condense() refuses a second soft-label teacher
     Params = RecoverParams
 
     def min_scale(self, it: int, total: int) -> float:
