@@ -165,7 +165,8 @@ def test_building_streams_the_pairs_and_reading_loads_only_the_rows_asked_for(to
             out.write(json.dumps({"q": f"question {i}: what comes next?", "a": f"answer {i} " + "and words " * (i % 7)}) + "\n")
     tracemalloc.start()
     try:
-        data = lm_pair_store_data(pair_stream(str(f), "q", "a"), tok, tmp_path / "tokens", 96, shard_tokens=100_000)
+        data = lm_pair_store_data(pair_stream(str(f), "q", "a"), tok, tmp_path / "tokens", 96, shard_tokens=100_000,
+                                    chunk_rows=256)
         build_peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.reset_peak()
         held = tracemalloc.get_traced_memory()[0]  # the views' row numbers: 8 bytes a row
@@ -278,3 +279,19 @@ def test_an_lm_stage_trains_sft_rows_from_the_store_and_resumes_to_the_uninterru
     a = load_file(ref / "s" / "model" / "model.safetensors")
     b = load_file(resumed / "s" / "model" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_csv_and_parquet_pairs_read_a_chunk_at_a_time_as_written(tok, tmp_path):
+    import pandas as pd
+
+    df = pd.DataFrame({"q": ["a", "007", "c", None, "e"], "a": ["1", "2.50", None, "4", "x"]})
+    csv, pq = tmp_path / "p.csv", tmp_path / "p.parquet"
+    df.to_csv(csv, index=False)
+    df.to_parquet(pq)
+    want = (["a", "007", "e"], ["1", "2.50", "x"])  # cells as written; a row missing either value is skipped
+    for f in (csv, pq):
+        s = pair_stream(str(f), "q", "a")
+        assert read_pairs(str(f), "q", "a") == want
+        assert [p for chunk in s.chunks(2) for p in chunk[0]] == want[0]  # the same rows whatever the chunk size
+        with pytest.raises(AttarError, match=r"no column 'answer'; the columns are 'q', 'a'"):
+            next(pair_stream(str(f), "q", "answer").chunks())

@@ -290,14 +290,14 @@ def lm_pair_data(prompts: Sequence[str], responses: Sequence[str], tokenizer: An
 def lm_pair_store_data(pairs: Any, tokenizer: Any, store: str | Path, max_len: int = 128, chat_template: bool = False,
                        val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
                        train_limit: int | None = None, val_limit: int | None = None, test_limit: int | None = None, *,
-                       shard_tokens: int | None = None, log: Any = None) -> LMData:
-    """:func:`lm_pair_data` for a corpus read a chunk at a time and kept on disk: ``pairs`` (a
-    :class:`attar.text.lm_io.PairStream`: ``chunks()`` of ``(prompts, responses)``, ``fingerprint()``) is tokenised
-    once into a token store under ``store`` (:mod:`attar.text.row_store`), and the splits are
+                       shard_tokens: int | None = None, chunk_rows: int = 1024, log: Any = None) -> LMData:
+    """:func:`lm_pair_data` for a corpus read ``chunk_rows`` rows at a time and kept on disk: ``pairs`` (a
+    :class:`attar.text.lm_io.PairStream`: ``chunks(size)`` of ``(prompts, responses)``, ``fingerprint()``) is
+    tokenised once into a token store under ``store`` (:mod:`attar.text.row_store`), and the splits are
     :class:`~attar.text.row_store.RowView` views of the same rows, split the same way (with ``seed``)."""
     def chunks():
         seen = 0
-        for prompts, responses in pairs.chunks():
+        for prompts, responses in pairs.chunks(chunk_rows):
             kept = [(str(p), str(r)) for p, r in zip(prompts, responses) if str(r).strip()]
             if kept:
                 rows, plen = _pair_rows([p for p, _ in kept], [r for _, r in kept], tokenizer, max_len, chat_template,

@@ -339,8 +339,11 @@ class TokenStore:
         return self.manifest.settings
 
     def split(self, name: str, limit: int | None = None) -> PackedBlocks:
-        info = self.manifest.splits[name]
         st = self.settings
+        if isinstance(st, RowStoreSettings):
+            raise AttarError(f"token store {self.folder} holds rows of their own length, not packed blocks; read it "
+                             "with attar.text.row_store.RowView.")
+        info = self.manifest.splits[name]
         digest = hashlib.sha256("".join(s.sha256 for s in info.shards).encode()).hexdigest()
         return PackedBlocks([self.folder / s.file for s in info.shards], st.shard_tokens,
                             np.dtype(st.dtype).newbyteorder("<"), st.block, info.blocks, digest).head(limit)
