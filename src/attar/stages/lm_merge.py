@@ -147,7 +147,8 @@ class LMMergeStage(StageKind):
                                      base_label=base_label)
             tests = {n: d.test for n, d in data.items()}
             mine = domain_perplexity(merged, tests, pad, vocab)
-            theirs = {n: domain_perplexity(m, {n: tests[n]}, pad, vocab)[n] for n, m in zip(o.models, models)}
+            theirs = {n: _own_ppl(ctx, inputs, n) or domain_perplexity(m, {n: tests[n]}, pad, vocab)[n]
+                      for n, m in zip(o.models, models)}
         metrics: dict[str, Any] = {"test_ppl": sum(mine.values()) / len(mine)}
         metrics |= {f"test_ppl[{n}]": v for n, v in mine.items()}
         metrics |= {f"ppl_rise[{n}]": mine[n] - theirs[n] for n in mine}
@@ -216,6 +217,15 @@ def _folder(inputs: StageInputs, name: str) -> str:
     if not e.spec.get("hf"):
         raise AttarError(f"stage {name!r} left no language-model folder.")
     return e.spec["hf"]
+
+
+def _own_ppl(ctx: StageContext, inputs: StageInputs, name: str) -> float | None:
+    """The test perplexity a training stage reported for its own model (the same split: its data, its seed), so
+    it is not computed again; None for other stages (a merge's ``test_ppl`` is a mean over domains)."""
+    f = ctx.run_dir / name / "lm-metrics.json"
+    if inputs.earlier[name].kind == "merge" or not f.is_file():
+        return None
+    return json.loads(f.read_text())["metrics"].get("test_ppl")
 
 
 def _coefficients(o: LMMergeOptions) -> list[float] | None:
