@@ -150,12 +150,12 @@ class LMStage(StageKind):
                                artifacts={"model": out})
         with _recipe_fields(inputs):
             cfg = _settings(o, inputs.seed)
-            student, stok = _load(o.student, "student", inputs.earlier)
+            student, stok = _load(o.student, "student", inputs.earlier, cfg.seed)
             if cfg.growth is not None:  # G_stack (a resumed run's checkpoint then replaces these weights, as any start's)
                 student = _grow(student, cfg.growth, inputs.earlier)
                 inputs.log(f"  grown from stage {cfg.growth.from_!r}: its blocks stacked {cfg.growth.factor} times")
             stored = o.teacher is not None and (o.teacher.store is not None or o.teacher.url is not None)  # outputs only
-            teacher, ttok = (_load(o.teacher, "teacher", inputs.earlier) if o.teacher is not None and not stored
+            teacher, ttok = (_load(o.teacher, "teacher", inputs.earlier, cfg.seed) if o.teacher is not None and not stored
                              else (None, None))
             vmap = check_vocab(teacher, student, ttok, stok, cross_tokenizer=cfg.cross_tokenizer) if teacher is not None \
                 else None
@@ -352,9 +352,11 @@ def _grow(student, g, earlier: dict[str, EarlierStage]):
         raise AttarError(str(err).replace("the stage's model", "model")) from None
 
 
-def _load(spec: LMModelSpec, role: str, earlier: dict[str, EarlierStage]) -> tuple[Any, Any]:
+def _load(spec: LMModelSpec, role: str, earlier: dict[str, EarlierStage], seed: int = 0) -> tuple[Any, Any]:
+    """The model and tokenizer of ``spec``; a fresh byte model is initialised from the stage's ``seed`` (so seeds
+    differ in the initial weights too, not only in the data order)."""
     if spec.byte is not None:
-        model = make_byte_lm(**spec.byte)
+        model = make_byte_lm(**spec.byte, seed=seed)
         if spec.parameterization is not None:  # the support is drawn from the seeded generator make_byte_lm set
             sl = spec.parameterization.sltrain
             apply_sltrain(model, sl.rank, sl.sparsity, sl.exclude)
