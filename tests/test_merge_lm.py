@@ -223,3 +223,16 @@ def test_a_merge_stage_of_image_models_is_unchanged(tmp_path):
         {"name": "a", "kind": "train", "model": {"arch": "mlp"}},
         {"name": "m", "kind": "merge", "merge": {"method": "linear", "models": ["a"]}}]}))
     assert recipe.stages[1].kind_spec().__name__ == "MergeStage"
+
+
+def test_an_lm_merge_naming_an_image_stage_fails_in_preflight_naming_it(tmp_path):
+    base = tiny_smol(tmp_path / "base")
+    text = _text(tmp_path / "a.txt", A_WORDS, 1)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"stages": [
+        {"name": "img", "kind": "train", "model": {"arch": "mlp"}, "data": {"name": "digits"}},
+        _ft("ft", base, text),
+        {"name": "m", "kind": "merge", "merge": {"method": "linear", "models": ["ft", "img"]}}]}))
+    with pytest.raises(AttarError, match="stage 'img' is a train stage of an image or table model"):
+        Pipeline(*load_recipe(path), home=tmp_path / "home", log=lambda *a, **k: None).preflight()
+    assert not (tmp_path / "home").exists() or not any((tmp_path / "home").glob("2*"))
