@@ -236,3 +236,15 @@ def test_an_lm_merge_naming_an_image_stage_fails_in_preflight_naming_it(tmp_path
     with pytest.raises(AttarError, match="stage 'img' is a train stage of an image or table model"):
         Pipeline(*load_recipe(path), home=tmp_path / "home", log=lambda *a, **k: None).preflight()
     assert not (tmp_path / "home").exists() or not any((tmp_path / "home").glob("2*"))
+
+
+def test_a_merge_of_a_merge_is_refused_in_preflight(tmp_path):
+    base = tiny_smol(tmp_path / "base")
+    text = _text(tmp_path / "a.txt", A_WORDS, 1)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"stages": [
+        _ft("ft", base, text),
+        {"name": "m1", "kind": "merge", "merge": {"method": "linear", "models": ["ft"]}},
+        {"name": "m2", "kind": "merge", "merge": {"method": "linear", "models": ["m1", "ft"]}}]}))
+    with pytest.raises(AttarError, match="stage 'm1' is itself a merge"):
+        Pipeline(*load_recipe(path), home=tmp_path / "home", log=lambda *a, **k: None).preflight()

@@ -114,6 +114,9 @@ class LMMergeStage(StageKind):
                     raise AttarError(f"stage {n!r} is a {inputs.earlier[n].kind} stage of an image or table model; a "
                                      f"merge of language models merges causal-LM stages only (merge image models in "
                                      "a merge stage of their own).")
+                if inputs.earlier[n].kind == "merge" and n in o.models:
+                    raise AttarError(f"stage {n!r} is itself a merge, which read no text of its own; list the stages "
+                                     "it merged here instead (one merge of all the fine-tunes).")
             if isinstance(o.base, LMModelSpec) and o.base.pretrained:
                 get_pretrained(o.base.pretrained, field="merge.base.pretrained")
         return None
