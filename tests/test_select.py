@@ -224,7 +224,7 @@ def test_prune_easy_keeps_the_lowest_scores_and_needs_labels():
 
 
 def test_balanced_quotas_add_up_and_follow_the_key_within_each_class():
-    from attar.select.prune import balanced_top, quotas
+    from attar.select.base import balanced_top, quotas
 
     assert quotas(torch.tensor([5, 3, 2]), 4).tolist() == [2, 1, 1]
     assert int(quotas(torch.tensor([7, 7, 7]), 10).sum()) == 10
@@ -448,7 +448,7 @@ def _recipe(selector, kind="train", data="{name: digits}"):
 BAD = [
     ("{name: nope}", "train", None,
      r"stages\[1\]\.selector\): Unknown selector 'nope'\. Known selectors: disagreement, efficienttrain, "
-     r"high_loss, prune, rs2, uds, uniform"),
+     r"high_loss, prune, rs2, stored_teacher, uds, uniform"),
     ("{name: rs2, keep: 0}", "train", None, r"stages\[1\]\.selector.*field 'keep' = 0: Input should be greater than 0"
                                             r".*Accepted fields: keep"),
     ("{name: uds, keep: 1.5}", "train", None, r"field 'keep' = 1.5: Input should be less than or equal to 1"

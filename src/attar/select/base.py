@@ -22,7 +22,6 @@ from torch import nn
 from attar.errors import AttarError
 from attar.train.objective import Batch
 from attar.registry import Params, Registry
-from attar.rng import generator as generator_for
 
 SELECTORS: Registry[type["Selector"]] = Registry("selector")
 
@@ -186,3 +185,69 @@ def selector_spec_hash(spec: dict[str, Any] | None) -> str | None:
     if sel is None:
         return None
     return hashlib.sha256(json.dumps(sel.spec(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def quotas(counts: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-class quotas proportional to ``counts`` that add up to exactly ``k`` (largest remainder)."""
+    exact = counts.double() * k / counts.sum()
+    q = exact.floor().long()
+    short = k - int(q.sum())
+    if short > 0:
+        q[torch.argsort(exact - q, descending=True, stable=True)[:short]] += 1
+    return q
+
+
+def balanced_top(key: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` rows with the largest ``key``, taking each class's quota from its own best rows."""
+    classes, cls = torch.unique(y, return_inverse=True)
+    q = quotas(torch.bincount(cls, minlength=len(classes)), k)
+    order = torch.argsort(key, descending=True, stable=True)
+    order = order[torch.argsort(cls[order], stable=True)]  # grouped by class, best first within each class
+    starts = torch.cumsum(torch.bincount(cls, minlength=len(classes)), 0) - torch.bincount(cls, minlength=len(classes))
+    rank = torch.arange(len(key)) - starts[cls[order]]
+    return order[rank < q[cls[order]]]
+
+class FixedSubset(Selector):
+    """A selector that keeps one scored subset of the rows for the whole stage: the ``keep`` fraction with the
+    largest :meth:`rank_key` (per class when ``balanced``), chosen once on the first epoch, drawn every epoch and
+    checkpointed, so a resumed run keeps the same subset. Subclasses give the key (and the labels for balance)."""
+
+    def __init__(self, params: SelectorParams):
+        super().__init__(params)
+        self.kept: torch.Tensor | None = None  # bool mask over training rows
+        self.row_scores: torch.Tensor | None = None
+
+    def rank_key(self, n: int) -> torch.Tensor:  # pragma: no cover
+        """A float64 key per row: the rows with the largest are kept."""
+        raise NotImplementedError
+
+    def balance_labels(self) -> torch.Tensor | None:
+        """The labels each class's quota is taken by (with ``balanced``)."""
+        return None
+
+    def rows_per_epoch(self, n: int) -> int:
+        return max(1, math.ceil(self.p.keep * n))
+
+    def compute_kept(self, n: int) -> torch.Tensor:
+        t0 = time.perf_counter()
+        key, k = self.rank_key(n), self.rows_per_epoch(n)
+        kept = torch.zeros(n, dtype=torch.bool)
+        labels = self.balance_labels() if getattr(self.p, "balanced", False) else None
+        if labels is not None:
+            kept[balanced_top(key, labels.cpu(), k)] = True
+        else:
+            kept[torch.topk(key, k).indices] = True
+        self.stats["select_seconds"] += time.perf_counter() - t0
+        return kept
+
+    def epoch_rows(self, order: torch.Tensor, epoch: int, generator: torch.Generator) -> torch.Tensor:
+        if self.kept is None or len(self.kept) != len(order):
+            self.kept = self.compute_kept(len(order))
+        return order[self.kept[order]]
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {} if self.kept is None else {"kept": self.kept.to(torch.uint8)}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if "kept" in tensors:
+            self.kept = tensors["kept"].bool()

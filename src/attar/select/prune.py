@@ -34,7 +34,6 @@ weight is ``1 - alpha``. KD-Pruning finds that the best KD weight grows as the k
 from __future__ import annotations
 
 import copy
-import math
 import time
 from typing import Literal
 
@@ -44,7 +43,8 @@ from pydantic import Field
 
 from attar.errors import AttarError
 from attar.rng import seed_of
-from attar.select.base import SELECTORS, Selector, SelectorParams, generator_for
+from attar.select.base import SELECTORS, FixedSubset, SelectorParams
+from attar.rng import generator as generator_for
 from attar.train.callbacks import ForgettingCounter
 from attar.train.config import TrainConfig
 from attar.train.objective import CE
@@ -59,37 +59,14 @@ class PruneParams(SelectorParams):
     balanced: bool = Field(True, description="keep the same fraction of every class (false: rank all rows together)")
 
 
-def quotas(counts: torch.Tensor, k: int) -> torch.Tensor:
-    """Per-class quotas proportional to ``counts`` that add up to exactly ``k`` (largest remainder)."""
-    exact = counts.double() * k / counts.sum()
-    q = exact.floor().long()
-    short = k - int(q.sum())
-    if short > 0:
-        q[torch.argsort(exact - q, descending=True, stable=True)[:short]] += 1
-    return q
-
-
-def balanced_top(key: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` rows with the largest ``key``, taking each class's quota from its own best rows."""
-    classes, cls = torch.unique(y, return_inverse=True)
-    q = quotas(torch.bincount(cls, minlength=len(classes)), k)
-    order = torch.argsort(key, descending=True, stable=True)
-    order = order[torch.argsort(cls[order], stable=True)]  # grouped by class, best first within each class
-    starts = torch.cumsum(torch.bincount(cls, minlength=len(classes)), 0) - torch.bincount(cls, minlength=len(classes))
-    rank = torch.arange(len(key)) - starts[cls[order]]
-    return order[rank < q[cls[order]]]
-
-
 @SELECTORS.register("prune")
-class Prune(Selector):
+class Prune(FixedSubset):
     """Keep a fixed, scored ``keep`` fraction of the rows for the whole stage."""
 
     Params = PruneParams
 
     def __init__(self, params: PruneParams):
         super().__init__(params)
-        self.kept: torch.Tensor | None = None  # bool mask over training rows
-        self.row_scores: torch.Tensor | None = None
         self.stats.update({"probe_train_rows": 0, "probe_seconds": 0.0})
         self._trainer = None
         self._probe_model = None
@@ -115,9 +92,6 @@ class Prune(Selector):
                 raise AttarError(f"stage {trainer.name!r}: {e}") from None
             self._probe_model = copy.deepcopy(trainer.model)  # the initial weights, before any step
 
-    def rows_per_epoch(self, n: int) -> int:
-        return max(1, math.ceil(self.p.keep * n))
-
     # -- scoring -------------------------------------------------------------------------------
     def _probe_scores(self) -> torch.Tensor:
         """Train the probe (an ordinary inner Trainer run; forgetting events are read by a callback), then score."""
@@ -139,37 +113,22 @@ class Prune(Selector):
         err = torch.softmax(logits, 1) - F.one_hot(y.cpu(), logits.shape[1]).float()
         return err.norm(dim=1)
 
-    def compute_kept(self, n: int) -> torch.Tensor:
-        t0 = time.perf_counter()
-        k = self.rows_per_epoch(n)
+    def rank_key(self, n: int) -> torch.Tensor:
         jitter = torch.rand(n, generator=generator_for(self.seed, "prune-ties"), dtype=torch.float64)
         if self.p.score == "random":
-            rank_key = jitter
-        else:
-            s = self._probe_scores().double()
-            self.row_scores = s.float()
-            self.stats["probe_seconds"] += time.perf_counter() - t0
-            scale = (s.max() - s.min()).clamp(min=1e-12)
-            rank_key = (s if self.p.keep_hardest else -s) + 1e-9 * scale * jitter
-        kept = torch.zeros(n, dtype=torch.bool)
-        if self.p.balanced:
-            kept[balanced_top(rank_key, self._trainer.y.cpu(), k)] = True
-        else:
-            kept[torch.topk(rank_key, k).indices] = True
+            return jitter
+        t0 = time.perf_counter()
+        s = self._probe_scores().double()
+        self.row_scores = s.float()
+        self.stats["probe_seconds"] += time.perf_counter() - t0
         self._probe_model = None
-        self.stats["select_seconds"] += time.perf_counter() - t0
-        return kept
+        scale = (s.max() - s.min()).clamp(min=1e-12)
+        return (s if self.p.keep_hardest else -s) + 1e-9 * scale * jitter
 
-    # -- hooks ---------------------------------------------------------------------------------
-    def epoch_rows(self, order: torch.Tensor, epoch: int, generator: torch.Generator) -> torch.Tensor:
-        if self.kept is None or len(self.kept) != len(order):
-            self.kept = self.compute_kept(len(order))
-        return order[self.kept[order]]
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {} if self.kept is None else {"kept": self.kept.to(torch.uint8)}
+    def balance_labels(self) -> torch.Tensor:
+        return self._trainer.y
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().load_state_tensors(tensors)
         if "kept" in tensors:
-            self.kept = tensors["kept"].bool()
             self._probe_model = None

@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from attar.select.base import SELECTORS, Selector, SelectorParams, generator_for
+from attar.select.base import SELECTORS, Selector, SelectorParams
+from attar.rng import generator as generator_for
 
 
 @SELECTORS.register("rs2")

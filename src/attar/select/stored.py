@@ -10,15 +10,13 @@ Scores per row, from the stored distribution ``p̂`` (top-k at their classes, th
 * ``margin``: ``p̂_(1) − p̂_(2)``, the top-1 minus the runner-up probability (needs ``k >= 2``); low = unsure.
 
 ``keep_hardest`` (default true) keeps the unsure rows (high entropy, low margin); false the confident ones.
-``balanced`` (default true) keeps the same fraction of every class (:func:`attar.select.prune.balanced_top`).
+``balanced`` (default true) keeps the same fraction of every class (:func:`attar.select.base.balanced_top`).
 Ties are broken by a seeded jitter. The kept rows are checkpointed, so a resumed run keeps the subset.
 Cost: no forward pass at all (``scoring_forward_rows`` stays 0); reading the store is counted in ``select_seconds``.
 """
 
 from __future__ import annotations
 
-import math
-import time
 from typing import Literal
 
 import torch
@@ -26,8 +24,8 @@ from pydantic import Field
 
 from attar.distill.cls_store import StoredClassifierTeacher
 from attar.errors import AttarError
-from attar.select.base import SELECTORS, Selector, SelectorParams, generator_for
-from attar.select.prune import balanced_top
+from attar.select.base import SELECTORS, FixedSubset, SelectorParams
+from attar.rng import generator as generator_for
 
 
 class StoredTeacherParams(SelectorParams):
@@ -55,15 +53,13 @@ def stored_scores(reader: StoredClassifierTeacher, score: str, idx: torch.Tensor
 
 
 @SELECTORS.register("stored_teacher")
-class StoredTeacher(Selector):
+class StoredTeacher(FixedSubset):
     """Keep the ``keep`` fraction of rows a stored teacher pass was least (or most) sure of, for the whole stage."""
 
     Params = StoredTeacherParams
 
     def __init__(self, params: StoredTeacherParams):
         super().__init__(params)
-        self.kept: torch.Tensor | None = None
-        self.row_scores: torch.Tensor | None = None
         self._reader: StoredClassifierTeacher | None = None
         self._y: torch.Tensor | None = None
 
@@ -89,34 +85,13 @@ class StoredTeacher(Selector):
                              f"{why}. Dump the teacher on this stage's training rows (attar teacher dump).")
         self._y = trainer.y
 
-    def rows_per_epoch(self, n: int) -> int:
-        return max(1, math.ceil(self.p.keep * n))
-
-    def compute_kept(self, n: int) -> torch.Tensor:
-        t0 = time.perf_counter()
+    def rank_key(self, n: int) -> torch.Tensor:
         s = stored_scores(self._open(), self.p.score).double()
         self.row_scores = s.float()
         hard = s if self.p.score == "entropy" else -s  # larger = the teacher less sure
         jitter = torch.rand(n, generator=generator_for(self.seed, "stored-teacher-ties"), dtype=torch.float64)
         scale = (hard.max() - hard.min()).clamp(min=1e-12)
-        key = (hard if self.p.keep_hardest else -hard) + 1e-9 * scale * jitter
-        k = self.rows_per_epoch(n)
-        kept = torch.zeros(n, dtype=torch.bool)
-        if self.p.balanced and self._y is not None:
-            kept[balanced_top(key, self._y.cpu(), k)] = True
-        else:
-            kept[torch.topk(key, k).indices] = True
-        self.stats["select_seconds"] += time.perf_counter() - t0
-        return kept
+        return (hard if self.p.keep_hardest else -hard) + 1e-9 * scale * jitter
 
-    def epoch_rows(self, order: torch.Tensor, epoch: int, generator: torch.Generator) -> torch.Tensor:
-        if self.kept is None or len(self.kept) != len(order):
-            self.kept = self.compute_kept(len(order))
-        return order[self.kept[order]]
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {} if self.kept is None else {"kept": self.kept.to(torch.uint8)}
-
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        if "kept" in tensors:
-            self.kept = tensors["kept"].bool()
+    def balance_labels(self) -> torch.Tensor | None:
+        return self._y

@@ -41,7 +41,8 @@ from pydantic import Field
 
 from attar.errors import AttarError
 from attar.train.objective import Batch
-from attar.select.base import SELECTORS, Selector, SelectorParams, generator_for
+from attar.select.base import SELECTORS, Selector, SelectorParams
+from attar.rng import generator as generator_for
 
 _MAX_GRAM = 256  # logits wider than this are randomly projected first (one c x c eigh per step)
 
