@@ -6,6 +6,7 @@ their help text (one place for every default) without slowing ``attar --help``.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -18,6 +19,11 @@ from attar.train.config import (
     SparsityConfig,
     TrainConfig,
 )
+
+
+def _trainer_field(name: str):
+    """A field of the Trainer's own :class:`TrainConfig`, default and description included (one definition)."""
+    return copy.copy(TrainConfig.model_fields[name])
 
 
 class LMDistillConfig(BaseModel):
@@ -63,15 +69,10 @@ class LMDistillConfig(BaseModel):
         default_factory=list, description="recipe stages: also write the metrics as TensorBoard event files under "
         "<run>/<stage>/tensorboard/ (needs `pip install 'attar[tensorboard]'`)")
     # the efficient-training options of the one Trainer (issue 15), the same types as TrainConfig's (docs/efficient.md)
-    optimizer: Literal["adamw", "sgd"] | OptimizerConfig = Field(
-        "adamw", description="adamw, sgd, or a block {name: adamw, projection: {rank, update_every}} (GaLore)")
-    optimizer_state: OptimizerStateConfig | None = Field(
-        None, description="{dtype: fp8_e4m3, expansion: dynamic}: AdamW moments stored in FP8 (COAT)")
-    sparsity: SparsityConfig | None = Field(
-        None, description="{schedule: spdf, sparsity: 0.75, dense_from: STEP}: sparse, then dense training (SPDF)")
-    growth: GrowthConfig | None = Field(
-        None, description="{method: g_stack, from: STAGE, factor: 2}: the model starts as an earlier causal-LM "
-        "stage's model with its blocks stacked factor times (G_stack)")
+    optimizer: Literal["adamw", "sgd"] | OptimizerConfig = _trainer_field("optimizer")
+    optimizer_state: OptimizerStateConfig | None = _trainer_field("optimizer_state")
+    sparsity: SparsityConfig | None = _trainer_field("sparsity")
+    growth: GrowthConfig | None = _trainer_field("growth")
 
     @model_validator(mode="after")
     def _efficient_settings_fit(self) -> "LMDistillConfig":
