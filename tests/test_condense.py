@@ -249,7 +249,7 @@ def test_soft_labels_are_stored_and_evaluated_separately(tmp_path):
 
 
 def test_unknown_method_lists_known(tmp_path):
-    with pytest.raises(AttarError, match=r"Unknown condensation method 'nope'.*dc, dm, dsa, herding, kcenter, mtt, random"):
+    with pytest.raises(AttarError, match=r"Unknown condensation method 'nope'.*dc, dm, dsa, herding, kcenter, mtt, ncfm, random, rded, sre2l"):
         condense("digits", "nope", 1, tmp_path / "x")
     assert not (tmp_path / "x").exists()
 

@@ -17,7 +17,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def fail(e: Exception) -> NoReturn:
-    err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)  # a message may hold [brackets]
+    # soft_wrap: no newlines inserted at 80 columns off a terminal, so a logged message stays greppable
+    err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # it may hold [brackets]
     raise typer.Exit(2)
 
 
