@@ -63,33 +63,13 @@ def tied_linears(model: nn.Module) -> list[str]:
     return [n for n, m in linear_modules(model).items() if len(owners.get(id(m.weight), [])) > 1]
 
 
-class _MaskedGrams(GramHooks):
-    """:class:`GramHooks` that count only the token positions of ``keep`` (real tokens, not padding)."""
-
-    keep: torch.Tensor | None = None
-
-    def _hook(self, name: str):
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            x = args[0].detach()
-            x = x.reshape(-1, x.shape[-1]).float()
-            if self.keep is not None and self.keep.numel() == x.shape[0]:
-                x = x[self.keep.reshape(-1).to(x.device)]
-            xtx = x.T @ x
-            if name in self.grams:
-                self.grams[name].add_(xtx)
-                self.rows[name] += x.shape[0]
-            else:
-                self.grams[name], self.rows[name] = xtx, x.shape[0]
-        return hook
-
-
 @torch.no_grad()
 def lm_grams(model: nn.Module, split: LMSplit, pad_id: int, *, rows: int = 32, batch_size: int = 8,
              reduce: Reduce = "mean") -> dict[str, torch.Tensor]:
     """``{linear module: Gram of its inputs}`` over the real tokens of the first ``rows`` rows of ``split``
     (a tied head left out, see the module docstring)."""
     tied = set(tied_linears(model))
-    hooks = _MaskedGrams({n: m for n, m in linear_modules(model).items() if n not in tied})
+    hooks = GramHooks({n: m for n, m in linear_modules(model).items() if n not in tied})
     was = model.training
     model.eval()
     dev = next(model.parameters()).device

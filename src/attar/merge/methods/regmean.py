@@ -70,17 +70,21 @@ def forward(model: Any, batch: Any) -> Any:
 
 
 class GramHooks:
-    """Forward hooks accumulating XᵀX (float32) and the row count of each named linear layer's input."""
+    """Forward hooks accumulating XᵀX (float32) and the row count of each named linear layer's input. Set ``keep``
+    (a bool mask over the batch's positions, e.g. the real tokens of padded text) to count only those rows."""
 
     def __init__(self, modules: Mapping[str, nn.Module]):
         self.grams: dict[str, torch.Tensor] = {}
         self.rows: dict[str, int] = {}
+        self.keep: torch.Tensor | None = None
         self.handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             x = args[0].detach()
             x = x.reshape(-1, x.shape[-1]).float()
+            if self.keep is not None and self.keep.numel() == x.shape[0]:
+                x = x[self.keep.reshape(-1).to(x.device)]
             xtx = x.T @ x
             if name in self.grams:
                 self.grams[name].add_(xtx)
