@@ -31,12 +31,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from attar.distill.lm_config import LMModelSpec
 from attar.errors import AttarError
 from attar.io import atomic_write_json, staged_folder
-from attar.merge.config import check_settings as check_numbers
 from attar.merge.lm import check_lm_method, domain_perplexity, merge_lms
 from attar.merge.lora_merge import lora_delta, merge_lora_adapters, read_adapter
 from attar.merge.methods import MERGE_METHODS
 from attar.stages.base import StageContext, StageInputs, StageKind, StageResult
 from attar.stages.lm import stage_data
+from attar.stages.merge import check_merge_numbers
 from attar.text.charlm import load_causal_lm, save_causal_lm
 from attar.text.lm_io import lm_context, scored_vocab
 from attar.text.pretrained_lm import get_pretrained, load_pretrained_lm
@@ -93,13 +93,7 @@ class LMMergeStage(StageKind):
 
     @classmethod
     def check(cls, st) -> None:
-        o = st.options
-        try:  # NaN, inf and out-of-range values are refused at load, not after the earlier stages trained
-            check_numbers(o.method, "merge.parameters", o.parameters)
-            for i, mp in enumerate(o.model_parameters or []):
-                check_numbers(o.method, f"merge.model_parameters[{i}] ({o.models[i]})", mp)
-        except AttarError as e:
-            raise ValueError(str(e)) from None
+        check_merge_numbers(st.options)
 
     @classmethod
     def references(cls, st) -> list[str]:

@@ -49,6 +49,17 @@ class MergeOptions(BaseModel):
         return v
 
 
+def check_merge_numbers(o: Any) -> None:
+    """A merge block's ``parameters`` and per-model ``model_parameters``, checked at recipe load: NaN, inf and
+    out-of-range values are refused then, not after the earlier stages trained (a ValueError naming the field)."""
+    try:
+        check_numbers(o.method, "merge.parameters", o.parameters)
+        for i, mp in enumerate(o.model_parameters or []):
+            check_numbers(o.method, f"merge.model_parameters[{i}] ({o.models[i]})", mp)
+    except AttarError as e:
+        raise ValueError(str(e)) from None
+
+
 @STAGES.register("merge")
 class MergeStage(StageKind):
     Options = MergeOptions
@@ -58,12 +69,7 @@ class MergeStage(StageKind):
         o = cls.parse_options("merge", st.options)
         if o.model_parameters is not None and len(o.model_parameters) != len(o.models):
             raise ValueError(f"merge.model_parameters has {len(o.model_parameters)} entries for {len(o.models)} models; give one per model")
-        try:  # NaN, inf and out-of-range values are refused at load, not after the earlier stages trained
-            check_numbers(o.method, "merge.parameters", o.parameters)
-            for i, mp in enumerate(o.model_parameters or []):
-                check_numbers(o.method, f"merge.model_parameters[{i}] ({o.models[i]})", mp)
-        except AttarError as e:
-            raise ValueError(str(e)) from None
+        check_merge_numbers(o)
 
     @classmethod
     def references(cls, st) -> list[str]:
