@@ -17,6 +17,7 @@ from attar.text import token_store as ts
 from attar.text.charlm import byte_tokenizer, lm_packed, lm_packed_data
 from attar.text.text_stream import text_stream
 from attar.text.token_store import split_of, token_store
+from lm_store_resume import run_kill_resume
 
 WORDS = ["time", "love", "code", "rain", "salt", "wind", "fire", "snow", "stone", "river", "light", "song"]
 
@@ -133,48 +134,7 @@ def _recipe(tmp_path, corpus, steps=12, kill=None):
 
 
 def test_an_lm_stage_trains_from_the_store_and_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
-    from safetensors.torch import load_file
-
-    from attar.pipeline import Pipeline
-    from attar.recipe import load_recipe
-    from attar.stages import lm as lm_stage
-
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in _texts(200)))
-    logs: list[str] = []
-    log = lambda *a, **k: logs.append(" ".join(map(str, a)))  # noqa: E731
-    ref = Pipeline(*load_recipe(_recipe(tmp_path, corpus)), home=tmp_path / "home", log=log).run()
-    saved = json.loads((ref / "s" / "lm-metrics.json").read_text())["metrics"]
+    saved = run_kill_resume(_recipe(tmp_path, corpus), tmp_path, monkeypatch)["metrics"]
     assert saved["test_ppl"] > 1 and 0 <= saved["top1_agreement"] <= 1
-    stores = list((tmp_path / "home" / "cache" / "tokens").iterdir())
-    assert len(stores) == 1 and any("token store built" in line for line in logs)
-
-    class Kill(Exception):
-        pass
-
-    real = lm_stage.distill_lm
-
-    def killed(*a, **k):
-        inner = k["on_metrics"]
-
-        def on_metrics(step, rec):
-            if step == 9:
-                raise Kill  # after the step-8 checkpoint, like a SIGKILL
-            if inner is not None:
-                inner(step, rec)
-        return real(*a, **(k | {"on_metrics": on_metrics}))
-
-    logs.clear()
-    home = tmp_path / "home2"
-    home.mkdir()
-    (home / "cache").symlink_to(tmp_path / "home" / "cache")  # the same cache folder: the store is reused
-    with monkeypatch.context() as m:
-        m.setattr(lm_stage, "distill_lm", killed)
-        with pytest.raises(Kill):
-            Pipeline(*load_recipe(_recipe(tmp_path, corpus)), home=home, log=log).run()
-    assert any("token store reused" in line for line in logs)
-    run_dir = next(p for p in home.iterdir() if (p / "run.json").exists())
-    resumed = Pipeline(*load_recipe(_recipe(tmp_path, corpus)), home=home, log=log).run(resume_dir=run_dir)
-    a = load_file(ref / "s" / "model" / "model.safetensors")
-    b = load_file(resumed / "s" / "model" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -18,6 +18,7 @@ from attar.text import charlm, row_store
 from attar.text.charlm import byte_tokenizer, lm_data, lm_pair_data, lm_pair_store_data
 from attar.text.lm_io import lm_dataset, pair_stream, read_pairs
 from attar.text.row_store import RowView
+from lm_store_resume import run_kill_resume
 
 WORDS = ["time", "love", "code", "rain", "salt", "wind", "fire", "snow", "stone", "river", "light", "song"]
 TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
@@ -233,52 +234,14 @@ def _recipe(tmp_path, rows) -> str:
 
 
 def test_an_lm_stage_trains_sft_rows_from_the_store_and_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
-    from safetensors.torch import load_file
-
-    from attar.pipeline import Pipeline
-    from attar.recipe import load_recipe
-    from attar.stages import lm as lm_stage
-
     rows = _write_jsonl(tmp_path / "sft.jsonl", _pairs())
-    logs: list[str] = []
-    log = lambda *a, **k: logs.append(" ".join(map(str, a)))  # noqa: E731
-    ref = Pipeline(*load_recipe(_recipe(tmp_path, rows)), home=tmp_path / "home", log=log).run()
-    saved = json.loads((ref / "s" / "lm-metrics.json").read_text())["metrics"]
-    assert saved["test_ppl"] > 1 and 0 <= saved["top1_agreement"] <= 1
-    stores = list((tmp_path / "home" / "cache" / "tokens").iterdir())
-    assert len(stores) == 1 and any("token store built" in line for line in logs)
-    assert json.loads((stores[0] / "manifest.json").read_text())["settings"]["rows"] == "pairs"
 
-    class Kill(Exception):
-        pass
+    def trains_from_the_store(args, kwargs):
+        assert isinstance(args[1].train, RowView)  # the stage trains from the store's rows
 
-    real = lm_stage.distill_lm
-
-    def killed(*a, **k):
-        assert isinstance(a[1].train, RowView)  # the stage trains from the store's rows
-        inner = k["on_metrics"]
-
-        def on_metrics(step, rec):
-            if step == 9:
-                raise Kill  # after the step-8 checkpoint, like a SIGKILL
-            if inner is not None:
-                inner(step, rec)
-        return real(*a, **(k | {"on_metrics": on_metrics}))
-
-    logs.clear()
-    home = tmp_path / "home2"
-    home.mkdir()
-    (home / "cache").symlink_to(tmp_path / "home" / "cache")  # the same cache folder: the store is reused
-    with monkeypatch.context() as m:
-        m.setattr(lm_stage, "distill_lm", killed)
-        with pytest.raises(Kill):
-            Pipeline(*load_recipe(_recipe(tmp_path, rows)), home=home, log=log).run()
-    assert any("token store reused" in line for line in logs)
-    run_dir = next(p for p in home.iterdir() if (p / "run.json").exists())
-    resumed = Pipeline(*load_recipe(_recipe(tmp_path, rows)), home=home, log=log).run(resume_dir=run_dir)
-    a = load_file(ref / "s" / "model" / "model.safetensors")
-    b = load_file(resumed / "s" / "model" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    out = run_kill_resume(_recipe(tmp_path, rows), tmp_path, monkeypatch, check=trains_from_the_store)
+    assert out["metrics"]["test_ppl"] > 1 and 0 <= out["metrics"]["top1_agreement"] <= 1
+    assert json.loads((out["store"] / "manifest.json").read_text())["settings"]["rows"] == "pairs"
 
 
 def test_csv_and_parquet_pairs_read_a_chunk_at_a_time_as_written(tok, tmp_path):
