@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,15 +15,17 @@ ROOT = Path(__file__).resolve().parents[1]
 def pytest_configure(config):
     """Convert the small packaged LM (SmolLM2-135M) into ``runs/models`` once, before collection: the tests that
     read its real tokenizer and config (cross-tokenizer KD, vocabulary-aligned and LM merges, the served teacher)
-    then run wherever `make setup` installed it, CI's clean clone included, instead of skipping there."""
+    then run wherever `make setup` installed it, CI's clean clone included, instead of skipping there. In a
+    subprocess: the conversion's gigabyte of freed heap would stay resident here and hide the peak-memory tests'
+    growth."""
     if (ROOT / "runs" / "models" / "smollm2-135m" / "tokenizer.json").is_file():
         return
-    from attar.text import pretrained_lm
-
-    try:
-        pretrained_lm.ensure_converted("smollm2-135m", progress=False, home=ROOT / "runs")
-    except Exception as e:  # noqa: BLE001 - not installed: the tests that need it skip, saying why
-        print(f"conftest: SmolLM2-135M is not converted ({e}); the tests that need its files skip")
+    code = ("from attar.text.pretrained_lm import ensure_converted; "
+            f"ensure_converted('smollm2-135m', progress=False, home={str(ROOT / 'runs')!r})")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if res.returncode != 0:  # not installed: the tests that need it skip, saying why
+        print("conftest: SmolLM2-135M is not converted; the tests that need its files skip. "
+              + (res.stderr.strip().splitlines() or [""])[-1])
 
 
 @pytest.fixture(scope="module")
