@@ -174,7 +174,8 @@ class LMStage(StageKind):
                                              data.train.slice(0, o.student.prune.calibration_rows).ids, data.pad_id)
                 pruned = {"pruned_ppl": perplexity(student, data.test, data.pad_id, vocab_size=vocab)} | info["sizes"]
                 inputs.log(f"  pruned {info['shape']}; test perplexity now {pruned['pruned_ppl']:.2f}")
-                atomic_write_json(ctx.stage_dir / "prune.json", info | pruned)
+                if dist.is_main():
+                    atomic_write_json(ctx.stage_dir / "prune.json", info | pruned)
             elif o.student.prune is not None:  # resuming: rebuild the same pruned shape, the checkpoint has the weights
                 info = json.loads((ctx.stage_dir / "prune.json").read_text())
                 student = reshape_pruned(student, info)
@@ -212,8 +213,9 @@ class LMStage(StageKind):
         model, arts = res.model, {"model": out}
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if o.student.lora is not None:  # the adapter in PEFT format, then the merged model like any other
-            with staged_folder(ctx.stage_dir / "adapter") as tmp:
-                model.save_pretrained(str(tmp))
+            if dist.is_main():
+                with staged_folder(ctx.stage_dir / "adapter") as tmp:
+                    model.save_pretrained(str(tmp))
             arts["adapter"] = ctx.stage_dir / "adapter"
             model = model.merge_and_unload()
         metrics: dict[str, Any] = {"test_ppl": perplexity(model, data.test, data.pad_id, vocab_size=vocab),
@@ -230,9 +232,11 @@ class LMStage(StageKind):
         if o.student.parameterization is not None:  # SLTrain: the folder holds the dense weights B A + S
             metrics |= {f"sltrain_{k}_bytes": v for k, v in sltrain_bytes(model).items()}
             materialize(model)
-        with staged_folder(out) as tmp:
-            save_causal_lm(model, stok, tmp)
-        atomic_write_json(metrics_file, {"metrics": metrics, "history": res.history})
+        if dist.is_main():  # under torchrun every rank holds the same model: one writes, the others wait for it
+            with staged_folder(out) as tmp:
+                save_causal_lm(model, stok, tmp)
+            atomic_write_json(metrics_file, {"metrics": metrics, "history": res.history})
+        dist.barrier()
         return StageResult(model, {"hf": str(out)}, res.history, metrics=metrics, artifacts=arts)
 
 
