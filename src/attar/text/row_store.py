@@ -43,7 +43,7 @@ from attar.text.token_store import (
     ShardReader,
     TokenStore,
     _ShardWriter,
-    read_manifest,
+    open_or_build,
     store_folder,
 )
 
@@ -117,13 +117,7 @@ def row_store(source: Any, settings: RowStoreSettings, chunks: Callable[[], Iter
     ``column``: a :class:`~attar.text.text_stream.TextStream` or a pair stream); ``empty``: the error when no row
     is left. Returns ``(store, built)``."""
     folder = store_folder(root, source, settings)
-    found = read_manifest(folder)
-    if found is not None and found.settings == settings:
-        return TokenStore.open(folder, verify=verify), False
-    if log is not None:
-        log(f"  token store: {'rebuilding' if folder.exists() else 'building'} {folder}")
-    _build(chunks(), folder, settings, empty)
-    return TokenStore.open(folder, verify=False), True
+    return open_or_build(folder, settings, lambda: _build(chunks(), folder, settings, empty), verify=verify, log=log)
 
 
 class RowView(ShardReader):

@@ -406,10 +406,18 @@ def token_store(stream: TextStream, tokenizer: Any, root: str | Path, block: int
         vocab_size=vocab, bos_id=bos, eos_id=eos, block=block, val_fraction=val_fraction, test_fraction=test_fraction,
         shard_tokens=shard_tokens or SHARD_BYTES // np.dtype(dtype).itemsize, dtype=dtype)
     folder = store_folder(root, stream, settings)
+    return open_or_build(folder, settings, lambda: _build(stream, tokenizer, folder, settings, chunk_texts),
+                         verify=verify, log=log)
+
+
+def open_or_build(folder: Path, settings: Any, build: Callable[[], None], *, verify: bool = True,
+                  log: Callable[[str], None] | None = None) -> tuple[TokenStore, bool]:
+    """The store in ``folder`` when its manifest's settings equal ``settings``; otherwise ``build()`` (staged, so a
+    kill leaves no torn store) and open what it wrote. Returns ``(store, built)``; packed and row stores share it."""
     found = read_manifest(folder)
     if found is not None and found.settings == settings:
         return TokenStore.open(folder, verify=verify), False
     if log is not None:
         log(f"  token store: {'rebuilding' if folder.exists() else 'building'} {folder}")
-    _build(stream, tokenizer, folder, settings, chunk_texts)
+    build()
     return TokenStore.open(folder, verify=False), True
