@@ -16,6 +16,7 @@ from attar.merge.methods.base import (
 )
 from attar.merge.methods import (  # noqa: F401  (registration side effects)
     adamerging,
+    arcee_fusion,
     della,
     fisher,
     karcher,
@@ -26,6 +27,7 @@ from attar.merge.methods import (  # noqa: F401  (registration side effects)
     nearswap,
     nuslerp,
     passthrough,
+    ram,
     regmean,
     regmean_plusplus,
     sce,
