@@ -10,8 +10,8 @@ existing one instead. ``--write`` puts the table in docs/benchmarks.md
 
 Builds a GPT-2-shaped base (``--size``: 124M = GPT-2 small) and ``--models``
 fine-tunes (base + seeded noise) in float32 under ``--work`` (default a temp
-folder; ~0.5 GB per 124M model), then runs linear, TIES and DARE-TIES with each
-tool in a fresh process, measuring wall time and the process's peak RSS
+folder; ~0.5 GB per 124M model), then runs linear, TIES, DARE-TIES and task arithmetic with
+each tool in a fresh process, beside the I/O limit (read the inputs once, write the output once), measuring wall time and the process's peak RSS
 (``os.wait4``). Both tools memory-map safetensors, so page-cache pages they
 touch count in both. Prints a Markdown table with attar/mergekit ratios, for
 docs/benchmarks.md. mergekit runs in its own venv (see bench/merge_golden.py
@@ -38,7 +38,27 @@ METHODS = {
     "linear": ("linear", None, {"weight": 1.0}),
     "ties": ("ties", "base", {"weight": 1.0, "density": 0.5}),
     "dare_ties": ("dare_ties", "base", {"weight": 1.0, "density": 0.5}),
+    "task_arithmetic": ("task_arithmetic", "base", {"weight": 0.3}),
 }
+
+# The I/O limit of a merge: read every input file once and write the output's bytes once (fsync'd, as attar's
+# atomic writer does), in a fresh Python process without torch. A merge cannot beat this; the goal is >= 50% of it.
+IO_LIMIT = (
+    "import os, sys\n"
+    "out, size, files = sys.argv[1], int(sys.argv[2]), sys.argv[3:]\n"
+    "buf = bytearray(64 << 20)\n"
+    "view = memoryview(buf)\n"
+    "for f in files:\n"
+    "    with open(f, 'rb', buffering=0) as h:\n"
+    "        while h.readinto(buf):\n"
+    "            pass\n"
+    "os.makedirs(out, exist_ok=True)\n"
+    "with open(os.path.join(out, 'model.safetensors'), 'wb', buffering=0) as h:\n"
+    "    left = size\n"
+    "    while left:\n"
+    "        left -= h.write(view[:min(left, len(buf))])\n"
+    "    os.fsync(h.fileno())\n"
+)
 
 ATTAR = "from attar.merge import run_merge; import sys; run_merge(sys.argv[1], sys.argv[2], progress=False)"
 MERGEKIT = (
@@ -114,8 +134,10 @@ def main() -> None:
     if not args.mergekit_python:
         ap.error("give --mergekit-python PY or --make-venv DIR")
     work = args.work or Path(tempfile.mkdtemp(prefix="attar-merge-bench-"))
-    if not (work / "base").exists():
-        build(work, args.size, args.models)
+    if not (work / "base").exists():  # in its own process: a forked child's peak RSS starts at its parent's
+        subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                        f"import merge_perf; from pathlib import Path; "
+                        f"merge_perf.build(Path({str(work)!r}), {args.size!r}, {args.models})"], check=True)
     rows = []
     for name in args.methods.split(","):
         method, base, params = METHODS[name]
@@ -123,27 +145,41 @@ def main() -> None:
         if base:
             cfg["base_model"] = base
         (work / f"{name}.yaml").write_text(json.dumps(cfg))
-        results: dict[str, list[tuple[float, float]]] = {"attar": [], "mergekit": []}
-        for _ in range(args.repeats):  # interleaved, so background load hits both tools alike
-            for tool, cmd in (("attar", [sys.executable, "-c", ATTAR]), ("mergekit", [args.mergekit_python, "-c", MERGEKIT])):
+        inputs = [str(f) for m in ([base] if base else []) + [f"ft_{i}" for i in range(args.models)]
+                  for f in sorted((work / m).glob("*.safetensors"))]
+        out_bytes = sum(f.stat().st_size for f in (work / "base").glob("*.safetensors"))
+        tools = {"limit": [sys.executable, "-c", IO_LIMIT], "startup": [sys.executable, "-c", "import torch"],
+                 "attar": [sys.executable, "-c", ATTAR],
+                 "mergekit": [args.mergekit_python, "-c", MERGEKIT]}
+        results: dict[str, list[tuple[float, float]]] = {t: [] for t in tools}
+        for _ in range(args.repeats):  # interleaved, so background load hits every tool alike
+            for tool, cmd in tools.items():
                 out = work / f"out-{tool}-{name}"
                 shutil.rmtree(out, ignore_errors=True)
-                results[tool].append(timed(cmd + [f"{name}.yaml", str(out)], work))
+                tail = ([str(out), str(out_bytes), *inputs] if tool == "limit" else [] if tool == "startup"
+                        else [f"{name}.yaml", str(out)])
+                results[tool].append(timed(cmd + tail, work))
                 shutil.rmtree(out, ignore_errors=True)
                 print(f"  {name} {tool}: {results[tool][-1][0]:.1f} s, {results[tool][-1][1]:.0f} MiB", flush=True)
-        aw, mw = (statistics.median(w for w, _ in results[t]) for t in ("attar", "mergekit"))
+        lw, sw, aw, mw = (statistics.median(w for w, _ in results[t]) for t in ("limit", "startup", "attar", "mergekit"))
         am, mm = (max(r for _, r in results[t]) for t in ("attar", "mergekit"))
-        rows.append(f"| {name} | {aw:.1f} | {mw:.1f} | {aw / mw:.2f} | {am:.0f} | {mm:.0f} | {am / mm:.2f} |")
+        rows.append(f"| {name} | {lw:.2f} | {sw:.2f} | {aw:.2f} | {mw:.2f} | {lw / aw:.0%} ({lw / max(aw - sw, 1e-9):.0%}) "
+                    f"| {lw / mw:.0%} ({lw / max(mw - sw, 1e-9):.0%}) | {aw / mw:.2f} | {am:.0f} | {mm:.0f} | {am / mm:.2f} |")
     import torch
 
     n_params = _count_params(work / "base")
     head = (f"GPT-2-shaped model with {n_params / 1e6:.0f}M parameters (`--size {args.size}`), base + {args.models} fine-tunes "
             f"(base + seeded noise), float32 safetensors, output float32. Each tool runs in a fresh process; wall time is the "
             f"median of {args.repeats} run(s), peak RSS the largest (`ru_maxrss`, memory-mapped pages touched count for both). "
-            f"{platform.machine()}, {os.cpu_count()} CPU cores (shared with other work), torch {torch.__version__}, mergekit 0.1.5 in its own venv.")
+            f"{platform.machine()}, {os.cpu_count()} CPU cores, nothing else running, torch {torch.__version__}, mergekit 0.1.5 in its own venv. "
+            f"The I/O limit is a fresh Python process (no torch import) that reads every input file once and writes "
+            f"(and fsyncs) the output's bytes once; 'share of limit' is limit time / tool time (goal: attar >= 50%), and in "
+            f"brackets with the start-up of a Python process that imports torch (measured in the same run) taken off the "
+            f"tool's time. The models are built in a separate process first, so peak RSS is each tool's own.")
     table = "\n".join([
-        "| method | attar (s) | mergekit (s) | time ratio attar / mergekit | attar peak RSS (MiB) | mergekit peak RSS (MiB) | RSS ratio |",
-        "|---|---|---|---|---|---|---|",
+        "| method | I/O limit (s) | torch start-up (s) | attar (s) | mergekit (s) | attar share of limit | mergekit share "
+        "of limit | time ratio attar / mergekit | attar peak RSS (MiB) | mergekit peak RSS (MiB) | RSS ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
     ])
     print(head + "\n\n" + table)
@@ -153,7 +189,8 @@ def main() -> None:
 
         body = "\n".join([
             "## Merging: attar merge vs mergekit on a ≥100M-parameter model", "", head, "", table, "",
-            "Methods: `linear` (3 models, equal weights), `ties` and `dare_ties` (base + 3 models, weight 1, density 0.5).", "",
+            "Methods: `linear` (3 models, equal weights), `ties` and `dare_ties` (base + 3 models, weight 1, density 0.5), "
+            "`task_arithmetic` (base + 3 models, weight 0.3).", "",
             f"Reproduce: `.venv/bin/python bench/merge_perf.py --make-venv /tmp/mkvenv --size {args.size} --models {args.models} "
             f"--repeats {args.repeats} --write`",
         ])

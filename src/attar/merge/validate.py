@@ -6,6 +6,8 @@ inputs "shape mismatch" alone is useless.
 
 from __future__ import annotations
 
+import math
+
 import re
 from typing import Callable, Mapping, Sequence
 
@@ -130,7 +132,12 @@ def check_finite(name: str, merged: torch.Tensor, stored: torch.Tensor,
     ``merged`` is the float32 result, ``stored`` the same cast to the output dtype, ``inputs`` reads the
     inputs' tensors (only called on failure, to tell a poisoned input from an overflow).
     """
-    if not stored.is_floating_point() or bool(torch.isfinite(stored).all()):
+    if not stored.is_floating_point():
+        return
+    # A sum is one streaming read (isfinite(t).all() allocates a mask as large as the tensor); inf and NaN always
+    # reach it. A finite sum clears the tensor; a non-finite one may be an overflow of the sum, so look closer.
+    acc = torch.float64 if stored.dtype == torch.float64 else torch.float32
+    if math.isfinite(float(stored.sum(dtype=acc))) or bool(torch.isfinite(stored).all()):
         return
     bad = int((~torch.isfinite(stored)).sum())
     poisoned = [label for label, t in inputs().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
