@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from attar.errors import AttarError
 from attar.merge.methods.base import MergeMethod, TensorInputs, register
 from attar.registry import Params
 
@@ -51,6 +52,9 @@ def arcee_fusion_tensors(base: torch.Tensor, other: torch.Tensor) -> torch.Tenso
 
 def arcee_fusion(x: TensorInputs) -> torch.Tensor:
     assert x.base is not None
+    if len(x.models) != 1:  # run_merge checks this up front; merge_state_dicts reaches here
+        raise AttarError(f"arcee_fusion fuses exactly one model into the base; got {len(x.models)} besides the base. "
+                         "Merge them pairwise, or use ties / ram for more.")
     return arcee_fusion_tensors(x.base, x.models[0])
 
 
