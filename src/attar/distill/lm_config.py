@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from attar.specs import Parameterization
 from attar.train.config import (
-    GrowthConfig,
+    GrowthSpec,
     OptimizerConfig,
     OptimizerStateConfig,
     SparsityConfig,
@@ -72,7 +72,7 @@ class LMDistillConfig(BaseModel):
     optimizer: Literal["adamw", "sgd"] | OptimizerConfig = _trainer_field("optimizer")
     optimizer_state: OptimizerStateConfig | None = _trainer_field("optimizer_state")
     sparsity: SparsityConfig | None = _trainer_field("sparsity")
-    growth: GrowthConfig | None = _trainer_field("growth")
+    growth: GrowthSpec | None = _trainer_field("growth")
 
     @model_validator(mode="after")
     def _efficient_settings_fit(self) -> "LMDistillConfig":

@@ -76,7 +76,9 @@ from attar.text.sources import TEXT_BUILTINS
 from attar.text.text_stream import text_stream
 from attar.text.token_store import tokenizer_fingerprint
 from attar.train import distributed as dist
+from attar.train.config import GrowthConfig, VCycleConfig
 from attar.train.growth import g_stack
+from attar.train.vcycle import check_depth, run_v_cycle
 
 
 @STAGES.register("lm")
@@ -93,7 +95,7 @@ class LMStage(StageKind):
     def references(cls, st: Any) -> list[str]:
         o = st.options  # the lm: block of a kind: lm stage, or the options a causal-LM train/distill stage builds
         return [m.stage for m in (o.student, o.teacher) if m is not None and m.stage] + (
-            [o.train.growth.from_] if o.train.growth is not None else [])
+            [o.train.growth.from_] if isinstance(o.train.growth, GrowthConfig) else [])
 
     def preflight(self, inputs: StageInputs):
         o = inputs.options
@@ -151,7 +153,7 @@ class LMStage(StageKind):
         with _recipe_fields(inputs):
             cfg = _settings(o, inputs.seed)
             student, stok = _load(o.student, "student", inputs.earlier, cfg.seed)
-            if cfg.growth is not None:  # G_stack (a resumed run's checkpoint then replaces these weights, as any start's)
+            if isinstance(cfg.growth, GrowthConfig):  # G_stack (a resumed run's checkpoint then replaces these weights, as any start's)
                 student = _grow(student, cfg.growth, inputs.earlier)
                 inputs.log(f"  grown from stage {cfg.growth.from_!r}: its blocks stacked {cfg.growth.factor} times")
             stored = o.teacher is not None and (o.teacher.store is not None or o.teacher.url is not None)  # outputs only
@@ -206,10 +208,19 @@ class LMStage(StageKind):
                                        length=data.train.width, chunk_tokens=cfg.chunk_tokens,
                                        gradient_checkpointing=cfg.gradient_checkpointing)
             inputs.log(f"  memory estimate: {describe(parts)}")
-            res = distill_lm(student, data, teacher if cfg.alpha < 1 else None, cfg, cache=cache,
-                             student_tokenizer=stok, teacher_tokenizer=ttok, ckpt_dir=ctx.stage_dir / "checkpoints",
-                             resume=ctx.resume, on_metrics=ctx.on_metrics,
-                             strategy=MeZOStep(MeZOConfig(eps=o.mezo_eps)) if o.optimizer == "mezo" else None)
+
+            def train(model, steps=cfg.steps, seed=cfg.seed, ckpt_dir=ctx.stage_dir / "checkpoints", on_metrics=ctx.on_metrics):
+                return distill_lm(model, data, teacher if cfg.alpha < 1 else None,
+                                  cfg.model_copy(update={"steps": steps, "seed": seed}), cache=cache,
+                                  student_tokenizer=stok, teacher_tokenizer=ttok, ckpt_dir=ckpt_dir,
+                                  resume=ctx.resume, on_metrics=on_metrics,
+                                  strategy=MeZOStep(MeZOConfig(eps=o.mezo_eps)) if o.optimizer == "mezo" else None)
+
+            cycle: list[dict] = []
+            if isinstance(cfg.growth, VCycleConfig):  # every phase one run of train() (attar.train.vcycle)
+                res, cycle = _v_cycle(student, cfg, train, data, ctx, inputs.log)
+            else:
+                res = train(student)
         model, arts = res.model, {"model": out}
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if o.student.lora is not None:  # the adapter in PEFT format, then the merged model like any other
@@ -229,13 +240,16 @@ class LMStage(StageKind):
             else:
                 metrics["cross_tokenizer"] = res.metrics.get("teacher", vmap.note)
                 metrics["paired_fraction"] = res.metrics.get("paired_fraction")
+        if cycle:  # the whole cycle's steps and tokens (each phase's in lm-metrics.json, "vcycle")
+            metrics |= {"vcycle_steps": sum(r["steps"] for r in cycle), "vcycle_tokens": sum(r["tokens"] for r in cycle)}
         if o.student.parameterization is not None:  # SLTrain: the folder holds the dense weights B A + S
             metrics |= {f"sltrain_{k}_bytes": v for k, v in sltrain_bytes(model).items()}
             materialize(model)
         if dist.is_main():  # under torchrun every rank holds the same model: one writes, the others wait for it
             with staged_folder(out) as tmp:
                 save_causal_lm(model, stok, tmp)
-            atomic_write_json(metrics_file, {"metrics": metrics, "history": res.history})
+            atomic_write_json(metrics_file, {"metrics": metrics, "history": res.history}
+                              | ({"vcycle": cycle} if cycle else {}))
         dist.barrier()
         return StageResult(model, {"hf": str(out)}, res.history, metrics=metrics, artifacts=arts)
 
@@ -327,6 +341,8 @@ def _check_efficient(o: LMStageOptions, earlier: dict[str, EarlierStage]) -> Non
     g = t.growth
     if g is None:
         return
+    if isinstance(g, VCycleConfig):
+        return _check_v_cycle(o, g)
     if o.student.byte is None and o.student.hf is None or o.student.prune or o.student.lora:
         raise AttarError("train.growth (G_stack) replaces the stage's model's weights with the grown ones: give a "
                          "fresh model (model: {byte: {...}}, or {hf: FOLDER} of an untrained config) with no prune "
@@ -344,6 +360,38 @@ def _check_efficient(o: LMStageOptions, earlier: dict[str, EarlierStage]) -> Non
             raise AttarError(f"train.growth: stage {g.from_!r} has {a['layers']} layers, so factor {g.factor} makes "
                              f"{g.factor * a['layers']} of the same width; model.byte has {b} (byte model "
                              f"{a} grown must differ only in layers).")
+
+
+def _check_v_cycle(o: LMStageOptions, g: VCycleConfig) -> None:
+    """train.growth v_cycle where it cannot apply, refused by name; a byte model's depth checked before any work."""
+    if o.student.byte is None and o.student.hf is None or o.student.prune or o.student.lora:
+        raise AttarError("train.growth (v_cycle) trains the stage's model through half-depth copies of it: give a "
+                         "fresh model (model: {byte: {...}}, or {hf: FOLDER} of an untrained config) with no prune "
+                         "or lora.")
+    if o.student.parameterization is not None:
+        raise AttarError("train.growth (v_cycle) with model.parameterization: coalescing averages dense blocks; "
+                         "SLTrain's factors and supports do not average (drop one of them).")
+    if o.train.sparsity is not None:
+        raise AttarError("train.growth (v_cycle) with train.sparsity: SPDF's masks belong to one model, the cycle "
+                         "trains several (drop one of them).")
+    if o.student.byte is not None:
+        check_depth(({"layers": 4} | dict(o.student.byte))["layers"], g.levels)  # make_byte_lm's default depth
+
+
+def _v_cycle(student, cfg, train, data, ctx: StageContext, log):
+    """train.growth v_cycle: the stage's model through the cycle, each phase one ``train`` run (its metrics' steps
+    counted from the cycle's start); returns the last phase's result and the phases' records."""
+    g = cfg.growth
+    starts = [sum(g.steps[:i]) for i in range(len(g.steps) + 1)]
+
+    def phase(model, ph, seed, ckpt_dir, resume):
+        on = None if ctx.on_metrics is None else (
+            lambda step, rec: ctx.on_metrics(starts[ph.index] + step, rec | {"vcycle_phase": float(ph.index)}))
+        return train(model, steps=ph.steps, seed=seed, ckpt_dir=ckpt_dir, on_metrics=on)
+
+    per_step = min(cfg.batch_size, len(data.train)) * cfg.accumulate * data.train.width
+    return run_v_cycle(student, g, cfg.steps, cfg.seed, phase, ctx.stage_dir / "vcycle", ctx.stage_dir / "checkpoints",
+                       resume=ctx.resume, log=log, tokens_per_step=per_step)
 
 
 def _grow(student, g, earlier: dict[str, EarlierStage]):

@@ -7,6 +7,7 @@ import json
 
 from attar.checkpoint import atomic_write_json
 from attar.data import make_augment
+from attar.errors import AttarError
 from attar.models import load_model, save_model
 from attar.paths import remove_tree
 from attar.select.base import check_selector
@@ -30,7 +31,7 @@ class TrainStage(StageKind):
     @classmethod
     def references(cls, st) -> list[str]:
         growth = getattr(getattr(st, "train", None), "growth", None)
-        return [growth.from_] if growth is not None else []
+        return [growth.from_] if getattr(growth, "method", None) == "g_stack" else []
 
     @staticmethod
     def _grow(inputs: StageInputs, model):
@@ -40,6 +41,10 @@ class TrainStage(StageKind):
             return g_stack(inputs.earlier[g.from_].model, model, g.factor)
 
     def preflight(self, inputs: StageInputs):
+        if getattr(inputs.train.growth, "method", None) == "v_cycle":
+            raise AttarError(f"stage {inputs.name!r}: train.growth v_cycle trains causal language models (model: "
+                             "{byte: ...} or {hf: FOLDER}); an image or table model's blocks are not one list of "
+                             "identical transformer blocks to halve (use g_stack, or drop train.growth).")
         if inputs.train.growth is not None and inputs.model is not None:  # shapes checked on the stand-ins
             self._grow(inputs, copy.deepcopy(inputs.model))
         # data {stage: X} is read from X's source until X has run: its shape holds, its labels may not

@@ -6,9 +6,9 @@ recipe schema above those can all import them without reaching up.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 
 class _Strict(BaseModel):
@@ -66,6 +66,44 @@ class GrowthConfig(_Strict):
     factor: int = Field(2, ge=2, description="depth multiple: the stage's model has factor x the source's blocks")
 
 
+class VCycleConfig(_Strict):
+    """V-cycle (Zou et al. 2024): the stage's fresh model trained through a cycle of half-depth copies of itself.
+
+    ``steps`` lists the phases *before* the last one, in the order they run: ``levels - 1`` phases going down
+    (level 0 is the stage's model, level ``l`` has ``1/2^l`` of its blocks, each the average of two adjacent
+    ones), the smallest level, then ``levels - 2`` phases going back up; the last phase, the full model after the
+    cycle, trains ``train.steps`` as any stage does. Why this shape: ``train.steps`` keeps its meaning (the stage's
+    model's own run, with its schedule and checkpoints) and the cycle reads as a prefix of it, one number a phase.
+    """
+
+    method: Literal["v_cycle"] = "v_cycle"
+    levels: int = Field(2, ge=2, le=5, description="model sizes in the cycle, the stage's model included (2: it and "
+                                                   "a half-depth copy)")
+    alpha: float = Field(0.25, ge=0, le=1, description="interpolation on the way up: W = (1 - alpha) W_before + "
+                                                       "alpha D(W_small) (the paper: 0.25)")
+    steps: list[Annotated[int, Field(ge=1)]] = Field(
+        ..., description="optimizer steps of each phase before the last: levels-1 down, the smallest level, "
+                         "levels-2 up (levels 2: [full-size steps, half-depth steps])")
+
+    @model_validator(mode="after")
+    def _one_number_a_phase(self) -> "VCycleConfig":
+        want = 2 * self.levels - 2
+        if len(self.steps) != want:
+            raise ValueError(f"growth.steps lists the {want} phases before the last for levels {self.levels} "
+                             f"({self.levels - 1} down, the smallest level, {self.levels - 2} up; the last phase "
+                             f"trains train.steps), got {len(self.steps)}: {self.steps}")
+        return self
+
+
+def _growth_method(v: Any) -> str:
+    """The discriminating tag; a block without ``method`` is G_stack (the first growth method, written that way)."""
+    return v.get("method", "g_stack") if isinstance(v, dict) else getattr(v, "method", "g_stack")
+
+
+GrowthSpec = Annotated[Union[Annotated[GrowthConfig, Tag("g_stack")], Annotated[VCycleConfig, Tag("v_cycle")]],
+                       Discriminator(_growth_method)]
+
+
 class TrainConfig(_Strict):
     """Optimisation settings shared by every training stage."""
 
@@ -83,8 +121,9 @@ class TrainConfig(_Strict):
         None, description="{dtype: fp8_e4m3, expansion: dynamic}: AdamW moments stored in FP8 (COAT)")
     sparsity: SparsityConfig | None = Field(
         None, description="{schedule: spdf, sparsity: 0.75, dense_from: STEP}: sparse, then dense training (SPDF)")
-    growth: GrowthConfig | None = Field(
-        None, description="{method: g_stack, from: STAGE, factor: 2}: grow an earlier stage's model by stacking")
+    growth: GrowthSpec | None = Field(
+        None, description="{method: g_stack, from: STAGE, factor: 2}: grow an earlier stage's model by stacking; "
+                          "{method: v_cycle, levels: 2, alpha: 0.25, steps: [A, B]}: train through half-depth copies")
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
