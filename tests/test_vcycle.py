@@ -225,3 +225,38 @@ def test_an_image_model_stage_refuses_the_cycle_by_name(tmp_path):
         {"name": "m", "kind": "train", "model": {"arch": "mlp"}, "train": {"epochs": 1, "growth": CYCLE}}]}))
     with pytest.raises(AttarError, match="train.growth v_cycle trains causal language models"):
         _run(r, tmp_path / "h")
+
+
+def _llama_folder(path: Path, layers: int) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from attar.text.charlm import byte_tokenizer
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96)
+                     ).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_a_fresh_hf_llama_config_runs_the_cycle_and_its_half_depth_copy_generates(tmp_path):
+    """Llama's blocks carry their KV-cache index: the coalesced copy renumbers them (it generates with a cache)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = _llama_folder(tmp_path / "llama", 4)
+    small = coalesce(AutoModelForCausalLM.from_pretrained(folder))
+    assert small.config.num_hidden_layers == 2 and [b.self_attn.layer_idx for b in small.model.layers] == [0, 1]
+    out = small.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False, use_cache=True)
+    assert out.shape == (1, 7)
+    run = _run(_recipe(tmp_path, model={"hf": str(folder)}), tmp_path / "h")
+    assert AutoModelForCausalLM.from_pretrained(run / "s" / "model").config.num_hidden_layers == 4
+    cycle = json.loads((run / "s" / "lm-metrics.json").read_text())["vcycle"]
+    assert [r["layers"] for r in cycle] == [4, 2, 4]
+
+
+def test_an_hf_model_of_odd_depth_is_refused_when_the_stage_starts(tmp_path):
+    folder = _llama_folder(tmp_path / "llama", 3)
+    with pytest.raises(AttarError, match="train.growth.levels: 2 levels halve the depth 1 times, so the model's 3 "
+                                         "blocks must be a multiple of 2"):
+        _run(_recipe(tmp_path, model={"hf": str(folder)}), tmp_path / "h")
