@@ -39,6 +39,7 @@ from _doc import read_results, replace_section  # noqa: E402
 
 from attar.distill.lm import distill_lm, perplexity, teacher_generations, train_lm  # noqa: E402
 from attar.distill.lm_objectives import LMTeacherCache  # noqa: E402
+from attar.distill.lm_store import StoredLMTeacher, dump_lm_teacher  # noqa: E402
 from attar.stages.lm import agreement  # noqa: E402
 from attar.text.charlm import lm_data  # noqa: E402
 from attar.text.lm_prune import drop_layers, prune_depth  # noqa: E402
@@ -55,13 +56,17 @@ ARMS = {"sft": "recovered by SFT (CE on the text)",
         # the divergence and on-policy arms: each is the ½ CE + ½ KD arm with one thing changed
         "kd+ce-rkl": "½ CE + ½ KD, reverse KL",
         "kd+ce-gjsd": "½ CE + ½ KD, GJSD (β 0.5)",
-        "kd+ce-onpolicy": "½ CE + ½ KD, forward KL, on-policy λ 0.5 (GKD)"}
+        "kd+ce-onpolicy": "½ CE + ½ KD, forward KL, on-policy λ 0.5 (GKD)",
+        # where the teacher's outputs come from (issue 12): each is the ½ CE + ½ KD arm with only the source changed
+        "kd+ce-live": "½ CE + ½ KD, live teacher (full vocabulary)",
+        "kd+ce-store": "½ CE + ½ KD, teacher from the compressed store (attar teacher dump: top-32, quantised, zstd)"}
 RECOVERY = ("sft", "kd", "kd-live", "kd+ce", "self-data")  # the recovery table; the rest: the divergence table
 #: what each KD arm changes (everything else is the ½ CE + ½ KD arm's)
 KD_ARGS = {"kd": dict(alpha=0.0), "kd-live": dict(alpha=0.0), "kd+ce": dict(alpha=0.5),
            "kd+ce-rkl": dict(alpha=0.5, divergence="reverse_kl"),
            "kd+ce-gjsd": dict(alpha=0.5, divergence="gjsd", divergence_args={"beta": 0.5}),
-           "kd+ce-onpolicy": dict(alpha=0.5, on_policy=0.5)}
+           "kd+ce-onpolicy": dict(alpha=0.5, on_policy=0.5), "kd+ce-live": dict(alpha=0.5),
+           "kd+ce-store": dict(alpha=0.5)}
 FULL = dict(seeds=[0, 1, 2], steps=100, batch_size=8, lr=2e-4, keep=15, topk=64, train=400, test=200)
 QUICK = dict(seeds=[0, 1], steps=6, batch_size=4, lr=2e-4, keep=15, topk=16, train=48, test=24)
 
@@ -109,6 +114,11 @@ def main() -> None:
         print(f"unpruned ppl {base['unpruned_ppl']:.2f}, pruned ({base['layers']}) ppl {base['pruned_ppl']:.2f}")
         cache, _ = LMTeacherCache.load_or_build(out / "teacher-cache.safetensors", teacher, data.train.ids, c["topk"],
                                                1.0, pad_id=data.pad_id)
+        store = None
+        if args.arms is None or "kd+ce-store" in args.arms:  # dumped once (resumable), then read by every seed
+            dump_lm_teacher(teacher, data.train, out / "teacher-store", pad_id=data.pad_id, teacher_name=MODEL,
+                            data="fortunes train rows (lm_data seed 0)", progress=False)
+            store = StoredLMTeacher(out / "teacher-store")
         self_data = None
         for seed in [s for s in c["seeds"] if args.seeds is None or s in args.seeds]:
             for arm in [a for a in ARMS if args.arms is None or a in args.arms]:
@@ -126,7 +136,8 @@ def main() -> None:
                     res = train_lm(student, data.with_train(self_data), **settings)
                 else:
                     kd = {"divergence": "kl", **KD_ARGS[arm]}
-                    res = distill_lm(student, data, teacher, cache=None if arm == "kd-live" else cache,
+                    source = {"kd-live": None, "kd+ce-live": None, "kd+ce-store": store}.get(arm, cache)
+                    res = distill_lm(student, data, teacher, cache=source,
                                      temperature=1.0, **kd, **settings)
                 rec = {"config": key, "arm": arm, "seed": seed, "train_s": time.perf_counter() - t0,
                        "test_ppl": perplexity(res.model, data.test, data.pad_id)}
@@ -213,6 +224,7 @@ Reproduce: `nice -n 10 .venv/bin/python bench/lm_prune_evidence.py` (needs `llm-
 """
     replace_section(ROOT / "docs" / "evidence.md", "lm-prune", body, "Evidence")
     write_divergence_doc(c, done)
+    write_source_doc(c, done, ROOT / "bench" / ".runs" / "lm_prune" / "full")
 
 
 def write_divergence_doc(c: dict, done: dict) -> None:
@@ -260,6 +272,49 @@ Reproduce: `nice -n 10 .venv/bin/python bench/lm_prune_evidence.py` (the same be
 above; {platform.machine()}, torch {torch.__version__}; train s measured beside other work, not a timing).
 """
     replace_section(ROOT / "docs" / "evidence.md", "lm-divergences", body, "Evidence")
+
+
+def write_source_doc(c: dict, done: dict, out: Path) -> None:
+    """Stored vs cached vs live teacher outputs (issue 12), each the ½ CE + ½ KD forward-KL arm."""
+    names = ("kd+ce-live", "kd+ce", "kd+ce-store")
+    arms = {a: [done[(a, s)] for s in c["seeds"] if (a, s) in done] for a in names}
+    arms = {a: rs for a, rs in arms.items() if len(rs) >= 2}
+    if "kd+ce-live" not in arms or len(arms) < 2:
+        return
+    base = [r["test_ppl"] for r in arms["kd+ce-live"]]
+    label = {"kd+ce-live": "live teacher, full vocabulary (49,152 log-probs per token)",
+             "kd+ce": f"top-{c['topk']} + tail-bucket cache in memory (float32)"}
+    store = StoredLMTeacher(out / "teacher-store") if (out / "teacher-store").exists() else None
+    if store is not None:
+        st = store.store.settings
+        label["kd+ce-store"] = (f"compressed store (`attar teacher dump`): top-{st.k}, log-probs quantised at "
+                                f"{st.step:g} nats, zstd; {store.store.bytes_per_position:.1f} bytes per token")
+    rows, notes = [], []
+    for a, rs in arms.items():
+        ppl = [r["test_ppl"] for r in rs]
+        v = "baseline"
+        if a != "kd+ce-live":
+            v, d, tol = _verdict(ppl, base)
+            v = "equal within seed noise" if v == "no gain" else v
+            notes.append(f"{label.get(a, ARMS[a])}: **{v}** (Δ = {d:+.2f}, seed std ≤ {tol:.2f})")
+        rows.append(f"| {label.get(a, ARMS[a])} ({len(rs)} seeds) | {_ms(ppl)} | {_ms([r['kl_to_teacher'] for r in rs], 3)} "
+                    f"| {_ms([r['top1_agreement'] for r in rs], 3)} | {v} | {statistics.mean(r['train_s'] for r in rs):.0f} |")
+    body = f"""## Stored vs live teacher on a real pair: pruned SmolLM2-135M recovered from the unpruned model
+
+The ½ CE + ½ KD (forward KL, T=1) arm of the prune-and-recover table, {c['steps']} steps × {c['batch_size']} rows,
+seeds {c['seeds']}, with only the source of the teacher's outputs changed. Verdict on test perplexity against the
+live teacher (equal when the means differ by less than the larger seed std).
+
+| teacher outputs from | test perplexity | KL(unpruned ‖ model) / token | top-1 agreement | test ppl vs live | train s |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+{"; ".join(notes)}.
+
+Reproduce: `nice -n 10 .venv/bin/python bench/lm_prune_evidence.py --arms kd+ce kd+ce-live kd+ce-store --threads 1`
+({platform.machine()}, torch {torch.__version__}; train s measured beside other work, not a timing).
+"""
+    replace_section(ROOT / "docs" / "evidence.md", "lm-teacher-source", body, "Evidence")
 
 
 if __name__ == "__main__":
