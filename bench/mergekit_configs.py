@@ -1,10 +1,15 @@
 """attar against mergekit 0.1.5 on mergekit's own config shapes: which configs attar accepts, and whether it merges
 them as mergekit does. Writes the pass rate into docs/merge.md (``--write``).
 
-The configs are the shapes of mergekit's ``examples/`` and of the configs its tests build
-(``tests/test_basic_merges.py``, ``test_chat_template.py``, ``test_tokenizer.py``), on tiny stand-ins: the
-3-layer Llama models of tests/golden/merge/models (base, ft_a, ft_b, ft_c; float32) with a 16-token
-tokenizer, plus one model with 2 added tokens (18 rows) for the tokenizer-merging configs. Every config is
+The configs are mergekit's 65 (``mergekit_sources()`` maps each to its file or test): the 6 YAMLs of its
+``examples/`` and the 59 configs its tests build (``tests/test_basic_merges.py`` 49, ``test_chat_template.py`` 2,
+``test_tokenizer.py`` 8; GitHub main at a6e4028, the newest public source, since the 0.1.5 wheel ships no
+tests), plus extra variants of the same methods, counted apart. The models are tiny stand-ins: the 3-layer Llama
+models of tests/golden/merge/models (base, ft_a, ft_b, ft_c; float32; GPT-2 in the tests becomes ft_a, layer
+ranges are scaled to 3 layers) with a 16-token tokenizer, one model with 2 added tokens (18 rows, the tests'
+model_chatml) and one whose tokenizer has 4 tokens beyond its 16 rows (model_padded); the Granite and LLaVA
+models are built here at the tests' sizes with fixed seeds. Token ids and names of test_tokenizer.py scale
+with the vocabulary (64 -> 16: token id 64 -> 16, _tok_20/_tok_21 -> _tok_12/_tok_13). Every config is
 run in float32 (mergekit's tests use bfloat16, where mergekit computes in bfloat16 and attar in float32;
 docs/merge.md explains the difference). mergekit runs in its own venv (never an attar dependency):
 
@@ -16,7 +21,9 @@ docs/merge.md explains the difference). mergekit runs in its own venv (never an 
 A config passes when both tools accept it and the merged tensors agree (deterministic methods: every tensor
 within 1e-6 relative; random ones, DARE and DELLA: in distribution, the fraction of entries changed from the
 base within 0.03 and the mean |change| within 10%), or when both refuse it; it fails when only one accepts it
-or the tensors differ. attar's refusals are listed with their reason.
+or the tensors differ. attar's refusals are listed with their reason. LLaVA tensors are compared by the names
+transformers 5 loads them under (mergekit writes those, attar keeps the input's); where mergekit's output lacks
+tensors the row fails and says which, and compares the ones it wrote.
 """
 
 from __future__ import annotations
@@ -81,8 +88,11 @@ def configs() -> dict[str, dict]:
         {"model": m, "parameters": {"weight": w}} for m, w in (("ft_a", 0.6), ("ft_b", 0.4), ("ft_c", 0.2))]}
     c["slerp_weighted"] = two("slerp", a="ft_a", b="ft_b", base="ft_a", params={"t": 0.35})
     c["slerp_models_weighted"] = two("slerp", a="base", b="ft_b", base="base", params={"t": 0.5})
-    c["slerp_granite_style"] = {"merge_method": "slerp", "base_model": "ft_a", "dtype": "float32", "parameters": {"t": 0.5},
-                                "models": [{"model": "ft_a"}, {"model": "ft_b"}]}
+    # TestGraniteMerges: on two tiny Granite models
+    c["granite_copy"] = {"merge_method": "passthrough", "models": [{"model": "granite_a"}], "dtype": "float32"}
+    c["granite_linear"] = two("linear", a="granite_a", b="granite_b", base=None)
+    c["granite_slerp"] = {"merge_method": "slerp", "base_model": "granite_a", "dtype": "float32", "parameters": {"t": 0.5},
+                          "models": [{"model": "granite_a"}, {"model": "granite_b"}]}
     for base in (None, "ft_c"):
         for row_wise in (False, True):
             for flatten in (False, True):
@@ -124,11 +134,45 @@ def configs() -> dict[str, dict]:
     c["karcher"] = two("karcher", base="ft_c", params={"max_iter": 5, "tol": 1e-5})
     c["karcher_nobase"] = two("karcher", base=None)
     c["karcher_one"] = {"merge_method": "karcher", "dtype": "float32", "models": [{"model": "ft_a"}]}
+    # the VLM tests: the same shapes on three tiny LLaVA models (CLIP vision tower + Llama language model)
+    c["vlm_linear"] = two("linear", a="vlm_a", b="vlm_b", base=None)
+    c["vlm_slerp"] = two("slerp", a="vlm_a", b="vlm_b", base="vlm_a", params={"t": 0.35})
+    for base in (None, "vlm_c"):
+        for row_wise in (False, True):
+            for flatten in (False, True):
+                c[f"vlm_nuslerp_{'base' if base else 'nobase'}_row{int(row_wise)}_flat{int(flatten)}"] = two(
+                    "nuslerp", a="vlm_a", b="vlm_b", base=base, params={"nuslerp_row_wise": row_wise, "nuslerp_flatten": flatten})
+    c["vlm_nuslerp_zero_weights"] = two("nuslerp", a="vlm_a", b="vlm_b", base="vlm_c", wa=-0.5, wb=0.5,
+                                        params={"nuslerp_row_wise": False, "nuslerp_flatten": False})
+    c["vlm_task_arithmetic"] = two("task_arithmetic", a="vlm_a", b="vlm_b", base="vlm_c")
+    c["vlm_breadcrumbs"] = two("breadcrumbs", a="vlm_a", b="vlm_b", base="vlm_c")
+    c["vlm_ties"] = two("ties", a="vlm_a", b="vlm_b", base="vlm_c", params={"density": 0.3})
+    c["vlm_dare_ties"] = two("dare_ties", a="vlm_a", b="vlm_b", base="vlm_c", params={"density": 0.66})
+    c["vlm_model_stock"] = two("model_stock", a="vlm_b", b="vlm_c", base="vlm_a")
+    c["vlm_model_stock_filterwise"] = two("model_stock", a="vlm_b", b="vlm_c", base="vlm_a", params={"filter_wise": True})
     # tests/test_chat_template.py (models with a tokenizer)
     for name, template in (("chat_chatml", "chatml"), ("chat_literal", "{{messages[0]['content']}}")):
         c[name] = {"merge_method": "linear", "base_model": "tok_base", "dtype": "float32", "chat_template": template,
                    "models": [{"model": "tok_base", "parameters": {"weight": 0.5}}, {"model": "tok_b", "parameters": {"weight": 0.5}}]}
-    # tokenizer settings: one shared vocabulary (padded), and tests/test_tokenizer.py's vocabulary merges
+    # tests/test_tokenizer.py: every model weighted 1.0; tok_padded's tokenizer has 4 tokens beyond its embedding
+    # rows, tok_wide 2 added chat tokens with rows (the tests' model_padded and model_chatml, at vocabulary 16, not 64)
+    def tok(models: list[str], **extra) -> dict:
+        return {"merge_method": "linear", "base_model": "tok_base", "dtype": "float32", "parameters": {},
+                "models": [{"model": m, "parameters": {"weight": 1.0}} for m in models]} | extra
+
+    three = ["tok_base", "tok_padded", "tok_wide"]
+    c["tok_legacy_mode"] = tok(three)
+    c["tok_source_base"] = tok(three, tokenizer_source="base")
+    c["tok_source_union"] = tok(three, tokenizer_source="union")
+    c["tok_source_model"] = tok(three, tokenizer_source="tok_wide")
+    c["tok_slerp_union"] = tok(["tok_base", "tok_wide"], merge_method="slerp", tokenizer_source="union", parameters={"t": 0.5})
+    c["tok_force_token"] = tok(["tok_base", "tok_wide"], tokenizer={"source": "union", "tokens": {
+        "_tok_10": {"source": "tok_wide", "force": True}, "_tok_11": {"source": "tok_base", "force": True}}})
+    c["tok_model_token_id"] = tok(["tok_base", "tok_wide"], tokenizer={"source": "base", "tokens": {  # _tok_20/21 at vocabulary 64
+        "_tok_12": {"source": {"kind": "model_token", "model": "tok_wide", "token_id": 16}, "force": True},
+        "_tok_13": {"source": {"kind": "model_token", "model": "tok_base", "token": "<s>"}, "force": True}}})
+    c["tok_pad_to_multiple_of"] = tok(["tok_wide"], base_model="tok_wide", tokenizer={"source": "base", "pad_to_multiple_of": 16})
+    # extra variants of the tokenizer settings: two models weighted 0.5 (not configs of mergekit's tests)
     c["tok_pad"] = {"merge_method": "linear", "base_model": "tok_base", "dtype": "float32",
                     "tokenizer": {"source": "base", "pad_to_multiple_of": 24},
                     "models": [{"model": "tok_base", "parameters": {"weight": 0.5}}, {"model": "tok_b", "parameters": {"weight": 0.5}}]}
@@ -141,6 +185,48 @@ def configs() -> dict[str, dict]:
         c[f"tok_merge_{src}"] = {"merge_method": "linear", "base_model": "tok_base", "dtype": "float32", "tokenizer_source": src,
                                  "models": [{"model": "tok_base", "parameters": {"weight": 0.5}}, {"model": "tok_wide", "parameters": {"weight": 0.5}}]}
     return c
+
+
+def mergekit_sources() -> dict[str, str]:
+    """The 65 configs of mergekit (its 6 examples/ YAMLs and the 59 configs its tests build) -> where each is from.
+
+    The tests are those of mergekit's GitHub main at a6e4028 (2026-06-17; the newest public source; the 0.1.5
+    wheel ships no tests): test_basic_merges.py builds 49 (3 Granite, 29 Llama/GPT-2, 17 LLaVA),
+    test_chat_template.py 2, test_tokenizer.py 8. Every other config here is an extra variant (other model counts
+    or parameters of the same methods), counted apart.
+    """
+    ex = {"ex_linear": "linear.yml", "ex_ties": "ties.yml", "ex_bio_merge": "bio-merge.yml",
+          "ex_gradient_slerp": "gradient-slerp.yml", "ex_frankenmerge": "orcamini-platy-44layer.yml",
+          "ex_arcee_fusion": "arcee_fusion.yml"}
+    src = {k: f"examples/{v}" for k, v in ex.items()}
+    basic = {"granite_copy": "test_granite_copy", "granite_linear": "test_granite_linear_merge",
+             "granite_slerp": "test_granite_slerp", "copy": "test_gpt2_copy", "stack": "test_gpt2_stack",
+             "passthrough_scale": "test_passthrough_scale", "linear": "test_linear_merge", "slerp_weighted": "test_slerp_merge",
+             "nuslerp_zero_weights": "test_nuslerp_merges", "task_arithmetic": "test_task_arithmetic_merge",
+             "breadcrumbs": "test_breadcrumbs_merge", "ties": "test_ties_merge", "sce": "test_sce_merge", "ram": "test_ram_merge",
+             "ramplus_tl": "test_ramplus_tl_merge", "multislerp": "test_multislerp_merge", "dare_ties": "test_dare_ties_merge",
+             "model_stock": "test_model_stock_merge", "model_stock_filterwise": "test_model_stock_filterwise_merge",
+             "arcee_fusion": "test_arcee_fusion_merge", "nearswap": "test_nearswap_merge", "della": "test_della_merge",
+             "della_invalid_epsilon": "test_della_invalid_epsilon", "karcher": "test_karcher_merge",
+             "vlm_linear": "test_linear_VLM_merge", "vlm_slerp": "test_slerp_VLM_merge",
+             "vlm_nuslerp_zero_weights": "test_nuslerp_VLM_merges", "vlm_task_arithmetic": "test_task_arithmetic_VLM_merge",
+             "vlm_breadcrumbs": "test_breadcrumbs_VLM_merge", "vlm_ties": "test_ties_VLM_merge",
+             "vlm_dare_ties": "test_dare_ties_VLM_merge", "vlm_model_stock": "test_model_stock_VLM_merge",
+             "vlm_model_stock_filterwise": "test_model_stock_filterwise_VLM_merge"}
+    for prefix, test in (("nuslerp", "test_nuslerp_merges"), ("vlm_nuslerp", "test_nuslerp_VLM_merges")):
+        for base in ("nobase", "base"):
+            for row in (0, 1):
+                for flat in (0, 1):
+                    basic[f"{prefix}_{base}_row{row}_flat{flat}"] = test
+    src |= {k: f"tests/test_basic_merges.py::{v}" for k, v in basic.items()}
+    src |= {"chat_chatml": "tests/test_chat_template.py::test_template_chatml",
+            "chat_literal": "tests/test_chat_template.py::test_template_literal_jinja"}
+    tok = {"tok_legacy_mode": "test_legacy_mode", "tok_source_base": "test_source_base", "tok_source_union": "test_source_union",
+           "tok_source_model": "test_source_model", "tok_slerp_union": "test_slerp_union", "tok_force_token": "test_force_token",
+           "tok_model_token_id": "test_model_token_id", "tok_pad_to_multiple_of": "test_pad_to_multiple_of"}
+    src |= {k: f"tests/test_tokenizer.py::{v}" for k, v in tok.items()}
+    assert len(src) == 65, len(src)
+    return src
 
 
 def make_models(work: Path) -> None:
@@ -176,6 +262,28 @@ def make_models(work: Path) -> None:
     cfg["vocab_size"] = 18
     (wide / "config.json").write_text(json.dumps(cfg))
     tokenizer(["<|im_start|>", "<|im_end|>"]).save_pretrained(wide)
+    padded = work / "tok_padded"  # 16 rows, 20 tokens: test_tokenizer.py's model_padded
+    shutil.copytree(GOLDEN / "ft_c", padded)
+    tokenizer([f"<UNUSED_{i}>" for i in range(4)]).save_pretrained(padded)
+    make_other_architectures(work)
+
+
+def make_other_architectures(work: Path) -> None:
+    """The tests' tiny Granite and LLaVA models (their sizes), randomly initialised with fixed seeds, float32."""
+    import torch
+    from transformers import (CLIPVisionConfig, GraniteConfig, GraniteForCausalLM, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration)
+
+    for i, name in enumerate(("granite_a", "granite_b")):
+        torch.manual_seed(100 + i)
+        GraniteForCausalLM(GraniteConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=2,
+                                         num_key_value_heads=2, num_hidden_layers=2)).save_pretrained(work / name)
+    for i, name in enumerate(("vlm_a", "vlm_b", "vlm_c")):
+        torch.manual_seed(200 + i)
+        vision = CLIPVisionConfig(image_size=32, patch_size=4, num_hidden_layers=2, num_attention_heads=2, hidden_size=64,
+                                  intermediate_size=128)
+        text = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=16, num_hidden_layers=2)
+        LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_seq_length=16)).save_pretrained(work / name)
 
 
 MERGEKIT_SCRIPT = r"""
@@ -210,6 +318,14 @@ def compare(name: str, cfg: dict, ours: Path, theirs: Path, work: Path) -> tuple
     import torch
 
     a, b = load_dir(ours), load_dir(theirs)
+    renamed = missing = ""
+    if set(a) != set(b) and set(b) <= {_llava_name(k) for k in a}:
+        a = {_llava_name(k): v for k, v in a.items()}
+        renamed = "names compared as transformers 5 maps LLaVA's (attar keeps the input's, mergekit writes the new ones); "
+    if set(b) < set(a):  # mergekit left tensors out: say which, and compare the ones it wrote
+        gone = sorted(set(a) - set(b))
+        missing = f"mergekit's output lacks {len(gone)} of {len(a)} tensors ({', '.join(gone[:2])}, ...); "
+        a = {k: v for k, v in a.items() if k in b}
     if set(a) != set(b):
         return False, f"tensor names differ: only attar {sorted(set(a) - set(b))[:3]}, only mergekit {sorted(set(b) - set(a))[:3]}"
     for k in a:
@@ -235,11 +351,15 @@ def compare(name: str, cfg: dict, ours: Path, theirs: Path, work: Path) -> tuple
             return False, f"tokenizer vocabularies differ: {len(va or {})} vs {len(vb or {})} tokens"
     if cfg["merge_method"] in RANDOM:
         base = load_dir(work / cfg["base_model"])
+        if renamed:
+            base = {_llava_name(k): v for k, v in base.items()}
         fa = sum(int(((a[k] - base[k]).abs() > 1e-7).sum()) for k in a) / sum(v.numel() for v in a.values())
         fb = sum(int(((b[k] - base[k]).abs() > 1e-7).sum()) for k in b) / sum(v.numel() for v in b.values())
         ma = sum(float((a[k] - base[k]).abs().sum()) for k in a)
         mb = sum(float((b[k] - base[k]).abs().sum()) for k in b)
         ok = abs(fa - fb) < 0.03 and abs(ma - mb) <= 0.1 * max(ma, mb)
+        if missing:
+            return False, missing + renamed + f"the {len(a)} it wrote, in distribution ({'agree' if ok else 'differ'})"
         return ok, f"in distribution: changed fraction {fa:.3f} vs {fb:.3f}, sum |change| {ma:.4f} vs {mb:.4f}"
     worst = 0.0
     exact = True
@@ -248,7 +368,23 @@ def compare(name: str, cfg: dict, ours: Path, theirs: Path, work: Path) -> tuple
         scale = float(b[k].double().abs().max()) if b[k].numel() else 0.0
         worst = max(worst, d / max(scale, 1e-12))
         exact = exact and torch.equal(a[k], b[k])
-    return worst <= 1e-6, ("bit-identical" if exact else f"max relative difference {worst:.1e}")
+    same = "bit-identical" if exact else f"max relative difference {worst:.1e}"
+    if missing:
+        return False, missing + renamed + f"the {len(a)} it wrote: {same} ({'agree' if worst <= 1e-6 else 'differ'})"
+    return worst <= 1e-6, renamed + same
+
+
+# transformers 5 loads LLaVA checkpoints saved with the old names (``language_model.model.*``, ``vision_tower.*``,
+# ``multi_modal_projector.*``) under new ones; mergekit 0.1.5 writes the new names, attar the input's own.
+_LLAVA_RENAMES = (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+                  ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."))
+
+
+def _llava_name(name: str) -> str:
+    for old, new in _LLAVA_RENAMES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
 
 
 def main() -> int:
@@ -295,20 +431,30 @@ def main() -> int:
                 ok, detail = False, f"attar {at}"
             rows.append((name, cfg["merge_method"], at == "ok", mk == "ok", ok, detail, notes))
             print(f"{'PASS' if ok else 'FAIL'} {name:32s} {cfg['merge_method']:16s} {detail}", flush=True)
-    total = len(rows)
-    passed = sum(r[4] for r in rows)
-    accepted_equal = sum(r[4] and r[2] for r in rows)
-    summary = (f"{passed} of {total} configs pass ({accepted_equal} accepted by both and equal, "
-               f"{passed - accepted_equal} refused by both); attar accepts {sum(r[2] for r in rows)}, mergekit {sum(r[3] for r in rows)}.")
+    sources = mergekit_sources()
+
+    def tally(rs: list) -> str:
+        passed = sum(r[4] for r in rs)
+        equal = sum(r[4] and r[2] for r in rs)
+        short = sum(r[5].startswith("mergekit's output lacks") and r[5].endswith("(agree)") for r in rs)
+        return (f"{passed} of {len(rs)} pass ({equal} accepted by both and equal, {passed - equal} refused by both); "
+                f"attar accepts {sum(r[2] for r in rs)}, mergekit {sum(r[3] for r in rs)}"
+                + (f"; {short} fail only because mergekit's output lacks tensors (the ones it writes agree)" if short else ""))
+
+    ours = [r for r in rows if r[0] in sources]
+    extra = [r for r in rows if r[0] not in sources]
+    summary = f"mergekit's own configs: {tally(ours)}." + (f" Extra variants: {tally(extra)}." if extra else "")
     print(summary)
+    passed, total = sum(r[4] for r in rows), len(rows)
     if args.write:
         import torch
 
         lines = ["<!-- mergekit-configs:start (bench/mergekit_configs.py --write) -->", "",
                  f"{summary} torch {torch.__version__}, mergekit 0.1.5 in its own venv, float32.", "",
-                 "| config | method | attar | mergekit | result |", "|---|---|---|---|---|"]
-        for name, method, a_ok, m_ok, ok, detail, _ in rows:
-            lines.append(f"| `{name}` | `{method}` | {'accepts' if a_ok else 'refuses'} | {'accepts' if m_ok else 'refuses'} | "
+                 "| config | from mergekit's | method | attar | mergekit | result |", "|---|---|---|---|---|---|"]
+        for name, method, a_ok, m_ok, ok, detail, _ in ours + extra:
+            where = f"`{sources[name]}`" if name in sources else "(extra variant)"
+            lines.append(f"| `{name}` | {where} | `{method}` | {'accepts' if a_ok else 'refuses'} | {'accepts' if m_ok else 'refuses'} | "
                          f"{'pass' if ok else '**fail**'}: {detail.replace('|', '/')} |")
         lines += ["", "<!-- mergekit-configs:end -->"]
         doc = ROOT / "docs" / "merge.md"
