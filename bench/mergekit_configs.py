@@ -410,7 +410,7 @@ def main() -> int:
         (work / "configs").mkdir()
         for name, cfg in cfgs.items():
             (work / "configs" / f"{name}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-        subprocess.run([args.mergekit_python, "-c", MERGEKIT_SCRIPT, str(work), *cfgs], cwd=work, check=True,
+        subprocess.run([str(Path.cwd() / args.mergekit_python), "-c", MERGEKIT_SCRIPT, str(work), *cfgs], cwd=work, check=True,
                        stdout=subprocess.DEVNULL)
         mk_status = json.loads((work / "mergekit_status.json").read_text())
         for name, cfg in cfgs.items():
