@@ -150,6 +150,8 @@ def configs() -> dict[str, dict]:
     c["vlm_dare_ties"] = two("dare_ties", a="vlm_a", b="vlm_b", base="vlm_c", params={"density": 0.66})
     c["vlm_model_stock"] = two("model_stock", a="vlm_b", b="vlm_c", base="vlm_a")
     c["vlm_model_stock_filterwise"] = two("model_stock", a="vlm_b", b="vlm_c", base="vlm_a", params={"filter_wise": True})
+    # extra: LLaVA as save_pretrained writes it (legacy names); mergekit 0.1.5 leaves out the language model
+    c["vlm_linear_legacy_names"] = two("linear", a="vlm_a_legacy", b="vlm_b_legacy", base=None)
     # tests/test_chat_template.py (models with a tokenizer)
     for name, template in (("chat_chatml", "chatml"), ("chat_literal", "{{messages[0]['content']}}")):
         c[name] = {"merge_method": "linear", "base_model": "tok_base", "dtype": "float32", "chat_template": template,
@@ -278,12 +280,25 @@ def make_other_architectures(work: Path) -> None:
         torch.manual_seed(100 + i)
         GraniteForCausalLM(GraniteConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=2,
                                          num_key_value_heads=2, num_hidden_layers=2)).save_pretrained(work / name)
+    from safetensors.torch import save_file
+
     for i, name in enumerate(("vlm_a", "vlm_b", "vlm_c")):
         torch.manual_seed(200 + i)
         vision = CLIPVisionConfig(image_size=32, patch_size=4, num_hidden_layers=2, num_attention_heads=2, hidden_size=64,
                                   intermediate_size=128)
         text = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=16, num_hidden_layers=2)
-        LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_seq_length=16)).save_pretrained(work / name)
+        model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_seq_length=16))
+        # save_pretrained writes LLaVA's legacy names (language_model.model.*), which mergekit 0.1.5 cannot map to
+        # the transformers 5 names it plans with (transformers' own llava renaming gives
+        # model.language_model.model.*), so it marks the whole language model optional and leaves it out. The
+        # stand-ins are saved under the names transformers 5 loads them as (model.language_model.*, lm_head,
+        # model.vision_tower.*, model.multi_modal_projector.*), which both tools read; *_legacy keep save_pretrained's.
+        model.save_pretrained(work / f"{name}_legacy")
+        out = work / name
+        out.mkdir()
+        model.config.save_pretrained(out)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"),
+                  metadata={"format": "pt"})
 
 
 MERGEKIT_SCRIPT = r"""
