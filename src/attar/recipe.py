@@ -121,11 +121,11 @@ def stage_model(kind: str) -> type[StageSpec]:
 #: The kinds a causal-LM model spec turns into language-model stages (run by the ``lm`` stage kind).
 LM_KINDS = ("train", "distill", "finetune")
 #: What only the ``lm:`` block of a causal-LM stage holds: settings no image or table stage has.
-LM_EXTRAS = ("cache_topk", "optimizer", "mezo_eps", "responses")
+LM_EXTRAS = ("cache_topk", "optimizer", "mezo_eps", "responses", "forgetting")
 
 LMExtras = create_model(
     "LMExtras", __base__=_Strict, __doc__="The ``lm:`` block of a causal-LM stage: the teacher cache, the optimizer "
-    "(backprop or MeZO) and who writes the training responses.",
+    "(backprop or MeZO), who writes the training responses, and the text that measures forgetting.",
     **{f: (LMStageOptions.model_fields[f].annotation, LMStageOptions.model_fields[f]) for f in LM_EXTRAS},
 )
 

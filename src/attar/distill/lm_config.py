@@ -223,6 +223,10 @@ class LMStageOptions(BaseModel):
         "text", description="teacher: train on a response the teacher writes once for each training prompt (sampled "
         "at T=1) instead of the text's own (sequence-level KD; with a pruned student and its unpruned model as the "
         "teacher: self-data distillation). Plain next-token CE on them unless train.alpha is set")
+    forgetting: LMTextSpec | None = Field(
+        None, description="text standing in for the starting model's pre-training (a general corpus the stage does "
+        "not train on): its test split is scored before and after the stage (metrics pretrain_ppl_before, "
+        "pretrain_ppl, forgetting_ppl = after - before, positive = forgotten)")
 
     @model_validator(mode="after")
     def _responses(self) -> "LMStageOptions":
@@ -250,6 +254,12 @@ class LMStageOptions(BaseModel):
         if self.student.store is not None:
             raise ValueError("student.store: a store holds a teacher's outputs; the student is a model (pretrained, hf, "
                              "byte or stage)")
+        if self.forgetting is not None and self.student.byte is not None:
+            raise ValueError("forgetting: a fresh byte-level model has no pre-training to forget; score forgetting on a "
+                             "model that starts trained ({pretrained}, {hf} or {stage})")
+        if self.forgetting is not None and self.forgetting.model_dump() == self.data.model_dump():
+            raise ValueError("forgetting: names the stage's own training text; give a corpus standing in for the "
+                             "starting model's pre-training (e.g. forgetting: {name: brown, test_limit: 200})")
         if self.responses == "teacher" and self.data.pack:
             raise ValueError("responses: teacher rewrites the continuation of each prompt; packed text (data.pack) "
                              "has no prompts: drop pack or responses")

@@ -170,6 +170,7 @@ class LMStage(StageKind):
             contexts = [c for c in (lm_context(student), lm_context(teacher) if teacher is not None else None) if c]
             data = stage_data(o.data, stok, contexts, cfg.seed, inputs.cache_dir, inputs.log)
             vocab = vmap.student_size if vmap is not None else scored_vocab(student, stok)
+            before = _forgetting_before(o, student, stok, contexts, vocab, ctx, inputs)  # the starting weights
             pruned: dict[str, Any] = {}
             if o.student.prune is not None and not (ctx.resume and latest_checkpoint(ctx.stage_dir / "checkpoints")):
                 student, info = prune_student(student, o.student.prune,  # only the calibration rows are read
@@ -240,6 +241,10 @@ class LMStage(StageKind):
             else:
                 metrics["cross_tokenizer"] = res.metrics.get("teacher", vmap.note)
                 metrics["paired_fraction"] = res.metrics.get("paired_fraction")
+        if before is not None:
+            after = perplexity(model, before[0].test, before[0].pad_id, vocab_size=vocab)
+            metrics |= {"pretrain_ppl_before": before[1], "pretrain_ppl": after, "forgetting_ppl": after - before[1]}
+            inputs.log(f"  forgetting on {o.forgetting.name}: perplexity {before[1]:.2f} -> {after:.2f}")
         if cycle:  # the whole cycle's steps and tokens (each phase's in lm-metrics.json, "vcycle")
             metrics |= {"vcycle_steps": sum(r["steps"] for r in cycle), "vcycle_tokens": sum(r["tokens"] for r in cycle)}
         if o.student.parameterization is not None:  # SLTrain: the folder holds the dense weights B A + S
@@ -252,6 +257,24 @@ class LMStage(StageKind):
                               | ({"vcycle": cycle} if cycle else {}))
         dist.barrier()
         return StageResult(model, {"hf": str(out)}, res.history, metrics=metrics, artifacts=arts)
+
+
+def _forgetting_before(o: LMStageOptions, student, stok, contexts: list[int], vocab, ctx, inputs):
+    """``(rows, perplexity)`` of the starting model on the ``forgetting`` text's test split, or None without one.
+
+    The split is drawn with seed 0 whatever the stage's seed, so every seed is scored on the same rows; the value is
+    kept in ``forgetting.json`` so a resumed stage (whose model is restored from a checkpoint) reports the start's."""
+    if o.forgetting is None:
+        return None
+    rows = stage_data(o.forgetting, stok, contexts, 0, inputs.cache_dir, inputs.log)
+    saved = ctx.stage_dir / "forgetting.json"
+    if ctx.resume and saved.exists():
+        return rows, json.loads(saved.read_text())["pretrain_ppl_before"]
+    ppl = perplexity(student, rows.test, rows.pad_id, vocab_size=vocab)
+    if dist.is_main():
+        atomic_write_json(saved, {"pretrain_ppl_before": ppl, "text": o.forgetting.name, "rows": len(rows.test)})
+    inputs.log(f"  forgetting: {len(rows.test)} test rows of {o.forgetting.name}, starting perplexity {ppl:.2f}")
+    return rows, ppl
 
 
 @contextmanager
