@@ -92,7 +92,7 @@ def test_mergekit_slerp_slice_example_becomes_models(tmp_path):
     [
         ({"slices": [{"sources": [{"model": "a", "layer_range": [0, 4]}, {"model": "b", "layer_range": [2, 7]}]}]}, "different lengths"),
         ({"slices": [{"sources": [{"model": "a", "layer_range": [3, 3]}]}]}, "empty"),
-        ({"tokenizer": {"source": "union", "tokens": {"<x>": {"source": "a"}}}}, "tokenizer.tokens.*not supported"),
+        ({"tokenizer": {"source": "union", "tokens": {"<x>": {"force": True}}}}, r"tokenizer.tokens.<x>.source: Field required"),
         ({"modules": {"text": {}}}, "modules.*not supported yet"),
         ({"merge_methd": "ties"}, "merge_methd: unknown key"),
         ({"models": []}, "models.*empty"),

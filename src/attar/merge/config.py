@@ -3,9 +3,9 @@
 Why mergekit's shape: thousands of published merge configs use it; a config
 that names a method attar has should run unchanged. Keys attar does not act on
 (``int8_mask``, a ``weight`` given to a method that has none) are accepted with a note
-instead of an error; ``slices`` (layer ranges, frankenmerges), ``tokenizer: {pad_to_multiple_of}`` and
+instead of an error; ``slices`` (layer ranges, frankenmerges), ``tokenizer: {pad_to_multiple_of, tokens}`` and
 ``chat_template`` are honoured (different vocabularies are aligned by token string); what attar cannot do
-(``modules``, ``tokenizer.tokens``) fails before any tensor is read, with a message saying what to use.
+(``modules``) fails before any tensor is read, with a message saying what to use.
 
 Parameter values follow mergekit's rules (:func:`evaluate_setting`): a scalar;
 a list of numbers interpolated along the layers (a "gradient"); or a list of
@@ -19,10 +19,11 @@ import functools
 import math
 import re
 from pathlib import Path
-from typing import Any, Mapping, Union, get_origin
+from typing import Annotated, Any, Literal, Mapping, Union, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError, create_model,
+                      model_validator)
 from pydantic.fields import FieldInfo
 
 from attar.errors import AttarError
@@ -65,12 +66,58 @@ class Slice(_Strict):
     parameters: dict[str, Setting] | None = None
 
 
+def _token_source_kind(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "model"
+    kind = value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
+    return kind if kind in ("model_token", "zero") else None
+
+
+class ModelTokenSource(_Strict):
+    """``{kind: model_token, model: M, token_id: N}`` (row N of M's vocabulary tensors) or ``{..., token: T}``
+    (the row of M's own token T): any row of one merged model, not necessarily the same token."""
+
+    kind: Literal["model_token"]
+    model: str
+    token_id: int | None = Field(None, ge=0)
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "ModelTokenSource":
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("a model_token source takes exactly one of `token_id` and `token`.")
+        return self
+
+
+class ZeroTokenSource(_Strict):
+    """``{kind: zero}``: a row of zeros."""
+
+    kind: Literal["zero"]
+
+
+class TokenEmbedding(_Strict):
+    """One entry of ``tokenizer.tokens``: where an output token's rows come from. ``source`` is a merged model's
+    name (its row for this token), a :class:`ModelTokenSource` or a :class:`ZeroTokenSource`. Without ``force`` it
+    only fills the inputs that lack the token; with ``force`` it replaces every input's row, so the merge of
+    those equal rows is the chosen row (for the usual weighted methods)."""
+
+    source: Annotated[
+        Union[Annotated[str, Tag("model")], Annotated[ModelTokenSource, Tag("model_token")],
+              Annotated[ZeroTokenSource, Tag("zero")]],
+        Discriminator(_token_source_kind, custom_error_type="token_source",
+                      custom_error_message="a token's source is a merged model's name, {kind: model_token, model: M, "
+                                           "token_id: N | token: T} or {kind: zero}"),
+    ]
+    force: bool = False
+
+
 class TokenizerSettings(_Strict):
     """mergekit's ``tokenizer:`` block: the output vocabulary (``union``, ``base`` or a model; inputs aligned to
-    it by token string, see :mod:`attar.merge.vocab`), optionally padded."""
+    it by token string, see :mod:`attar.merge.vocab`), optionally padded, with per-token row sources (``tokens``,
+    keyed by the token as the output tokenizer's vocabulary spells it)."""
 
     source: str | None = "union"
-    tokens: dict[str, Any] | None = None
+    tokens: dict[str, TokenEmbedding] | None = None
     pad_to_multiple_of: int | None = Field(None, ge=1)
 
 
@@ -149,11 +196,8 @@ class MergeConfig(_Strict):
             self._from_slices()
         if not self.models and not self._slices:
             raise ValueError("`models` is empty: list the models to merge, e.g. models: [{model: ./ft-a}, {model: ./ft-b}].")
-        if self.tokenizer is not None and self.tokenizer.tokens:
-            raise ValueError(
-                "tokenizer.tokens (choosing the embedding source of individual tokens) is not supported: attar fills "
-                "a token's missing rows from the base model or the models that have it; drop `tokens`."
-            )
+        if self.tokenizer is not None and self.tokenizer.tokens and self.tokenizer.source is None:
+            raise ValueError("tokenizer.tokens needs tokenizer.source (union, base or a model) to name the output vocabulary.")
         if self.tokenizer is not None and self.tokenizer_source is not None:
             raise ValueError("give either `tokenizer_source` or `tokenizer: {source: ...}`, not both.")
         self.dtype = parse_dtype(self.dtype, "dtype")

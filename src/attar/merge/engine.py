@@ -25,7 +25,8 @@ from attar.merge.tensor_source import TensorSource
 from attar.merge.writer import ShardWriter, parse_size
 from attar.merge.methods import MergeMethod, TensorInputs, tensor_method
 from attar.merge.validate import check_configs, check_finite, check_inputs, check_state_dicts
-from attar.merge.vocab import is_vocab_tensor, plan_vocab, resolve_chat_template, tokenizer_files_with_template
+from attar.merge.vocab import (is_vocab_tensor, plan_vocab, resolve_chat_template, tokenizer_files_with_template,
+                               vocab_rows)
 from attar.train.progress import StepProgress
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -356,7 +357,8 @@ def run_merge(
         srcs = list(dict.fromkeys(all_inputs))
         if cfg.vocab_source is not None:
             vocab = plan_vocab([s.label for s in srcs], [s.root for s in srcs], cfg.vocab_source,
-                               base=srcs.index(base) if base in srcs else None, pad=cfg.pad_to_multiple_of, base_dir=base_dir)
+                               base=srcs.index(base) if base in srcs else None, pad=cfg.pad_to_multiple_of, base_dir=base_dir,
+                               tokens=cfg.tokenizer.tokens if cfg.tokenizer else None, rows=[vocab_rows(s) for s in srcs])
             if vocab is None:
                 notes.append("tokenizer_source/tokenizer has nothing to act on: no input has a tokenizer.json.")
             else:

@@ -15,6 +15,18 @@ input has (only possible with an outside tokenizer) gets the model's mean row (m
 ``pad_to_multiple_of: N`` adds rows up to the next multiple of N, each the mean of the model's aligned rows.
 Tied embeddings stay tied: the one tensor is aligned once, and equal tensors are aligned equally.
 
+A tokenizer may list tokens past its model's vocabulary rows (padding ids, ``<UNUSED_0>``...): they have no row,
+so, as in mergekit, each merged model's vocabulary is cut at its row count before aligning (the output never
+lists them, and its tokenizer files drop them when the lead model had them).
+
+``tokenizer.tokens`` (mergekit's per-token sources) sets an output token's row: ``{source: MODEL}`` (that model's
+row for the token), ``{source: {kind: model_token, model: MODEL, token_id: N}}`` (row N of that model, or
+``token: T``: the row of its own token T) or ``{source: {kind: zero}}``. Without ``force`` the source only fills
+the inputs that lack the token; with ``force: true`` it replaces every input's row, so a weighted merge of the
+equal rows gives that row (mergekit's semantics). Keys are tokens as the output tokenizer's vocabulary spells
+them; a key, model or source token that does not exist is refused with its field named (mergekit ignores an
+unknown key).
+
 The output carries the output vocabulary's tokenizer (``tokenizer.json`` with the tokens added,
 ``tokenizer_config.json`` with their ``added_tokens_decoder`` entries; slow-tokenizer files that no longer
 agree are left out). ``chat_template`` (a Jinja string, ``chatml``, or ``auto``: the template most inputs
@@ -26,14 +38,14 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from attar.errors import AttarError
-from attar.text.vocab_align import VocabAlignment, align_vocabularies, read_vocab, spell
+from attar.text.vocab_align import TokenizerVocab, VocabAlignment, align_vocabularies, read_vocab, spell
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
@@ -144,6 +156,8 @@ class VocabPlan:
     inputs: int
     mode: str
     roots: list[Path | None]
+    overrides: list["TokenOverride"] = field(default_factory=list)
+    cut: list[int] = field(default_factory=list)
 
     def align(self, tensors: Sequence[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
         """Re-index one vocabulary tensor of several inputs (``(input index, tensor)``) to the output rows, in
@@ -166,11 +180,29 @@ class VocabPlan:
         for g, p in zip(gathered, present):
             own_mean = g[p].mean(0) if bool(p.any()) else torch.zeros(g.shape[1:])
             row = torch.where((count > 0).view(shape), fill, own_mean.unsqueeze(0))
-            aligned = torch.where(p.view(shape), g, row)
-            if self.rows > self.tokens:
-                aligned = torch.cat([aligned, aligned.mean(0, keepdim=True).expand(self.rows - self.tokens, *aligned.shape[1:])])
-            out.append(aligned)
+            out.append(torch.where(p.view(shape), g, row))
+        for ov in self.overrides:  # tokenizer.tokens: forced rows everywhere, the others where an input lacks the token
+            value = self._override_row(ov, tensors)
+            for aligned, p in zip(out, present):
+                if ov.force or not bool(p[ov.out]):
+                    aligned[ov.out] = value
+        if self.rows > self.tokens:
+            out = [torch.cat([a, a.mean(0, keepdim=True).expand(self.rows - self.tokens, *a.shape[1:])]) for a in out]
         return out
+
+    def _override_row(self, ov: "TokenOverride", tensors: Sequence[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        t0 = tensors[0][1]
+        if ov.model is None:
+            return torch.zeros(t0.shape[1:])
+        found = [t for k, t in tensors if k == ov.model]
+        if not found:
+            raise AttarError(f"{ov.field}: {self.labels[ov.model]} is not an input of this vocabulary tensor, so it cannot "
+                             f"give token {ov.token!r} its row; take the row from a model that is merged.")
+        t = found[0]
+        if not 0 <= ov.row < t.shape[0]:
+            raise AttarError(f"{ov.field}: row {ov.row} is out of range for {self.labels[ov.model]} "
+                             f"({t.shape[0]} vocabulary rows).")
+        return t[ov.row].float()
 
     def describe(self) -> str:
         al = self.alignment
@@ -179,8 +211,12 @@ class VocabPlan:
         moved = [self.labels[k] for k in range(self.inputs) if not al.is_identity(k) and not al.missing(k)]
         parts += [f"{', '.join(moved)} re-ordered"] if moved else []
         pad = f", padded to {self.rows} rows" if self.rows > self.tokens else ""
+        cut = [f"{self.labels[k]}'s {c} tokens past its rows dropped" for k, c in enumerate(self.cut) if c]
+        set_by = [f"{ov.token!r} {'forced' if ov.force else 'filled'} from {ov.what}" for ov in self.overrides]
         return (f"vocabulary aligned by token string ({self.mode}): {self.tokens} tokens{pad}"
-                + (f"; {'; '.join(parts)}" if parts else "; every input already had it"))
+                + (f"; {'; '.join(parts)}" if parts else "; every input already had it")
+                + (f"; {'; '.join(cut)}" if cut else "")
+                + (f"; tokenizer.tokens: {', '.join(set_by)}" if set_by else ""))
 
     def tokenizer_files(self) -> dict[str, bytes | None]:
         """The output's tokenizer files (None: leave out a file copied from the reference model)."""
@@ -190,6 +226,12 @@ class VocabPlan:
         files.update(lead_files)
         al = self.alignment
         appended = range(len(al.vocabs[self.lead]), len(al))
+        lead_cut = self.cut[self.lead] if self.lead < len(self.cut) else 0
+        if lead_cut:
+            lead_files = _strip_past(lead_files, len(al.vocabs[self.lead]))
+            files.update(lead_files)
+            if not appended:
+                return files
         if not appended:
             for n in SLOW_TOKENIZER_FILES:  # the lead's own tokenizer: its slow files still agree
                 if root is not None and (root / n).is_file():
@@ -257,6 +299,119 @@ def _list_specials(raw: bytes, new: list[str], roots: Sequence[Path | None]) -> 
     return json.dumps(cfg, ensure_ascii=False, indent=2).encode() if changed else raw
 
 
+def _strip_past(files: dict[str, bytes], keep: int) -> dict[str, bytes]:
+    """The lead's tokenizer files without the tokens whose id is ``keep`` or more (ids past the model's rows):
+    from the model vocabulary, the added tokens, the BPE merges that use them, ``added_tokens_decoder`` and the
+    special-token lists."""
+    files = dict(files)
+    data = json.loads(files["tokenizer.json"])
+    model = data.get("model") or {}
+    vocab = model.get("vocab")
+    gone: set[str] = {t["content"] for t in data.get("added_tokens") or [] if t["id"] >= keep}
+    if isinstance(vocab, dict):
+        gone |= {t for t, i in vocab.items() if i >= keep}
+        model["vocab"] = {t: i for t, i in vocab.items() if i < keep}
+    elif isinstance(vocab, list):
+        gone |= {entry[0] for entry in vocab[keep:]}
+        model["vocab"] = vocab[:keep]
+    if isinstance(model.get("merges"), list):
+        model["merges"] = [m for m in model["merges"]
+                           if not set(m.split(" ") if isinstance(m, str) else m) & gone]
+    data["added_tokens"] = [t for t in data.get("added_tokens") or [] if t["id"] < keep]
+    files["tokenizer.json"] = json.dumps(data, ensure_ascii=False, indent=2).encode()
+    for fname in ("tokenizer_config.json", "special_tokens_map.json"):
+        if fname not in files:
+            continue
+        cfg = json.loads(files[fname])
+        if isinstance(cfg.get("added_tokens_decoder"), dict):
+            cfg["added_tokens_decoder"] = {i: v for i, v in cfg["added_tokens_decoder"].items() if int(i) < keep}
+        for key in _SPECIAL_LISTS:
+            if isinstance(cfg.get(key), list):
+                cfg[key] = [e for e in cfg[key] if (e if isinstance(e, str) else e.get("content")) not in gone]
+        files[fname] = json.dumps(cfg, ensure_ascii=False, indent=2).encode()
+    return files
+
+
+def vocab_rows(src) -> int | None:
+    """The fewest rows among a tensor source's vocabulary tensors (None if it has none): ids at or past it have no
+    row in that model."""
+    rows = [src.shape(n)[0] for n in src.names() if is_vocab_tensor(n) and src.dtype(n).is_floating_point]
+    return min(rows) if rows else None
+
+
+def _cut(v: TokenizerVocab, rows: int | None) -> tuple[TokenizerVocab, int]:
+    """``v`` without the ids at or past ``rows`` (and how many listed tokens that removed)."""
+    if rows is None or len(v) <= rows:
+        return v, 0
+    gone = sum(1 for t in v.tokens[rows:] if t is not None)
+    keep = frozenset(range(rows))
+    return TokenizerVocab(tokens=v.tokens[:rows], keys=v.keys[:rows], family=v.family, added=v.added & keep,
+                          special=v.special & keep), gone
+
+
+@dataclass
+class TokenOverride:
+    """One resolved ``tokenizer.tokens`` entry: output id ``out`` takes row ``row`` of input ``model`` (None:
+    zeros), in every input (``force``) or only in those lacking the token."""
+
+    token: str
+    out: int
+    model: int | None
+    row: int | None
+    force: bool
+    field: str
+    what: str
+
+
+def _resolve_tokens(tokens: Mapping[str, Any], al: VocabAlignment, labels: Sequence[str], roots: Sequence[Path | None],
+                    n: int, rows: Sequence[int | None], base_dir: Path | None, mode: str) -> list[TokenOverride]:
+    """``tokenizer.tokens`` as rows of the merged inputs, every name checked (keys, models, source tokens)."""
+    out_ids: dict[str, int] = {}
+    for j, t in enumerate(al.tokens):
+        if t is not None:
+            out_ids.setdefault(t, j)
+    merged = ", ".join(labels[:n])
+
+    def model_index(name: str, where: str) -> int:
+        k = labels.index(name) if name in labels[:n] else _same_folder(_resolve_folder(name, base_dir), roots[:n])
+        if k is None:
+            raise AttarError(f"{where}: {name!r} is not one of the merged models ({merged}).")
+        return k
+
+    result = []
+    for token, cfg in tokens.items():
+        where = f"tokenizer.tokens[{token!r}]"
+        if token not in out_ids:
+            raise AttarError(f"{where}: the output vocabulary ({mode}) has no token {token!r}; keys are tokens as the "
+                             "output tokenizer's vocabulary spells them (e.g. 'Ġthe' in a byte-level BPE).")
+        j = out_ids[token]
+        src = cfg.source
+        if isinstance(src, str):
+            k = model_index(src, f"{where}.source")
+            row = int(al.sources[k][j])
+            if row < 0:
+                raise AttarError(f"{where}.source: {labels[k]} has no token {token!r} (or no row for it); take another "
+                                 f"model's row, or a row by id: {{kind: model_token, model: {labels[k]}, token_id: N}}.")
+            result.append(TokenOverride(token, j, k, row, cfg.force, f"{where}.source", labels[k]))
+        elif getattr(src, "kind", None) == "model_token":
+            k = model_index(src.model, f"{where}.source.model")
+            if src.token_id is not None:
+                row, fld = src.token_id, f"{where}.source.token_id"
+                if rows[k] is not None and row >= rows[k]:
+                    raise AttarError(f"{fld}: {row} is out of range for {labels[k]} ({rows[k]} vocabulary rows).")
+            else:
+                fld = f"{where}.source.token"
+                own = al.vocabs[k].tokens
+                if src.token not in own:
+                    raise AttarError(f"{fld}: {labels[k]}'s tokenizer has no token {src.token!r} (within its "
+                                     f"{len(own)} rows).")
+                row = own.index(src.token)
+            result.append(TokenOverride(token, j, k, row, cfg.force, fld, f"{labels[k]} row {row}"))
+        else:  # {kind: zero}
+            result.append(TokenOverride(token, j, None, None, cfg.force, f"{where}.source", "zeros"))
+    return result
+
+
 def _added_entries(root: Path | None) -> dict[int, dict]:
     """id -> the ``added_tokens`` entry of a tokenizer.json (flags: special, lstrip, normalized, ...)."""
     if root is None:
@@ -280,12 +435,14 @@ def _same_folder(folder: Path | None, roots: Sequence[Path | None]) -> int | Non
 
 
 def plan_vocab(labels: Sequence[str], roots: Sequence[Path | None], source: str, *, base: int | None,
-               pad: int | None = None, base_dir: Path | None = None) -> VocabPlan | None:
+               pad: int | None = None, base_dir: Path | None = None, tokens: Mapping[str, Any] | None = None,
+               rows: Sequence[int | None] | None = None) -> VocabPlan | None:
     """The output vocabulary for ``tokenizer_source``/``tokenizer.source`` ``source`` over the inputs (``base``:
-    the index of the base model among them), None when no input has a tokenizer (and no padding is asked)."""
+    the index of the base model among them), None when no input has a tokenizer (and no padding is asked).
+    ``rows``: each input's vocabulary rows (its tokens past them are dropped); ``tokens``: ``tokenizer.tokens``."""
     labels, roots = list(labels), list(roots)
     missing = [label for label, r in zip(labels, roots) if r is None or not (Path(r) / "tokenizer.json").is_file()]
-    if len(missing) == len(labels) and not pad:
+    if len(missing) == len(labels) and not pad and not tokens:
         return None
     if missing:
         raise AttarError(f"tokenizer source {source!r} needs every input's tokenizer.json; none in {', '.join(missing)}. "
@@ -312,7 +469,10 @@ def plan_vocab(labels: Sequence[str], roots: Sequence[Path | None], source: str,
         lead = out_base = n
         mode = f"{name}'s vocabulary (not a merged model)"
     order = [lead] + [k for k in range(len(roots)) if k != lead]  # the union's lead vocabulary comes first
-    vocabs = [read_vocab(roots[k]) for k in order]
+    in_rows = list(rows) + [None] * (len(roots) - len(rows)) if rows is not None else [None] * len(roots)
+    cut = [_cut(read_vocab(roots[k]), in_rows[k]) for k in order]
+    vocabs = [v for v, _ in cut]
+    dropped = [cut[order.index(k)][1] for k in range(len(roots))]
     al = align_vocabularies(vocabs, base=0 if out_base is not None else None)
     back = {pos: k for pos, k in enumerate(order)}
     # put maps/sources back in the inputs' order
@@ -335,9 +495,10 @@ def plan_vocab(labels: Sequence[str], roots: Sequence[Path | None], source: str,
                 f"matches {shared} of {labels[k]}'s {len(al.vocabs[k].canonical)} tokens, but no BOS/EOS/chat token; "
                 "these are models of different families, whose merged weights would mean nothing. Merge fine-tunes "
                 "of one base model.")
-    tokens = len(al)
-    return VocabPlan(alignment=al, labels=labels, tokens=tokens, rows=padded(tokens, pad), base=base, lead=lead,
-                     inputs=n, mode=mode, roots=roots)
+    overrides = _resolve_tokens(tokens, al, labels, roots, n, in_rows, base_dir, mode) if tokens else []
+    size = len(al)
+    return VocabPlan(alignment=al, labels=labels, tokens=size, rows=padded(size, pad), base=base, lead=lead,
+                     inputs=n, mode=mode, roots=roots, overrides=overrides, cut=dropped)
 
 
 def _sample(keys: set[bytes]) -> str:
