@@ -21,9 +21,11 @@ docs/merge.md explains the difference). mergekit runs in its own venv (never an 
 A config passes when both tools accept it and the merged tensors agree (deterministic methods: every tensor
 within 1e-6 relative; random ones, DARE and DELLA: in distribution, the fraction of entries changed from the
 base within 0.03 and the mean |change| within 10%), or when both refuse it; it fails when only one accepts it
-or the tensors differ. attar's refusals are listed with their reason. LLaVA tensors are compared by the names
-transformers 5 loads them under (mergekit writes those, attar keeps the input's); where mergekit's output lacks
-tensors the row fails and says which, and compares the ones it wrote.
+or the tensors differ. attar's refusals are listed with their reason. The LLaVA stand-ins are saved under the
+names transformers 5 loads them as (``model.language_model.*``); ``save_pretrained`` writes the legacy names
+(``language_model.model.*``), under which mergekit 0.1.5 leaves the whole language model out (one extra variant,
+``vlm_linear_legacy_names``, shows it: those tensors are compared by the names transformers 5 maps them to, and
+the row fails naming what mergekit's output lacks).
 """
 
 from __future__ import annotations
@@ -183,6 +185,13 @@ def configs() -> dict[str, dict]:
                          "models": [{"model": "tok_b", "parameters": {"weight": 0.5}}, {"model": "tok_c", "parameters": {"weight": 0.5}}]}
     c["tok_source_base_same"] = {"merge_method": "linear", "base_model": "tok_base", "dtype": "float32", "tokenizer_source": "base",
                                  "models": [{"model": "tok_base", "parameters": {"weight": 0.5}}, {"model": "tok_b", "parameters": {"weight": 0.5}}]}
+    # extra variants of tokenizer.tokens and of a tokenizer listing tokens past its rows
+    c["tok_force_ties"] = tok(["tok_base", "tok_wide", "tok_b"], merge_method="ties", parameters={"density": 0.5}, tokenizer={
+        "source": "union", "tokens": {"_tok_7": {"source": "tok_wide", "force": True}, "<|im_end|>": {"source": {"kind": "zero"}, "force": True}}})
+    c["tok_fill_sources"] = tok(["tok_base", "tok_wide"], tokenizer={"source": "union", "tokens": {
+        "<|im_start|>": {"source": {"kind": "zero"}}, "<|im_end|>": {"source": {"kind": "model_token", "model": "tok_base", "token": "</s>"}},
+        "_tok_4": {"source": "tok_wide"}}})
+    c["tok_base_padded"] = tok(["tok_padded", "tok_base"], base_model="tok_padded", tokenizer_source="base")
     for src in ("union", "base", "tok_wide"):
         c[f"tok_merge_{src}"] = {"merge_method": "linear", "base_model": "tok_base", "dtype": "float32", "tokenizer_source": src,
                                  "models": [{"model": "tok_base", "parameters": {"weight": 0.5}}, {"model": "tok_wide", "parameters": {"weight": 0.5}}]}
