@@ -11,8 +11,10 @@ de-coalesced and interpolated (alpha 0.25) into the 4-block weights, then traine
     bash scripts/get-corpus.sh austen     # once
     nice -n 10 .venv/bin/python bench/efficient_lm_evidence.py     # ~25 CPU-minutes; writes docs/evidence.md
 
-``--steps/--seeds/--arms`` shrink it for a try (nothing is written then). No wall-time column: the machine is shared,
-and on a dense CPU none of these options saves time.
+``--steps/--seeds/--arms`` shrink it for a try (nothing is written then). Matched compute: every run is one thread
+and records its process CPU time at each evaluation, so each arm is also read at the AdamW run's CPU time (same
+seed), and G_stack / V-cycle by the CPU seconds they need to reach the plain run's final loss. CPU time rather
+than wall time, because the machine is shared: single-threaded, the two agree when the run has a core to itself.
 """
 
 from __future__ import annotations
@@ -80,17 +82,18 @@ def _train(model, data, seed: int, steps: int, extra: dict, stop_below: float | 
         extra["sparsity"] = extra["sparsity"] | {"dense_from": steps // 2}
     cfg = LMDistillConfig(**BASE, steps=steps, seed=seed, **extra)
     opt_b, par_b = _bytes(model, cfg, data)
-    curve: list[tuple[int, float]] = []
+    curve: list[tuple[int, float, float]] = []  # (step, val loss, process CPU seconds since this run started)
 
     class Reached(Exception):
         pass
 
+    cpu = time.process_time()
+
     def record(step: int, rec: dict) -> None:
-        curve.append((step, math.log(rec["val_ppl"])))
+        curve.append((step, math.log(rec["val_ppl"]), time.process_time() - cpu))
         if stop_below is not None and curve[-1][1] <= stop_below:
             raise Reached
 
-    cpu = time.process_time()
     try:
         train_lm(model, data, cfg, on_metrics=record, progress=False)
     except Reached:
@@ -116,7 +119,13 @@ def _v_cycle(seed: int, data, steps: int, target: float) -> dict:
     down, bottom, last = got
     return {"down_val": down["val"], "small_val": bottom["val"], "first_val": last["curve"][0][1],
             "reached": last["curve"][-1][1] <= target, "steps": last["curve"][-1][0],
-            "cpu_s": sum(x["cpu_s"] for x in got)}
+            "cpu_s": sum(x["cpu_s"] for x in got), "cpu_to_target": down["cpu_s"] + bottom["cpu_s"] + last["curve"][-1][2]}
+
+
+def at_cpu(curve: list[tuple[int, float, float]], budget: float) -> float:
+    """The val loss of the last evaluation made within ``budget`` CPU seconds (nan when none was)."""
+    within = [v for _, v, t in curve if t <= budget]
+    return within[-1] if within else float("nan")
 
 
 def main() -> None:
@@ -148,7 +157,8 @@ def main() -> None:
             cont = _train(big, data, s, a.steps, {}, stop_below=b["val"])
             reached = cont["curve"][-1][1] <= b["val"]
             grow.append({"small_val": first["val"], "reached": reached, "steps": cont["curve"][-1][0],
-                         "first_val": cont["curve"][0][1], "cpu_s": first["cpu_s"] + cont["cpu_s"]})
+                         "first_val": cont["curve"][0][1], "cpu_s": first["cpu_s"] + cont["cpu_s"],
+                         "cpu_to_target": first["cpu_s"] + cont["curve"][-1][2]})
             print("g_stack", s, grow[-1], flush=True)
     vcyc = []
     if a.arms == "all" or "v_cycle" in a.arms:
@@ -158,13 +168,17 @@ def main() -> None:
     tok = BATCH * MAX_LEN  # tokens per optimizer step (packed rows: every position is scored)
     params = sum(p.numel() for p in _model(0, SHAPE["layers"]).parameters())
     b_opt, b_par = base[0]["opt_bytes"], base[0]["param_bytes"]
-    lines = ["| arm | val loss (nats/byte, 3 seeds) | vs AdamW | optimizer state bytes | × AdamW's | parameter bytes "
-             "| × AdamW's |", "|---|---|---|---|---|---|---|"]
+    lines = ["| arm | val loss at matched steps (nats/byte, 3 seeds) | vs AdamW | val loss at AdamW's CPU time | vs AdamW "
+             "| CPU time per run × AdamW's | optimizer state bytes | × AdamW's | parameter bytes | × AdamW's |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for arm, r in rows.items():
         v = [x["val"] for x in r]
+        at = [at_cpu(x["curve"], b["cpu_s"]) for x, b in zip(r, base)]
         cmp = "—" if r is base else verdict([-x for x in v], [-x["val"] for x in base]).replace("no gain", "within noise")
-        lines.append(f"| {arm} | {ms(v, 1, 3)} | {cmp} | {r[0]['opt_bytes']:,} | {r[0]['opt_bytes'] / b_opt:.3f} | "
-                     f"{r[0]['param_bytes']:,} | {r[0]['param_bytes'] / b_par:.3f} |")
+        cmp_t = "—" if r is base else verdict([-x for x in at], [-x["val"] for x in base]).replace("no gain", "within noise")
+        ratio = sum(x["cpu_s"] for x in r) / sum(x["cpu_s"] for x in base)
+        lines.append(f"| {arm} | {ms(v, 1, 3)} | {cmp} | {ms(at, 1, 3)} | {cmp_t} | {ratio:.2f} | {r[0]['opt_bytes']:,} | "
+                     f"{r[0]['opt_bytes'] / b_opt:.3f} | {r[0]['param_bytes']:,} | {r[0]['param_bytes'] / b_par:.3f} |")
     g_lines = []
     if grow:
         got = [g for g in grow if g["reached"]]
@@ -180,6 +194,8 @@ def main() -> None:
             + (", ".join(f"{g['steps']} ({g['steps'] * tok:,})" if g["reached"] else "not reached" for g in grow))
             + " |",
             f"| + 2-block tokens before growth | — | {a.steps // 2 * tok:,} (about half the FLOPs per token) |",
+            f"| CPU seconds to reach the target (both models) | {ms([x['cpu_s'] for x in base], 1, 0)} | "
+            + ", ".join(f"{g['cpu_to_target']:.0f}" if g["reached"] else "not reached" for g in grow) + " |",
         ]
     v_lines = []
     if vcyc:
@@ -200,6 +216,8 @@ def main() -> None:
             + " |",
             f"| + the cycle before | — | {V_DOWN} 4-block steps + {a.steps // 2} 2-block steps "
             f"({(V_DOWN + a.steps // 2) * tok:,} tokens; the 2-block ones at about half the FLOPs per token) |",
+            f"| CPU seconds to reach the target (whole cycle) | {ms([x['cpu_s'] for x in base], 1, 0)} | "
+            + ", ".join(f"{v['cpu_to_target']:.0f}" if v["reached"] else "not reached" for v in vcyc) + " |",
         ]
     cpu = (sum(x["cpu_s"] for r in rows.values() for x in r) + sum(g["cpu_s"] for g in grow)
            + sum(v["cpu_s"] for v in vcyc))
@@ -211,7 +229,10 @@ def main() -> None:
         f"({len(data.train):,} training rows), {a.steps} AdamW steps of {BATCH} rows ({a.steps * tok:,} tokens), lr "
         "3e-3, 10 warm-up steps, cosine, seeds 0, 1, 2. Val loss: mean next-byte NLL on 64 validation rows at the last "
         "step. Bytes measured from the tensors (the optimizer's state after one step; the model's parameters, SLTrain "
-        f"plus its int32 support). {cpu / 60:.0f} CPU-minutes in all. Reproduce: "
+        "plus its int32 support). Matched compute: one thread per run, process CPU time recorded at every evaluation "
+        f"(every {EVAL_EVERY} steps, evaluation included); 'at AdamW's CPU time' is each arm's last evaluation made "
+        "within the AdamW run's total CPU time of the same seed (CPU time, not wall time: the machine was shared with "
+        f"one other single-threaded job). {cpu / 60:.0f} CPU-minutes in all. Reproduce: "
         "`nice -n 10 .venv/bin/python bench/efficient_lm_evidence.py`.",
         "",
         *lines,
