@@ -99,6 +99,37 @@ def main_sharded(out: Path, mode: str) -> None:
     print(f"{mode} rank {dist.rank()} world {dist.world_size()} steps {res.steps}")
 
 
+def main_unavailable(out: Path, resume: bool) -> None:
+    """A task that reads from outside the process (``external_input``): while ``out/down`` exists, rank 1's input
+    is missing from step 5 on. Both ranks must stop at step 5's checkpoint (rank 0 though its own input came);
+    a resume once the input is back finishes with the weights of an uninterrupted run."""
+    from attar.train.task import Classification
+    from attar.train.trainer import InputUnavailable
+
+    class Flaky(Classification):
+        external_input = True
+
+        def batch(self, trainer, rows, epoch, micro):
+            if trainer.rank == 1 and (out / "down").exists() and epoch * trainer.steps_per_epoch + micro >= 5:
+                raise InputUnavailable("the served teacher at http://127.0.0.1:9 did not answer.")
+            return super().batch(trainer, rows, epoch, micro)
+
+    dist.maybe_init()
+    out.mkdir(parents=True, exist_ok=True)
+    d = load_digits()
+    x, y = torch.tensor(d.data[:512], dtype=torch.float32) / 16, torch.tensor(d.target[:512])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    cfg = TrainConfig(epochs=1, batch_size=32, lr=1e-2)
+    try:
+        res = Trainer(model, CE(), x, y, cfg, seed=5, ckpt_dir=out / "ckpt", task=Flaky()).fit(resume=resume)
+    except InputUnavailable as e:
+        (out / f"stopped{dist.rank()}").write_text(str(e))
+        return
+    save_file({k: v.contiguous() for k, v in res.model.state_dict().items()}, str(out / f"rank{dist.rank()}.safetensors"))
+    print(f"unavailable rank {dist.rank()} steps {res.steps}")
+
+
 def main_recipe(out: Path) -> None:
     """``attar run``'s pipeline on a causal-LM ``train`` stage with packed text under torchrun: rank 0 builds the
     token store once (each build prints its rank), both ranks train, rank 0 records the run."""
@@ -121,6 +152,8 @@ if __name__ == "__main__":
         main_recipe(Path(sys.argv[1]))
     elif len(sys.argv) > 2 and sys.argv[2] in ("ddp", "fsdp", "fsdp-crash", "fsdp-resume"):
         main_sharded(Path(sys.argv[1]), sys.argv[2])
+    elif len(sys.argv) > 2 and sys.argv[2] in ("unavailable", "unavailable-resume"):
+        main_unavailable(Path(sys.argv[1]), resume=sys.argv[2] == "unavailable-resume")
     elif len(sys.argv) > 2 and sys.argv[2] == "lm":
         main_lm(Path(sys.argv[1]))
     else:

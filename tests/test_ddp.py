@@ -134,3 +134,30 @@ def test_lm_recipe_with_packed_text_under_torchrun_builds_the_token_store_once(t
     assert "recipe rank 0 world 2" in res.stdout and "recipe rank 1 world 2" in res.stdout
     runs = [p for p in (tmp_path / "home").iterdir() if (p / "lm" / "model" / "config.json").exists()]
     assert len(runs) == 1 and (runs[0] / "report.md").exists()
+
+
+@pytest.mark.slow
+def test_a_missing_external_input_on_one_rank_stops_every_rank_at_one_checkpoint_and_resumes_exactly(tmp_path):
+    """A served teacher that fails on rank 1 only: without the ranks agreeing, rank 0 would wait in DDP's all-reduce
+    while rank 1 stopped. Both stop at step 5's checkpoint, and the resumed run equals an uninterrupted one."""
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    res = subprocess.run(_torchrun(full, "unavailable", port=_free_port()), env=ENV, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    broken.mkdir()
+    (broken / "down").write_text("")
+    res = subprocess.run(_torchrun(broken, "unavailable", port=_free_port()), env=ENV, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    said = [(broken / f"stopped{r}").read_text() for r in (0, 1)]
+    assert "http://127.0.0.1:9 did not answer" in said[1] and "another rank's input" in said[0]
+    assert all("stopped at step 5 with a checkpoint" in m for m in said)
+    assert sorted(p.name for p in (broken / "ckpt").iterdir() if p.name.startswith("step-")) == ["step-00000005"]
+    assert not (broken / "rank0.safetensors").exists()
+    (broken / "down").unlink()
+    res = subprocess.run(_torchrun(broken, "unavailable-resume", port=_free_port()), env=ENV, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for r in (0, 1):
+        a, b = _weights(full, r), _weights(broken, r)
+        assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)

@@ -287,6 +287,14 @@ def test_a_server_killed_mid_run_stops_the_stage_with_a_checkpoint_and_resume_ma
     assert (run / "student" / "checkpoints" / "step-00000003").is_dir()
     with pytest.raises(AttarError, match="did not answer"):  # still down: resume says so and keeps the checkpoint
         Pipeline(*load_recipe(run / "recipe.yaml"), home=home, log=lambda *a, **k: None).run(resume_dir=run)
+    # a restarted server holding other weights (same tokenizer and vocabulary) is refused
+    make_byte_lm(tmp_path / "other", layers=1, d_model=32, heads=2, context=96, seed=1)
+    other = Served(serve_model(str(tmp_path / "other"), port=port))
+    try:
+        with pytest.raises(AttarError, match="now serves other weights"):
+            Pipeline(*load_recipe(run / "recipe.yaml"), home=home, log=lambda *a, **k: None).run(resume_dir=run)
+    finally:
+        other.stop()
     back = Served(serve_model(str(tmp_path / "teacher"), port=port))
     try:
         Pipeline(*load_recipe(run / "recipe.yaml"), home=home, log=lambda *a, **k: None).run(resume_dir=run)

@@ -3,8 +3,9 @@ served teacher; :mod:`attar.distill.lm_served` is the client the trainer distils
 
 **Protocol ``attar-teacher/1``** (JSON over HTTP; :class:`TeacherServer`, ``attar teacher serve``):
 
-* ``GET /info`` (also ``/health``): ``{protocol, model, vocab_size, tokenizer, max_topk, context}``; ``tokenizer``
-  is :func:`attar.text.token_store.tokenizer_fingerprint` of the served model's tokenizer.
+* ``GET /info`` (also ``/health``): ``{protocol, model, vocab_size, tokenizer, max_topk, context, weights}``;
+  ``tokenizer`` is :func:`attar.text.token_store.tokenizer_fingerprint` of the served model's tokenizer, ``weights``
+  :func:`attar.distill.teacher_cache.model_hash` of its weights (a resumed run checks it).
 * ``POST /v1/topk`` with ``{ids: [[int, ...], ...], topk: k, temperature: T, attention_mask: [[0|1, ...], ...]}``
   (rows may differ in length; ``attention_mask`` optional, default all ones) answers ``{protocol, model,
   vocab_size, tokenizer, topk, temperature, rows: [{ids, logprobs, log_tail}, ...]}``: for row ``r`` and every
@@ -28,6 +29,7 @@ from torch import nn
 
 from attar.distill.lm_objectives import TopK
 from attar.distill.lm_task import head_split
+from attar.distill.teacher_cache import model_hash
 
 __all__ = ["PROTOCOL", "DEFAULT_K", "TeacherServer", "serve_model", "served_topk"]
 
@@ -93,6 +95,7 @@ class TeacherServer(ThreadingHTTPServer):
         self.max_topk, self.pad_id, self.context, self.decode = int(max_topk), int(pad_id), context, decode
         self.lock = threading.Lock()
         self.answered = 0
+        self.weights = model_hash(model)  # in /info: a resumed run refuses a server that now holds other weights
         super().__init__((host, port), _Handler)
 
     @property
@@ -102,7 +105,7 @@ class TeacherServer(ThreadingHTTPServer):
 
     def info(self) -> dict:
         return {"protocol": PROTOCOL, "model": self.name, "vocab_size": self.vocab_size, "tokenizer": self.tokenizer,
-                "max_topk": self.max_topk, "context": self.context}
+                "max_topk": self.max_topk, "context": self.context, "weights": self.weights}
 
     def _rows(self, rows: Any, field: str) -> list[list[int]]:
         if not isinstance(rows, list) or not rows or not all(isinstance(r, list) and r for r in rows):

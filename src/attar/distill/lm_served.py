@@ -199,6 +199,8 @@ class ServedLMTeacher:
     """The top-k teacher targets of the training rows, fetched from a served teacher (module doc), where a top-k cache
     plugs in (``get(rows, width) -> TopK``). ``split``/``pad_id``: the training rows (``bind`` sets them later)."""
 
+    #: its outputs come from outside the process: under torchrun the ranks agree each micro-batch that all got them
+    external = True
     rebuild_hint = "Serve the teacher whose tokenizer the student uses (attar teacher serve --model ...)."
 
     def __init__(self, url: str, *, k: int = DEFAULT_K, temperature: float = 1.0,

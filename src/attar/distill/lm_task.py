@@ -174,6 +174,7 @@ class LMTask(Task):
         self.alpha, self.divergence_name, self.temperature = alpha, divergence_name, temperature
         self.divergence_args, self.on_policy, self.sample_temperature = dict(divergence_args), on_policy, sample_temperature
         self.teacher, self.cache, self.vmap, self.teacher_pad_id = teacher, cache, vmap, teacher_pad_id
+        self.external_input = bool(getattr(cache, "external", False))  # a served teacher (attar.distill.lm_served)
         self.chunk_tokens = chunk_tokens
 
     @property

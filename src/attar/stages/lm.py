@@ -199,6 +199,8 @@ class LMStage(StageKind):
                     protocol=o.teacher.protocol).bind(data.train, data.pad_id)
                 cache.check(tokenizer=tokenizer_fingerprint(stok), vocab_size=vocab or len(stok), ids=data.train,
                             temperature=cfg.temperature)
+                if o.teacher.url is not None:
+                    _same_served_weights(cache, ctx)
                 inputs.log(f"  teacher: {cache.mode}")
             elif o.cache_topk is not None and teacher is not None and cfg.alpha < 1:
                 cache, built = LMTeacherCache.load_or_build(ctx.stage_dir / "teacher-cache.safetensors", teacher,
@@ -257,6 +259,24 @@ class LMStage(StageKind):
                               | ({"vcycle": cycle} if cycle else {}))
         dist.barrier()
         return StageResult(model, {"hf": str(out)}, res.history, metrics=metrics, artifacts=arts)
+
+
+def _same_served_weights(served: ServedLMTeacher, ctx: StageContext) -> None:
+    """Record the served teacher's weights hash (``/info``'s ``weights``) in ``served-teacher.json``; a resumed stage
+    refuses a server that now holds other weights (a restarted server with another model would silently change
+    the teacher half-way). Servers that do not declare one (vLLM, SGLang) are not checked."""
+    record = ctx.stage_dir / "served-teacher.json"
+    now = {"url": served.url, "model": served.info.get("model"), "weights": served.info.get("weights")}
+    if ctx.resume and record.exists():
+        was = json.loads(record.read_text())
+        if was.get("weights") and now["weights"] and was["weights"] != now["weights"]:
+            raise AttarError(
+                f"teacher.url: the server at {served.url} now serves other weights ({now['model'] or '?'}, hash "
+                f"{now['weights']}) than this stage started with ({was.get('model') or '?'}, hash {was['weights']}); "
+                "serve the original teacher again to resume, or start a fresh run.")
+        return
+    if dist.is_main():
+        atomic_write_json(record, now)
 
 
 def _forgetting_before(o: LMStageOptions, student, stok, contexts: list[int], vocab, ctx, inputs):

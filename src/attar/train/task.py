@@ -50,6 +50,11 @@ class Task:
         """Settings a checkpoint must agree on to be resumed with this task (None: nothing beyond the config)."""
         return None
 
+    #: True when ``batch`` reads from outside the process (a served teacher) and may raise ``InputUnavailable``:
+    #: under torchrun the ranks then agree on every micro-batch whether all of them got their input, so all stop
+    #: together at the same step's checkpoint instead of one stopping while the others wait in a collective.
+    external_input: bool = False
+
 
 class Classification(Task):
     """Rows of in-memory tensors (``trainer.x``: images, tabular rows or token ids; ``trainer.y``: class ids).

@@ -463,9 +463,14 @@ class Trainer:
                             g["lr"] = lr
                         opt.zero_grad(set_to_none=True)
                     try:
-                        batch = self._micro_batch(order, epoch, micro)
+                        batch, missing = self._micro_batch(order, epoch, micro), None
                     except InputUnavailable as e:
-                        raise InputUnavailable(self._unavailable(e, opt, step, epoch, micro - micro % self.accumulate,
+                        batch, missing = None, e
+                    if self.world > 1 and getattr(self.task, "external_input", False) and \
+                            dist.any_rank(missing is not None) and missing is None:
+                        missing = InputUnavailable("another rank's input (a served teacher) did not answer.")
+                    if missing is not None:
+                        raise InputUnavailable(self._unavailable(missing, opt, step, epoch, micro - micro % self.accumulate,
                                                                  history, t_start, seen_at_step)) from None
                     losses, outputs = self.strategy.micro_step(self, runner, batch, opt, step)
                     lval = float(self.reduce(losses["loss"].detach()))
