@@ -1,0 +1,378 @@
+"""One outer iteration of DM and DC: attar against the authors' reference code, same data, IPC, network and batch.
+
+    .venv/bin/python bench/condense_vs_reference.py                    # full: writes docs/benchmarks.md section
+    .venv/bin/python bench/condense_vs_reference.py --quick            # smoke test (tiny net, few iterations), prints only
+    .venv/bin/python bench/condense_vs_reference.py --reference DIR    # DIR: a clone of
+                                                                       # https://github.com/VICO-UoE/DatasetCondensation
+
+The reference (Zhao & Bilen: ``main_DM.py`` = DM, ``main.py`` = DC/DSA, ``utils.py``, ``networks.py``) runs
+**unmodified**, as its own script, in its own process: ``python -c RUNNER`` with ``PYTHONPATH`` = a stand-in
+``torchvision`` folder and the reference folder (nothing of attar on its path or imported). Without
+``--reference`` the bench exports the snapshot kept on this machine (``git archive`` of
+``/work/.mirror/VICO-UoE+DatasetCondensation/repo``) into ``bench/.venvs/dc-reference/src``; no line of it
+enters attar.
+
+The stand-in ``torchvision`` (written to ``bench/.venvs/dc-reference/shim``; there is no CPU torchvision here and
+attar never depends on it) has only what the reference's import lines use: ``datasets.FashionMNIST`` (serves
+the Fashion-MNIST rows attar loads, saved by this bench as uint8 tensors: attar's 54,000 training rows and
+its test split), ``transforms.Compose/ToTensor/Normalize`` (as torchvision: uint8 -> [0, 1] float with a
+channel axis, then ``(x - mean) / std``) and ``utils.save_image`` (a no-op: the reference's picture of the
+images is not part of an iteration's work).
+
+What is timed. The RUNNER wraps ``utils.get_network`` with a clock before the script starts (the script
+imports it from ``utils``): both scripts call it exactly once per outer iteration, first thing in the
+iteration (evaluation is off: ``--num_eval 0``, so no other call). The time between consecutive calls is
+one whole outer iteration of the authors' own loop (``main_DM.py`` "Train synthetic data": for every class
+a real batch of ``batch_real``, DSA, embeddings of real and synthetic images, the mean-embedding loss, then
+one SGD step on the images; ``main.py``: ``outer_loop`` gradient-matching updates over all classes with
+``inner_loop`` network epochs on the synthetic set between them, from ``get_loops(ipc)``); the last one
+ends when the script returns (after it, only a ``torch.save`` of the 100 images). attar runs
+``CONDENSERS["dm" | "dc"].run`` on a :class:`~attar.condense.base.CondenseContext` (as
+``bench/condense_perf.py``) and is timed by its ``on_step`` callback, called at the end of each outer
+iteration. Both sides: one torch thread (``torch.set_num_threads(1)``, ``OMP_NUM_THREADS=1``), the same
+interpreter and torch, Fashion-MNIST 28x28x1, IPC 10, ConvNet width 128 / depth 3 / instancenorm / relu /
+avgpooling (the reference's defaults, ``--model ConvNet``; attar ``{arch: convnet, width: 128, depth: 3}``),
+``batch_real`` 256, ``batch_train`` 256, lr_img 1.0 (DM) / 0.1 (DC), lr_net 0.01, init real (DM) / noise (DC)
+as the reference's defaults. DSA: on for DM in both (the reference's DM default,
+``color_crop_cutout_flip_scale_rotate``, one transform per class per iteration, mode 'S' = attar's
+``single``); off for DC in both (``--method DC``; attar ``dc`` has ``dsa: false``).
+
+Seconds per outer iteration are the median over the timed iterations after the first (the first is a
+warm-up) when there are three or more, else the mean of all timed ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from _doc import replace_section  # noqa: E402
+
+DOC = ROOT / "docs" / "benchmarks.md"
+CMD = ".venv/bin/python bench/condense_vs_reference.py"
+MIRROR = Path("/work/.mirror/VICO-UoE+DatasetCondensation/repo")
+HOME = ROOT / "bench" / ".venvs" / "dc-reference"
+SAVED = ROOT / "bench" / ".runs" / "condense" / "vs-reference.json"
+
+# Full settings: the authors' defaults for Fashion-MNIST IPC 10. `ref_model` names the reference's network.
+FULL = {
+    "dm": {"ipc": 10, "batch_real": 256, "width": 128, "ref_model": "ConvNet", "iterations": 5},
+    "dm-nodsa": {"ipc": 10, "batch_real": 256, "width": 128, "ref_model": "ConvNet", "iterations": 5},
+    "dc": {"ipc": 10, "batch_real": 256, "width": 128, "ref_model": "ConvNet", "iterations": 2},
+}
+# Smoke test: ConvNetW32 (a reference model name), IPC 1 (get_loops: outer 1, inner 1), small real batches.
+QUICK = {
+    "dm": {"ipc": 1, "batch_real": 16, "width": 32, "ref_model": "ConvNetW32", "iterations": 3},
+    "dm-nodsa": {"ipc": 1, "batch_real": 16, "width": 32, "ref_model": "ConvNetW32", "iterations": 3},
+    "dc": {"ipc": 1, "batch_real": 16, "width": 32, "ref_model": "ConvNetW32", "iterations": 3},
+}
+
+# ------------------------------------------------------------------ the stand-in torchvision (reference side only)
+SHIM = {
+    "__init__.py": '"""Stand-in torchvision for the DC/DM reference bench: only the names the reference imports."""\n'
+                   "from . import datasets, transforms, utils  # noqa: F401\n",
+    "transforms.py": textwrap.dedent('''\
+        """Compose / ToTensor / Normalize with torchvision's semantics for uint8 [H, W] images."""
+        import torch
+
+
+        class Compose:
+            def __init__(self, transforms):
+                self.transforms = transforms
+
+            def __call__(self, x):
+                for t in self.transforms:
+                    x = t(x)
+                return x
+
+
+        class ToTensor:
+            def __call__(self, x):
+                x = torch.as_tensor(x)
+                if x.dim() == 2:
+                    x = x.unsqueeze(0)
+                return x.float().div(255) if x.dtype == torch.uint8 else x.float()
+
+
+        class Normalize:
+            def __init__(self, mean, std):
+                self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+                self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+            def __call__(self, x):
+                return (x - self.mean) / self.std
+        '''),
+    "datasets.py": textwrap.dedent('''\
+        """FashionMNIST serving the rows the bench saved (``attar_fashion_mnist.pt`` in ``root``); no download."""
+        import os
+
+        import torch
+
+
+        class FashionMNIST:
+            classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                       "Ankle boot"]
+
+            def __init__(self, root, train=True, download=False, transform=None):
+                d = torch.load(os.path.join(root, "attar_fashion_mnist.pt"))
+                split = "train" if train else "test"
+                self.data, self.targets = d[split + "_x"], d[split + "_y"]
+                self.transform = transform
+
+            def __len__(self):
+                return len(self.targets)
+
+            def __getitem__(self, i):
+                x = self.data[i]
+                return (self.transform(x) if self.transform else x), int(self.targets[i])
+        '''),
+    "utils.py": '"""save_image: a no-op (the reference saves a picture at evaluation points; not timed work)."""\n\n\n'
+                "def save_image(*args, **kwargs):\n    return None\n",
+}
+
+# Runs in the reference's process (cwd: a scratch folder; PYTHONPATH: shim, reference). argv: script, out, threads, args.
+RUNNER = textwrap.dedent('''\
+    import importlib.util, json, re, runpy, sys, time, types
+    import torch
+    script, out, threads, patch, args = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5:]
+    torch.set_num_threads(threads)
+    patched = 0
+    if patch:  # modern-torch fixes for the DSA path, applied to the source in memory (files untouched)
+        for name, pattern, repl in [
+            # a 1-channel crop comes out channels-last, so the conv output is too and `.view` refuses it
+            ("networks", r"out\\.view\\(out\\.size\\(0\\), -1\\)", "out.reshape(out.size(0), -1)"),
+            # `t[:] = t[0]` writes a tensor onto itself: an error since torch 1.x (upstream issue #20)
+            ("utils", r"^(\\s+)(\\w+)\\[:\\] = \\2\\[0\\]$", r"\\1\\2[:] = \\2[0].clone()"),
+        ]:
+            origin = importlib.util.find_spec(name).origin
+            code, n = re.subn(pattern, repl, open(origin).read(), flags=re.M)
+            patched += n
+            mod = types.ModuleType(name)
+            mod.__file__ = origin
+            sys.modules[name] = mod
+            exec(compile(code, origin, "exec"), mod.__dict__)
+    import utils  # the reference's utils.py
+    stamps = []
+    _get_network = utils.get_network
+    def get_network(*a, **k):
+        stamps.append(time.perf_counter())
+        return _get_network(*a, **k)
+    utils.get_network = get_network
+    sys.argv = [script] + args
+    runpy.run_path(script, run_name="__main__")
+    stamps.append(time.perf_counter())
+    json.dump({"stamps": stamps, "threads": torch.get_num_threads(), "torch": torch.__version__, "patched": patched},
+              open(out, "w"))
+''')
+
+
+def prepare_reference(reference: str | None) -> tuple[Path, str]:
+    """The reference's folder and its commit: ``--reference DIR`` as given, else an export of the local snapshot."""
+    if reference:
+        src = Path(reference).resolve()
+        if not (src / "main_DM.py").exists() or not (src / "utils.py").exists():
+            raise SystemExit(f"--reference {src}: not a DatasetCondensation checkout (no main_DM.py / utils.py); "
+                             "clone https://github.com/VICO-UoE/DatasetCondensation and pass its folder.")
+        p = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True)
+        return src, (p.stdout.strip() if p.returncode == 0 else "unknown commit")
+    if not MIRROR.exists():
+        raise SystemExit("no reference code: pass --reference DIR, a clone of https://github.com/VICO-UoE/DatasetCondensation")
+    commit = subprocess.run(["git", "-C", str(MIRROR), "rev-parse", "HEAD"], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    src = HOME / "src"
+    stamp = src / ".commit"
+    if not stamp.exists() or stamp.read_text() != commit:
+        src.mkdir(parents=True, exist_ok=True)
+        tar = subprocess.run(["git", "-C", str(MIRROR), "archive", "HEAD"], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(src)], input=tar, check=True)
+        stamp.write_text(commit)
+    return src, commit
+
+
+def prepare_shim_and_data() -> tuple[Path, Path]:
+    """Write the stand-in torchvision and attar's Fashion-MNIST rows (uint8) for the reference to read."""
+    shim = HOME / "shim" / "torchvision"
+    shim.mkdir(parents=True, exist_ok=True)
+    for name, text in SHIM.items():
+        if not (shim / name).exists() or (shim / name).read_text() != text:
+            (shim / name).write_text(text)
+    data = HOME / "data"
+    f = data / "attar_fashion_mnist.pt"
+    if not f.exists():
+        import torch
+
+        from attar.data import load_data
+        from attar.specs import DataSpec
+
+        b = load_data(DataSpec(name="fashion-mnist"))
+        u8 = lambda x: x.mul(255).round().to(torch.uint8).squeeze(1).contiguous()  # noqa: E731  ([0,1] from uint8: exact)
+        data.mkdir(parents=True, exist_ok=True)
+        torch.save({"train_x": u8(b.train.x), "train_y": b.train.y.clone(), "test_x": u8(b.test.x),
+                    "test_y": b.test.y.clone()}, f)
+    return shim.parent, data
+
+
+def _env(threads: int) -> dict:
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), CI="true")
+
+
+def per_iteration(steps: list[float]) -> float:
+    return statistics.median(steps[1:]) if len(steps) >= 3 else statistics.mean(steps)
+
+
+def run_reference(method: str, s: dict, src: Path, shim: Path, data: Path, threads: int) -> dict:
+    script = src / ("main.py" if method == "dc" else "main_DM.py")
+    args = ["--dataset", "FashionMNIST", "--model", s["ref_model"], "--ipc", str(s["ipc"]), "--num_exp", "1",
+            "--num_eval", "0", "--Iteration", str(s["iterations"] - 1), "--batch_real", str(s["batch_real"]),
+            "--batch_train", "256", "--data_path", str(data)]
+    if method == "dc":
+        args += ["--method", "DC"]
+    if method == "dm-nodsa":
+        args += ["--dsa_strategy", "none"]
+    patch = "1" if method == "dm" else "0"
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "stamps.json"
+        env = dict(_env(threads), PYTHONPATH=os.pathsep.join([str(shim), str(src)]))
+        p = subprocess.run([sys.executable, "-c", RUNNER, str(script), str(out), str(threads), patch,
+                            *args, "--save_path", str(Path(tmp) / "result")], cwd=tmp, env=env,
+                           capture_output=True, text=True)
+        if p.returncode != 0 or not out.exists():
+            print(p.stdout[-2000:], p.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"reference {script.name} failed")
+        r = json.loads(out.read_text())
+    st = r["stamps"]
+    steps = [b - a for a, b in zip(st, st[1:])]
+    if len(steps) != s["iterations"]:
+        raise SystemExit(f"reference {script.name}: expected {s['iterations']} get_network calls, got {len(steps)}")
+    return {"steps": steps, "seconds_per_iteration": per_iteration(steps), "threads": r["threads"],
+            "patched_lines": r["patched"]}
+
+
+def attar_child(cfg: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(cfg["threads"])
+    from attar.condense import CONDENSERS
+    from attar.condense.base import CondenseContext
+    from attar.data import load_data
+    from attar.specs import DataSpec, ModelSpec
+
+    b = load_data(DataSpec(name="fashion-mnist"))
+    stamps: list[float] = []
+    dm = cfg["method"].startswith("dm")
+    ctx = CondenseContext(x=b.train.x, y=b.train.y, num_classes=10, ipc=cfg["ipc"], iterations=cfg["iterations"],
+                          seed=0, model=ModelSpec(arch="convnet", width=cfg["width"], depth=3), mean=b.mean, std=b.std,
+                          init="real" if dm else "noise", on_step=lambda i, m: stamps.append(time.perf_counter()))
+    params = {"batch_real": cfg["batch_real"], "lr_img": 1.0 if dm else 0.1}
+    if not dm:
+        params.update(batch_train=256, lr_net=0.01)
+    if cfg["method"] == "dm-nodsa":
+        params["dsa"] = False
+    method = CONDENSERS.get("dm" if dm else "dc")(params)
+    t0 = time.perf_counter()
+    method.run(ctx)
+    steps = [b_ - a for a, b_ in zip([t0] + stamps, stamps)]
+    return {"steps": steps, "seconds_per_iteration": per_iteration(steps), "threads": torch.get_num_threads(),
+            "params": method.p.model_dump()}
+
+
+def run_attar(method: str, s: dict, threads: int) -> dict:
+    cfg = {"method": method, "threads": threads, **{k: s[k] for k in ("ipc", "batch_real", "width", "iterations")}}
+    p = subprocess.run([sys.executable, __file__, "--attar-child", json.dumps(cfg)], capture_output=True, text=True,
+                       env=_env(threads))
+    if p.returncode != 0:
+        print(p.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"attar {method} failed")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def render(rows: list[dict], meta: dict) -> str:
+    lines = [
+        "## Condensation vs the authors' code: one outer iteration of DM and DC",
+        "",
+        f"Regenerate: `{CMD}` ({meta['seconds'] / 60:.0f} min; `--reference DIR` to use a clone of "
+        "https://github.com/VICO-UoE/DatasetCondensation, else the snapshot on this machine is exported to "
+        f"`bench/.venvs/dc-reference/`). Reference commit `{meta['commit'][:12]}`, run unmodified in its own process "
+        "with a stand-in `torchvision` that only hands it the Fashion-MNIST rows attar loads (see the script's "
+        f"docstring). Same interpreter, torch {meta['torch']}, CPU, {meta['threads']} torch thread(s) on both sides. "
+        + (f"**{meta['note']}** " if meta.get("note") else "")
+        + "Fashion-MNIST 28×28×1, IPC 10, ConvNet width 128 / depth 3 / instancenorm / ReLU / avgpool (the "
+        "reference's defaults), `batch_real` 256. DM: DSA on in both (the reference DM's default). DC: DSA off in "
+        "both (`--method DC`), `outer_loop` 10 / `inner_loop` 50 from the reference's `get_loops(10)` on both sides.",
+        "",
+        "| method | timed iterations | reference s / iteration | attar s / iteration | attar / reference (goal ≤ 0.5) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ref, att = r["reference"], r["attar"]
+        lines.append(f"| {r['method']} | {len(ref['steps'])} / {len(att['steps'])} | "
+                     f"{ref['seconds_per_iteration']:.2f} ({', '.join(f'{v:.1f}' for v in ref['steps'])}) | "
+                     f"{att['seconds_per_iteration']:.2f} ({', '.join(f'{v:.1f}' for v in att['steps'])}) | "
+                     f"{att['seconds_per_iteration'] / ref['seconds_per_iteration']:.2f} |")
+    lines += [
+        "",
+        "*s / iteration*: median over the timed iterations after the first (a warm-up) when there are three or more, "
+        "else their mean; every iteration's seconds in brackets. The reference is timed between its own calls of "
+        "`get_network`, which both scripts make once at the start of each outer iteration (evaluation off with "
+        "`--num_eval 0`); attar by `CondenseContext.on_step` at the end of each outer iteration.",
+    ]
+    if meta.get("analysis"):
+        lines += ["", meta["analysis"]]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reference", help="a clone of https://github.com/VICO-UoE/DatasetCondensation")
+    ap.add_argument("--quick", action="store_true", help="tiny network and batches, a few iterations; prints only")
+    ap.add_argument("--methods", default="dm,dm-nodsa,dc", help="comma-separated: dm, dm-nodsa, dc")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--iterations", type=int, help="timed outer iterations per side (default: dm 5, dc 2)")
+    ap.add_argument("--note", default="", help="a line for the doc, e.g. that the machine was shared")
+    ap.add_argument("--attar-child")
+    a = ap.parse_args()
+    if a.attar_child:
+        print(json.dumps(attar_child(json.loads(a.attar_child))))
+        return
+    t0 = time.perf_counter()
+    src, commit = prepare_reference(a.reference)
+    shim, data = prepare_shim_and_data()
+    print(f"reference: {src} (commit {commit[:12]}{', --reference' if a.reference else ', local snapshot export'})",
+          flush=True)
+    settings = QUICK if a.quick else FULL
+    rows = []
+    for method in a.methods.split(","):
+        s = dict(settings[method])
+        if a.iterations:
+            s["iterations"] = a.iterations
+        ref = run_reference(method, s, src, shim, data, a.threads)
+        print(f"{method}: reference {ref['seconds_per_iteration']:.2f} s/it {[round(v, 2) for v in ref['steps']]}",
+              flush=True)
+        att = run_attar(method, s, a.threads)
+        print(f"{method}: attar     {att['seconds_per_iteration']:.2f} s/it {[round(v, 2) for v in att['steps']]}  "
+              f"ratio {att['seconds_per_iteration'] / ref['seconds_per_iteration']:.2f}", flush=True)
+        rows.append({"method": method, "settings": s, "reference": ref, "attar": att})
+    import torch
+
+    meta = {"seconds": time.perf_counter() - t0, "commit": commit, "torch": torch.__version__, "threads": a.threads,
+            "note": a.note}
+    text = render(rows, meta)
+    print(text)
+    if not a.quick:
+        SAVED.parent.mkdir(parents=True, exist_ok=True)
+        SAVED.write_text(json.dumps({"rows": rows, "meta": meta}, indent=2))
+        replace_section(DOC, "condense-vs-reference", text, "Benchmarks")
+
+
+if __name__ == "__main__":
+    main()
