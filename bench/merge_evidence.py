@@ -13,7 +13,9 @@ Sections (each writes its own marked block of docs/evidence.md as soon as it fin
   on half the rows and fine-tuned on all of them (ingredients stay close together).
 * ``merge-multitask``: one shared ``mnist-cnn`` backbone fine-tuned on 4 tasks
   (Fashion-MNIST classes 0-4 and 5-9, MNIST digits 0-4 and 5-9), each with its own
-  5-way head; FusionBench-style table of merged backbones (λ / density chosen on validation).
+  5-way head; FusionBench-style table of merged backbones (λ / density chosen on validation;
+  RegMean / RegMean++ Grams on each task's training rows; AdaMerging's λ learned on the
+  unlabeled test inputs), forgetting per merge, and FusionBench's ordering checked.
 * ``merge-ttm``: T³ / T³_B test-time merging of a corruption-trained generalist and
   a clean-fine-tuned expert ConvNet, on clean and shifted (noise, blur, inversion)
   Fashion-MNIST test images.
@@ -40,6 +42,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _doc import replace_section  # noqa: E402
@@ -59,7 +62,7 @@ from attar.merge import (
 )
 from attar.merge.methods import adamerging_merge, input_grams, regmean_merge, regmean_plusplus_merge
 from attar.merge.methods._state import weighted_average
-from attar.merge.methods.adamerging import task_batches
+from attar.merge.methods.adamerging import entropy, task_batches
 from attar.models import build_model
 from attar.specs import DataSpec
 from attar.train.trainer import predict
@@ -281,6 +284,14 @@ def _forgetting(res: dict, m: str, names: list[str]) -> str:
     return f"{ms(drops)} ({worst} {100 * statistics.fmean(diff(res['individual'][worst], res[m][worst])):.2f})"
 
 
+def _objective_vs_accuracy(final: dict, ta_ent: list[float], ta_acc: list[float], mode: str) -> str:
+    lower_ent = statistics.fmean(final["ent"]) < statistics.fmean(ta_ent)
+    d = statistics.fmean(final["acc"]) - statistics.fmean(ta_acc)
+    return (f"{mode.capitalize()}-wise AdaMerging ends with {'lower' if lower_ent else 'higher'} entropy than task "
+            f"arithmetic and {'higher' if d > 0 else 'lower'} accuracy ({100 * d:+.2f} points)"
+            + (": here lower entropy does not mean higher accuracy." if lower_ent and d < 0 else "."))
+
+
 def _ordering(res: dict, label: dict) -> list[str]:
     """FusionBench's ordering (data-aware > TIES > task arithmetic > uniform), checked on the means; each step's
     per-seed difference is flagged when its mean does not exceed the std over seeds."""
@@ -296,13 +307,15 @@ def _ordering(res: dict, label: dict) -> list[str]:
         holds &= ok
         verdict = ("holds" if ok else "does NOT hold") + (", beyond the seed std" if abs(m) > sd else ", within the seed std")
         steps.append(f"{short[hi]} − {short[lo]} {m:+.2f} ± {sd:.2f} points ({verdict})")
+    versus = "; ".join(f"{label[m].split(' (')[0]} {effect(diff(res[m]['avg'], res['ties']['avg']))}" for m in data_aware)
     fb = {"task_arithmetic": 68.0, "ties": 72.2, "regmean": 82.4, "regmean_plusplus": 84.4, "adamerging_layer": 82.6,
           "individual": 90.3}
     ours = {k: 100 * statistics.fmean(res[k]["avg"]) for k in fb}
     return [
         f"Ordering (computed from the table; data-aware = the best of RegMean, RegMean++, AdaMerging, Fisher on the mean, "
         f"here {short[best]}): data-aware > TIES > task arithmetic > uniform **{'holds' if holds else 'does not hold'}** "
-        f"on the means. Steps (paired per-seed differences, mean ± std): " + "; ".join(steps) + ".",
+        f"on the means. Steps (paired per-seed differences, mean ± std): " + "; ".join(steps) + ". "
+        f"Each data-aware method − TIES: {versus}.",
         "",
         "FusionBench (8 tasks, CLIP-ViT-B/32, average %) vs this table: "
         + "; ".join(f"{label[k].split(' (')[0]} {fb[k]:.1f} vs {ours[k]:.2f}" for k in fb)
@@ -317,6 +330,8 @@ def multitask(args) -> None:
     methods = ["individual", "pretrained", "uniform", "task_arithmetic", "ties", "dare", "fisher",
                "regmean", "regmean_plusplus", "adamerging_task", "adamerging_layer"]
     ada_info: dict[str, list] = {"adamerging_task": [], "adamerging_layer": []}
+    probe: dict[str, dict[int, dict[str, list[float]]]] = {"task": {}, "layer": {}}
+    ent: dict[str, list[float]] = {"task_arithmetic": []}
     res: dict[str, dict[str, list[float]]] = {m: {t: [] for t in names + ["avg"]} for m in methods}
     chosen: dict[str, list[float]] = {"task_arithmetic": [], "ties": [], "dare": []}
     rm_layers: set[str] = set()
@@ -359,7 +374,7 @@ def multitask(args) -> None:
         record("pretrained", score(pre_bb, test_ev))
         record("uniform", score(weighted_average(bbs), test_ev))
 
-        def searched(method: str, make: Callable[[float], dict]) -> None:
+        def searched(method: str, make: Callable[[float], dict]) -> dict:
             best_l, best_v, best_bb = None, -1.0, None
             for lam in LAMBDAS:
                 bb = make(lam)
@@ -368,8 +383,18 @@ def multitask(args) -> None:
                     best_l, best_v, best_bb = lam, v, bb
             chosen[method].append(best_l)
             record(method, score(best_bb, test_ev))
+            return best_bb
 
-        searched("task_arithmetic", lambda lam: merge_state_dicts("task_arithmetic", bbs, pre_bb, parameters={"lambda": lam}))
+        def test_entropy(bb: dict) -> float:
+            """AdaMerging's objective on the whole test inputs: Σ over tasks of the mean prediction entropy."""
+            st, total = _multihead_sd(bb, heads), 0.0
+            with torch.no_grad():
+                for i in range(len(TASKS)):
+                    x = tasks[i][2][0]
+                    total += sum(len(c) * float(entropy(functional_call(mh, st, ((c, i),)))) for c in x.split(1000)) / len(x)
+            return total
+
+        ta_bb = searched("task_arithmetic", lambda lam: merge_state_dicts("task_arithmetic", bbs, pre_bb, parameters={"lambda": lam}))
         searched("ties", lambda lam: merge_state_dicts(
             "ties", bbs, pre_bb, parameters={"lambda": lam, "density": args.ties_density, "normalize": False}))
         searched("dare", lambda lam: merge_state_dicts(
@@ -391,16 +416,25 @@ def multitask(args) -> None:
                                      examples=args.regmean_examples, batch_size=32)
         record("regmean_plusplus", score({k: rpp.state_dict[k] for k in backbone}, test_ev))
         # AdaMerging: λ learned by entropy minimisation on each task's UNLABELED test inputs, through its own head.
+        # The shorter runs (same seed, so the first steps of the same trajectory) diagnose the step count; they
+        # are reported, never used to pick a row (that would read test labels).
         mh = MultiHead(templates[0], heads)
         mh_base = _multihead_sd(pre_bb, heads)
         mh_sds = [_multihead_sd(bb, heads) for bb in bbs]
+        ent["task_arithmetic"].append(test_entropy(ta_bb))
         for mode in ("task", "layer"):
-            streams = [_tagged(tasks[i][2][0], i, seed) for i in range(len(TASKS))]
-            ada = adamerging_merge(mh, mh_base, mh_sds, streams, mode=mode, init=0.3, lr=args.ada_lr,
-                                   steps=args.ada_steps, batch_size=16, seed=seed)
+            for steps in [*args.ada_probe_steps, args.ada_steps]:
+                streams = [_tagged(tasks[i][2][0], i, seed) for i in range(len(TASKS))]
+                ada = adamerging_merge(mh, mh_base, mh_sds, streams, mode=mode, init=0.3, lr=args.ada_lr,
+                                       steps=steps, batch_size=16, seed=seed)
+                bb = {k: ada.state_dict["backbone." + k] for k in backbone}
+                per_task = score(bb, test_ev)
+                probe[mode].setdefault(steps, {"acc": [], "ent": []})
+                probe[mode][steps]["acc"].append(statistics.fmean(per_task))
+                probe[mode][steps]["ent"].append(test_entropy(bb))
             lam = torch.tensor(ada.info["lambdas"])
             ada_info["adamerging_" + mode].append((lam.mean(-1) if mode == "layer" else lam).tolist())
-            record("adamerging_" + mode, score({k: ada.state_dict["backbone." + k] for k in backbone}, test_ev))
+            record("adamerging_" + mode, per_task)
         print(f"  seed {seed}: " + "  ".join(f"{m} {res[m]['avg'][-1]:.4f}" for m in methods), flush=True)
     minutes = (time.perf_counter() - t0) / 60
     label = {
@@ -452,6 +486,16 @@ def multitask(args) -> None:
         "that layer's Grams behind the already-averaged convolutions rather than each model's own. AdaMerging learns "
         "task arithmetic's coefficients on the 4 tasks' test inputs without their labels (the paper's and FusionBench's "
         "transductive setting), each task through its own head, batch 16 per task per step, λ initialised at 0.3.",
+        "",
+        "AdaMerging's objective against accuracy (summed mean entropy of the 4 tasks' test predictions, nats; accuracy "
+        f"%): task arithmetic at its validation λ: entropy {ms(ent['task_arithmetic'], pct=False)}, accuracy "
+        f"{ms(res['task_arithmetic']['avg'])}; AdaMerging "
+        + "; ".join(f"{mode}-wise " + ", ".join(f"after {st} steps: entropy {ms(v['ent'], pct=False)}, accuracy {ms(v['acc'])}"
+                                                 for st, v in sorted(probe[mode].items())) for mode in probe)
+        + ". The shorter runs are the same trajectories' first steps, shown as a diagnostic only (choosing the step "
+        "count by them would read test labels); the rows above use FusionBench's step count. "
+        + " ".join(_objective_vs_accuracy(probe[mode][args.ada_steps], ent["task_arithmetic"], res["task_arithmetic"]["avg"], mode)
+                   for mode in probe),
         "",
         *_ordering(res, label),
         "",
@@ -739,6 +783,7 @@ def main() -> None:
     ap.add_argument("--regmean-examples", type=int, default=256, help="rows per task for RegMean's Grams (FusionBench: 256)")
     ap.add_argument("--regmean-alpha", type=float, default=0.95, help="RegMean's reduce_non_diagonal_ratio (FusionBench CLIP: 0.95)")
     ap.add_argument("--ada-steps", type=int, default=1000, help="AdaMerging Adam steps (FusionBench: 1000)")
+    ap.add_argument("--ada-probe-steps", default="100,300", help="shorter AdaMerging runs reported as a diagnostic")
     ap.add_argument("--ada-lr", type=float, default=1e-3, help="AdaMerging learning rate (FusionBench: 1e-3)")
     ap.add_argument("--ttm-rows", type=int, default=10000)
     ap.add_argument("--ttm-width", type=int, default=16)
@@ -750,11 +795,12 @@ def main() -> None:
     ap.add_argument("--eft-epochs", type=int, default=3)
     args = ap.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.ada_probe_steps = [int(s) for s in args.ada_probe_steps.split(",") if s]
     if args.quick:
         args.seeds = args.seeds[:1]
         args.no_write = True
         for k, v in dict(val_rows=300, test_rows=600, soup_rows=600, soup_epochs=1, mt_rows=300, mt_epochs=1,
-                         fisher_examples=16, regmean_examples=32, ada_steps=20, ttm_rows=800, ttm_gen_epochs=1, ttm_exp_epochs=1, eft_rows=1200,
+                         fisher_examples=16, regmean_examples=32, ada_steps=20, ada_probe_steps=[5], ttm_rows=800, ttm_gen_epochs=1, ttm_exp_epochs=1, eft_rows=1200,
                          eft_ft_rows=300, eft_epochs=1).items():
             setattr(args, k, v)
     torch.set_num_threads(args.threads)
