@@ -190,7 +190,7 @@ def distill_lm(student: nn.Module, data: LMData, teacher: nn.Module | None = Non
         why = cache.mismatch(ids=data.train, temperature=cfg.temperature)
         if why:
             raise AttarError(f"the {what} does not fit: {why}. {hint}")
-        if v_student is not None and cache.vocab_size != v_student:
+        if v_student is not None and cache.vocab_size != v_student and cross is None:
             raise AttarError(f"the cache covers {cache.vocab_size} tokens but the student's vocabulary has {v_student}.")
     if cfg.gradient_checkpointing:
         if not hasattr(student, "gradient_checkpointing_enable"):
@@ -244,7 +244,7 @@ def distill_lm(student: nn.Module, data: LMData, teacher: nn.Module | None = Non
         "restored_step": monitor.restored, "teacher_hacking_suspected": monitor.hacking, "stopped_at": monitor.stopped,
         "on_policy_rows": int(round(cfg.on_policy * (tcfg.batch_size // trainer.world))) * res.steps * cfg.accumulate,
         "teacher": ("none" if not needs_teacher else (cache.mode if cache is not None else "live")),
-        **({"teacher": f"live, {cross.describe()}", "cross_tokenizer": vmap.note,
+        **({"teacher": f"{'live' if teacher is not None else 'served'}, {cross.describe()}", "cross_tokenizer": vmap.note,
             "paired_fraction": round(cross.pairing_rate(train), 4)} if cross is not None else {}),
         "config": cfg.model_dump(),
     }
@@ -257,10 +257,11 @@ def _cross_tokenizer(vmap, cfg: LMDistillConfig, teacher, cache, student_tokeniz
     if vmap is None or vmap.cross is None:
         return None
     why = f"train.cross_tokenizer ({vmap.note})"
-    if teacher is None or cache is not None:
-        raise AttarError(f"{why}: the teacher must run live on its own tokens; a top-k cache, stored or served "
-                         "teacher holds outputs over the student's tokens. Load the teacher model, or give both the "
-                         "same tokenizer.")
+    served = teacher is None and hasattr(cache, "topk_rows")  # asked for its top-k on the teacher's own rows
+    if not served and (teacher is None or cache is not None):
+        raise AttarError(f"{why}: the teacher must run live on its own tokens, or be served (teacher.url); a top-k "
+                         "cache or stored teacher holds outputs over the student's tokens. Load the teacher model, or "
+                         "give both the same tokenizer.")
     if cfg.on_policy > 0:
         raise AttarError(f"{why}: on-policy rows (train.on_policy) are not supported across tokenizers yet; set "
                          "on_policy: 0.")

@@ -82,6 +82,16 @@ class TopK:
         """The rows at boolean positions ``pos`` (``[B, L']`` over the leading dims)."""
         return TopK(self.values[pos], self.index[pos], self.rest[pos], self.vocab_size, self.temperature)
 
+    def dense_logits(self) -> Tensor:
+        """``[..., vocab_size]`` logits ``z`` with ``softmax(z / T)`` = the top-k probabilities at their ids and the
+        tail mass spread evenly over the other ids (the maximum-entropy completion): for losses that compare whole
+        distributions (cross-tokenizer KD from a served teacher)."""
+        v, k = self.vocab_size, self.k
+        fill = (self.rest.float() - math.log(v - k)) if k < v else torch.full_like(self.rest.float(), float("-inf"))
+        logp = fill.unsqueeze(-1).expand(*self.rest.shape, v).clone()
+        logp.scatter_(-1, self.index.long(), self.values.float())
+        return logp * self.temperature
+
     @classmethod
     def from_logits(cls, logits: Tensor, k: int, temperature: float = 1.0) -> "TopK":
         """Top-k of ``log_softmax(logits / τ)`` along the last dim, kept in float32 (no rounding)."""

@@ -281,18 +281,25 @@ class ServedLMTeacher:
         part = self.split.rows(torch.as_tensor(rows, dtype=torch.long).reshape(-1))
         w = int(width or part.ids.shape[1])
         ids, mask = part.ids[:, :w], part.mask[:, :w].bool()
-        n, k = len(ids), self.k
+        # each row through its last response token: later positions are never scored
+        ends = [int(m.nonzero().max()) + 1 if bool(m.any()) else 0 for m in mask]
+        return self.topk_rows(ids, (ids != self.pad_id).long(), ends)
+
+    def topk_rows(self, ids: Tensor, attention: Tensor, ends: list[int] | None = None) -> TopK:
+        """The served top-k at every position of rows ``ids`` ``[B, W]`` (any rows in the server's tokens: the
+        teacher's own rows of cross-tokenizer KD), each sent through ``ends[b]`` (default: its last attended
+        position); later positions are filled with the floor."""
+        n, w, k = ids.shape[0], ids.shape[1], self.k
+        if ends is None:
+            ends = [int(a.nonzero().max()) + 1 if bool(a.any()) else 0 for a in attention]
         values = torch.full((n, w, k), _LOG_FLOOR)
         index = torch.zeros((n, w, k), dtype=torch.long)
         rest = torch.full((n, w), _LOG_FLOOR)
-        # each row through its last response token: later positions are never scored
-        ends = [int(m.nonzero().max()) + 1 if bool(m.any()) else 0 for m in mask]
         todo = [i for i in range(n) if ends[i] >= 2]
         for a in range(0, len(todo), self.rows_per_request):
             chunk = todo[a : a + self.rows_per_request]
             sent = [ids[i, : ends[i]].tolist() for i in chunk]
-            for i, (v, j, r) in zip(chunk, self._fetch(sent, [(ids[i, : ends[i]] != self.pad_id).long().tolist()
-                                                             for i in chunk])):
+            for i, (v, j, r) in zip(chunk, self._fetch(sent, [attention[i, : ends[i]].long().tolist() for i in chunk])):
                 e = ends[i]
                 values[i, :e], index[i, :e], rest[i, :e] = (torch.from_numpy(v).float(), torch.from_numpy(j),
                                                             torch.from_numpy(r).float().clamp_min(_LOG_FLOOR))

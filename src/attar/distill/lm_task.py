@@ -250,7 +250,11 @@ class LMTask(Task):
         cb = self.cross.restrict(self.cross.align_batch(ids, mask, keys), pos)
         b.kd_tokens = cb.student_pos[pos]
         b.from_cache = torch.zeros(len(b.kd_tokens), dtype=torch.bool)
-        if bool(cb.teacher_pos.any()):
+        if bool(cb.teacher_pos.any()) and self.teacher is None:  # a served teacher: its top-k, completed evenly
+            pos_t = torch.cat([cb.teacher_pos, torch.zeros(len(cb.teacher_pos), 1, dtype=torch.bool)], 1)  # [B, W]
+            tk = self.cache.topk_rows(cb.teacher_ids, cb.attention).select(pos_t)
+            b.teacher_logits = tk.dense_logits().to(trainer.device)
+        elif bool(cb.teacher_pos.any()):
             dev = device_of(self.teacher)
             t_rows, head = head_split(self.teacher).at(cb.teacher_ids.to(dev), cb.attention.to(dev),
                                                        cb.teacher_pos.to(dev))

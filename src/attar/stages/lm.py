@@ -158,7 +158,7 @@ class LMStage(StageKind):
                 inputs.log(f"  grown from stage {cfg.growth.from_!r}: its blocks stacked {cfg.growth.factor} times")
             stored = o.teacher is not None and (o.teacher.store is not None or o.teacher.url is not None)  # outputs only
             teacher, ttok = (_load(o.teacher, "teacher", inputs.earlier, cfg.seed) if o.teacher is not None and not stored
-                             else (None, None))
+                             else (None, _served_tokenizer(o.teacher)))
             vmap = check_vocab(teacher, student, ttok, stok, cross_tokenizer=cfg.cross_tokenizer) if teacher is not None \
                 else None
             if vmap is not None and vmap.cross is not None:
@@ -197,8 +197,12 @@ class LMStage(StageKind):
                 cache = StoredLMTeacher(o.teacher.store) if o.teacher.url is None else ServedLMTeacher(
                     o.teacher.url, k=o.teacher.topk, temperature=cfg.temperature,
                     protocol=o.teacher.protocol).bind(data.train, data.pad_id)
-                cache.check(tokenizer=tokenizer_fingerprint(stok), vocab_size=vocab or len(stok), ids=data.train,
-                            temperature=cfg.temperature)
+                if ttok is None:
+                    cache.check(tokenizer=tokenizer_fingerprint(stok), vocab_size=vocab or len(stok), ids=data.train,
+                                temperature=cfg.temperature)
+                else:  # the server's own tokenizer, another than the student's: cross-tokenizer KD (distill_lm)
+                    cache.check(tokenizer=tokenizer_fingerprint(ttok), vocab_size=cache.vocab_size or len(ttok),
+                                ids=data.train, temperature=cfg.temperature)
                 if o.teacher.url is not None:
                     _same_served_weights(cache, ctx)
                 inputs.log(f"  teacher: {cache.mode}")
@@ -236,6 +240,9 @@ class LMStage(StageKind):
                                    "steps": res.metrics["steps"],
                                    "train_s": round(float(res.metrics["train_seconds"]), 1),
                                    "params": sum(p.numel() for p in model.parameters()), "trainable": trainable} | pruned
+        if "paired_fraction" in res.metrics and teacher is None:  # a served teacher with another tokenizer
+            metrics["cross_tokenizer"] = res.metrics.get("teacher", res.metrics.get("cross_tokenizer"))
+            metrics["paired_fraction"] = res.metrics["paired_fraction"]
         if teacher is not None:
             if vmap is None or vmap.cross is None:  # across tokenizers the two models score different tokens
                 metrics["teacher_test_ppl"] = perplexity(teacher, data.test, data.pad_id, vocab_size=vocab)
@@ -259,6 +266,22 @@ class LMStage(StageKind):
                               | ({"vcycle": cycle} if cycle else {}))
         dist.barrier()
         return StageResult(model, {"hf": str(out)}, res.history, metrics=metrics, artifacts=arts)
+
+
+def _served_tokenizer(spec: LMModelSpec | None):
+    """The tokenizer a served teacher declared with ``teacher.tokenizer`` (a packaged name or an HF folder), else None."""
+    if spec is None or spec.url is None or spec.tokenizer is None:
+        return None
+    from transformers import AutoTokenizer
+
+    folder = Path(spec.tokenizer).expanduser()
+    if not folder.is_dir():
+        folder = resolve_lm({"pretrained": spec.tokenizer}, progress=False)
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as e:
+        raise AttarError(f"teacher.tokenizer {spec.tokenizer!r}: no tokenizer could be read from {folder} ({e}); give "
+                         "a packaged model name or a folder holding tokenizer.json.") from None
 
 
 def _same_served_weights(served: ServedLMTeacher, ctx: StageContext) -> None:
