@@ -33,8 +33,9 @@ def cpu_rows(net: nn.Module, device: torch.device | str) -> int | None:
 
 
 def forward_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rows: int | None) -> torch.Tensor:
-    """``fn(x)`` computed ``rows`` rows at a time and concatenated (``rows=None``: one call). Meant for
-    no-grad forwards: under autograd each chunk keeps its own graph, which saves nothing."""
+    """``fn(x)`` computed ``rows`` rows at a time and concatenated (``rows=None``: one call). Under autograd
+    each chunk keeps its own graph (the same saved activations in all), and the backward pass also goes
+    chunk by chunk: DM's 100 synthetic rows, forward and backward, measured 1.5-2x faster in chunks of 32."""
     if rows is None or len(x) <= rows:
         return fn(x)
     return torch.cat([fn(c) for c in x.split(rows)])

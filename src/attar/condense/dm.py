@@ -30,10 +30,10 @@ def class_means(embed: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
 def dm_loss(embed: Callable[[torch.Tensor], torch.Tensor], x_real: torch.Tensor, x_syn: torch.Tensor,
             num_classes: int, rows: int | None = None) -> torch.Tensor:
     """Sum over classes of the squared distance between real and synthetic mean embeddings (class-major rows).
-    The real side (no gradient) is embedded ``rows`` rows at a time when given (same values, faster on CPU)."""
+    Both sides are embedded ``rows`` rows at a time when given (same values, faster on CPU)."""
     with torch.no_grad():
         mr = class_means(embed, x_real, num_classes, rows)
-    ms = class_means(embed, x_syn, num_classes)
+    ms = class_means(embed, x_syn, num_classes, rows)
     return (mr - ms).square().sum()
 
 
