@@ -19,6 +19,7 @@ from attar.recipe import load_recipe
 from attar.text.charlm import load_causal_lm, make_byte_lm
 from attar.train.config import TrainConfig, VCycleConfig
 from attar.train.vcycle import coalesce, decoalesce, interpolate, phases
+from test_efficient_lm import _corpus
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.usefixtures("one_thread")]
 
@@ -109,14 +110,6 @@ def test_bad_cycle_settings_are_refused_naming_the_field(growth, message):
 
 
 # ---------------------------------------------------------------- a recipe stage through the cycle
-
-
-def _corpus(path: Path) -> Path:
-    g = torch.Generator().manual_seed(0)
-    words = ["time", "love", "code", "rain", "salt", "wind", "fire", "snow", "stone", "river", "light", "song"]
-    path.write_text("\n".join(" ".join(words[int(j)] for j in torch.randint(0, 12, (12,), generator=g)) + f" {i}."
-                              for i in range(160)))
-    return path
 
 
 def _recipe(tmp_path: Path, train: dict | None = None, model: dict | None = None, kind: str = "train") -> Path:

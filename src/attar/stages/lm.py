@@ -409,13 +409,8 @@ def _check_efficient(o: LMStageOptions, earlier: dict[str, EarlierStage]) -> Non
         return
     if isinstance(g, VCycleConfig):
         return _check_v_cycle(o, g)
-    if o.student.byte is None and o.student.hf is None or o.student.prune or o.student.lora:
-        raise AttarError("train.growth (G_stack) replaces the stage's model's weights with the grown ones: give a "
-                         "fresh model (model: {byte: {...}}, or {hf: FOLDER} of an untrained config) with no prune "
-                         "or lora.")
-    if o.student.parameterization is not None:
-        raise AttarError("train.growth with model.parameterization: the grown weights are dense copies; SLTrain's "
-                         "factors have no source to copy from (drop one of them).")
+    _check_fresh(o, "(G_stack) replaces the stage's model's weights with the grown ones",
+                 "the grown weights are dense copies; SLTrain's factors have no source to copy from")
     if not earlier[g.from_].causal_lm:
         raise AttarError(f"train.growth.from: stage {g.from_!r} is not a causal-LM stage; G_stack grows an earlier "
                          "causal-LM stage's model.")
@@ -428,15 +423,19 @@ def _check_efficient(o: LMStageOptions, earlier: dict[str, EarlierStage]) -> Non
                              f"{a} grown must differ only in layers).")
 
 
+def _check_fresh(o: LMStageOptions, what: str, why_dense: str) -> None:
+    """train.growth needs a fresh, dense, whole model: refused otherwise, saying what the method does (``what``)."""
+    if o.student.byte is None and o.student.hf is None or o.student.prune or o.student.lora:
+        raise AttarError(f"train.growth {what}: give a fresh model (model: {{byte: {{...}}}}, or {{hf: FOLDER}} of an "
+                         "untrained config) with no prune or lora.")
+    if o.student.parameterization is not None:
+        raise AttarError(f"train.growth with model.parameterization: {why_dense} (drop one of them).")
+
+
 def _check_v_cycle(o: LMStageOptions, g: VCycleConfig) -> None:
     """train.growth v_cycle where it cannot apply, refused by name; a byte model's depth checked before any work."""
-    if o.student.byte is None and o.student.hf is None or o.student.prune or o.student.lora:
-        raise AttarError("train.growth (v_cycle) trains the stage's model through half-depth copies of it: give a "
-                         "fresh model (model: {byte: {...}}, or {hf: FOLDER} of an untrained config) with no prune "
-                         "or lora.")
-    if o.student.parameterization is not None:
-        raise AttarError("train.growth (v_cycle) with model.parameterization: coalescing averages dense blocks; "
-                         "SLTrain's factors and supports do not average (drop one of them).")
+    _check_fresh(o, "(v_cycle) trains the stage's model through half-depth copies of it",
+                 "coalescing averages dense blocks; SLTrain's factors and supports do not average")
     if o.train.sparsity is not None:
         raise AttarError("train.growth (v_cycle) with train.sparsity: SPDF's masks belong to one model, the cycle "
                          "trains several (drop one of them).")
