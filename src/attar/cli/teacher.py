@@ -170,6 +170,11 @@ def dump_cli(
     home: Optional[Path] = typer.Option(None, "--home", help="where the token store of --pack lives (default "
                                         "$ATTAR_HOME or ./runs), as for attar run"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a store made with other settings"),
+    student_tokenizer: Optional[str] = typer.Option(
+        None, "--student-tokenizer", help="the student's tokenizer when it is not the teacher's (a packaged model "
+        "name or a folder): the rows are the student's, each read by the teacher in its own tokens, and the store "
+        "holds the positions that pair with scored student positions (cross-tokenizer KD; the recipe's teacher "
+        "then is {store: OUT, tokenizer: MODEL})"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
 ) -> None:
@@ -194,7 +199,7 @@ def dump_cli(
                       pack=pack)
     from attar.distill.lm_store import dump_lm_teacher
     from attar.paths import home as home_of
-    from attar.stages.lm import stage_data
+    from attar.stages.lm import load_tokenizer, stage_data
     from attar.text.lm_io import lm_context, scored_vocab
     from attar.text.pretrained_lm import load_pretrained_lm
     from attar.text.token_store import tokenizer_fingerprint
@@ -203,10 +208,18 @@ def dump_cli(
     teacher, tok = load_pretrained_lm({"hf": str(folder)} if folder.is_dir() else {"pretrained": model})
     ctx = lm_context(teacher)
     log = None if (quiet or is_quiet()) else (lambda m: typer.echo(m, err=True))
-    rows = stage_data(spec, tok, [ctx] if ctx else [], seed, home_of(home) / "cache", log)
+    stok = load_tokenizer(student_tokenizer, "--student-tokenizer") if student_tokenizer else tok
+    rows = stage_data(spec, stok, [ctx] if ctx else [], seed, home_of(home) / "cache", log)
     desc = (f"{spec.name}: max_len {spec.max_len}" + (" packed" if spec.pack else f", prompt_len {spec.prompt_len}")
             + (f", train_limit {spec.train_limit}" if spec.train_limit else "") + f", seed {seed}, {len(rows.train)} rows")
-    store = dump_lm_teacher(teacher, rows.train, out_dir, pad_id=rows.pad_id, k=k, temperature=temperature, step=step,
+    split, pad = rows.train, rows.pad_id
+    if student_tokenizer:  # the student's rows, in the teacher's tokens (attar.distill.lm_cross_tokenizer)
+        from attar.distill.lm_cross_tokenizer import CrossTokenizer
+
+        cross = CrossTokenizer("uld", stok, tok, len(stok), scored_vocab(teacher, tok) or len(tok))
+        split, pad = cross.teacher_rows(rows.train), cross.teacher_pad
+        desc += f", read by the teacher from {student_tokenizer}'s rows"
+    store = dump_lm_teacher(teacher, split, out_dir, pad_id=pad, k=k, temperature=temperature, step=step,
                             vocab_size=scored_vocab(teacher, tok) or len(tok), teacher_name=model,
                             tokenizer=tokenizer_fingerprint(tok), data=desc, shard_rows=shard_rows,
                             batch_size=batch_size, overwrite=overwrite, progress=None if not quiet else False)

@@ -187,7 +187,8 @@ def distill_lm(student: nn.Module, data: LMData, teacher: nn.Module | None = Non
         if len(cache) != len(data.train):
             raise AttarError(f"the {what} holds {len(cache)} rows but the training split has {len(data.train)}; "
                              f"it must be made on data.train. {hint}")
-        why = cache.mismatch(ids=data.train, temperature=cfg.temperature)
+        rows_of = cross.teacher_rows(data.train) if cross is not None and isinstance(cache, StoredLMTeacher) else data.train
+        why = cache.mismatch(ids=rows_of, temperature=cfg.temperature)
         if why:
             raise AttarError(f"the {what} does not fit: {why}. {hint}")
         if v_student is not None and cache.vocab_size != v_student and cross is None:
@@ -244,7 +245,8 @@ def distill_lm(student: nn.Module, data: LMData, teacher: nn.Module | None = Non
         "restored_step": monitor.restored, "teacher_hacking_suspected": monitor.hacking, "stopped_at": monitor.stopped,
         "on_policy_rows": int(round(cfg.on_policy * (tcfg.batch_size // trainer.world))) * res.steps * cfg.accumulate,
         "teacher": ("none" if not needs_teacher else (cache.mode if cache is not None else "live")),
-        **({"teacher": f"{'live' if teacher is not None else 'served'}, {cross.describe()}", "cross_tokenizer": vmap.note,
+        **({"teacher": f"{'live' if teacher is not None else 'stored' if isinstance(cache, StoredLMTeacher) else 'served'}"
+                       f", {cross.describe()}", "cross_tokenizer": vmap.note,
             "paired_fraction": round(cross.pairing_rate(train), 4)} if cross is not None else {}),
         "config": cfg.model_dump(),
     }
@@ -257,11 +259,12 @@ def _cross_tokenizer(vmap, cfg: LMDistillConfig, teacher, cache, student_tokeniz
     if vmap is None or vmap.cross is None:
         return None
     why = f"train.cross_tokenizer ({vmap.note})"
-    served = teacher is None and hasattr(cache, "topk_rows")  # asked for its top-k on the teacher's own rows
-    if not served and (teacher is None or cache is not None):
-        raise AttarError(f"{why}: the teacher must run live on its own tokens, or be served (teacher.url); a top-k "
-                         "cache or stored teacher holds outputs over the student's tokens. Load the teacher model, or "
-                         "give both the same tokenizer.")
+    # a served teacher is asked for its top-k on the teacher's own rows; a store must have been dumped on them
+    outputs = teacher is None and (hasattr(cache, "topk_rows") or isinstance(cache, StoredLMTeacher))
+    if not outputs and (teacher is None or cache is not None):
+        raise AttarError(f"{why}: the teacher must run live on its own tokens, be served (teacher.url) or stored on its "
+                         "own rows (attar teacher dump --student-tokenizer); a top-k cache holds outputs over the "
+                         "student's tokens. Load the teacher model, or give both the same tokenizer.")
     if cfg.on_policy > 0:
         raise AttarError(f"{why}: on-policy rows (train.on_policy) are not supported across tokenizers yet; set "
                          "on_policy: 0.")

@@ -142,8 +142,8 @@ class LMModelSpec(BaseModel):
         "auto", description="with url: attar (attar teacher serve), openai (/v1/completions prompt_logprobs), auto: ask")
     topk: int = Field(32, ge=1, description="with url: top-k log-probs asked per token")
     tokenizer: str | None = Field(
-        None, description="with url: the served model's tokenizer when it is not the student's (a packaged model name "
-        "or a Hugging Face folder): cross-tokenizer KD through the server (train.cross_tokenizer)")
+        None, description="with url or store: the teacher's tokenizer when it is not the student's (a packaged model "
+        "name or a Hugging Face folder): cross-tokenizer KD from the server or store (train.cross_tokenizer)")
     prune: LMPruneSpec | None = Field(None, description="prune depth and/or width first (prune, then recover by training)")
     lora: LMLoraSpec | None = Field(None, description="train LoRA adapters instead of every weight")
     parameterization: Parameterization | None = Field(
@@ -160,8 +160,10 @@ class LMModelSpec(BaseModel):
             if getattr(self, k) is not None and (self.prune is not None or self.lora is not None):
                 raise ValueError(f"{k}: a {'stored' if k == 'store' else 'served'} teacher is outputs, not a model; it "
                                  "takes no prune or lora")
-        if self.url is None and ({"protocol", "topk", "tokenizer"} & self.model_fields_set):
-            raise ValueError("protocol, topk and tokenizer apply to a served teacher (url)")
+        if self.url is None and ({"protocol", "topk"} & self.model_fields_set):
+            raise ValueError("protocol and topk apply to a served teacher (url)")
+        if self.tokenizer is not None and self.url is None and self.store is None:
+            raise ValueError("tokenizer applies to a served (url) or stored (store) teacher: a model brings its own")
         if self.url is not None and not self.url.startswith(("http://", "https://")):
             raise ValueError(f"url {self.url!r}: give an http:// or https:// address, e.g. http://127.0.0.1:8000")
         if self.parameterization is not None and self.byte is None:

@@ -382,6 +382,26 @@ class CrossTokenizer:
             return uld_loss(s, t, temperature, reduction)
         return gold_loss(s, t, self.shared, divergence_name, temperature, reduction, **params)
 
+    def teacher_rows(self, split: Any, chunk: int = 256) -> Any:
+        """The teacher's own rows of a training split, as an ``LMSplit`` whose scored positions are the teacher
+        positions paired with a scored student position: what ``attar teacher dump --student-tokenizer`` stores, so
+        a stored teacher can feed cross-tokenizer KD (its row ``r`` is the training row ``r``). The alignments are
+        kept under the rows' indices, as training keeps them."""
+        from attar.text.lm_split import LMSplit
+
+        parts = []
+        for a in range(0, len(split), chunk):
+            part = split.slice(a, min(a + chunk, len(split)))
+            cb = self.restrict(self.align_batch(part.ids, part.mask, list(range(a, a + len(part)))),
+                               part.mask[:, 1:].bool())
+            parts.append(cb)
+        width = max(cb.teacher_ids.shape[1] for cb in parts)
+        ids = torch.cat([F.pad(cb.teacher_ids, (0, width - cb.teacher_ids.shape[1]), value=int(self.teacher_pad))
+                         for cb in parts])
+        mask = torch.cat([F.pad(torch.cat([torch.zeros(len(cb.teacher_pos), 1, dtype=torch.bool), cb.teacher_pos], 1),
+                                (0, width - cb.teacher_ids.shape[1])) for cb in parts])
+        return LMSplit(ids, mask, torch.zeros(len(ids), dtype=torch.long))
+
     def pairing_rate(self, split: Any, rows: int = 256) -> float:
         """Fraction of the scored positions of the first ``rows`` rows of ``split`` that pair with a teacher
         position (the rest get no KD)."""

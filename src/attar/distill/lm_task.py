@@ -250,9 +250,10 @@ class LMTask(Task):
         cb = self.cross.restrict(self.cross.align_batch(ids, mask, keys), pos)
         b.kd_tokens = cb.student_pos[pos]
         b.from_cache = torch.zeros(len(b.kd_tokens), dtype=torch.bool)
-        if bool(cb.teacher_pos.any()) and self.teacher is None:  # a served teacher: its top-k, completed evenly
+        if bool(cb.teacher_pos.any()) and self.teacher is None:  # served or stored: its top-k, completed evenly
             pos_t = torch.cat([cb.teacher_pos, torch.zeros(len(cb.teacher_pos), 1, dtype=torch.bool)], 1)  # [B, W]
-            tk = self.cache.topk_rows(cb.teacher_ids, cb.attention).select(pos_t)
+            tk = (self.cache.topk_rows(cb.teacher_ids, cb.attention) if hasattr(self.cache, "topk_rows")
+                  else self.cache.get(rows, cb.teacher_ids.shape[1])).select(pos_t)
             b.teacher_logits = tk.dense_logits().to(trainer.device)
         elif bool(cb.teacher_pos.any()):
             dev = device_of(self.teacher)

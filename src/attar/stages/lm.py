@@ -158,7 +158,7 @@ class LMStage(StageKind):
                 inputs.log(f"  grown from stage {cfg.growth.from_!r}: its blocks stacked {cfg.growth.factor} times")
             stored = o.teacher is not None and (o.teacher.store is not None or o.teacher.url is not None)  # outputs only
             teacher, ttok = (_load(o.teacher, "teacher", inputs.earlier, cfg.seed) if o.teacher is not None and not stored
-                             else (None, _served_tokenizer(o.teacher)))
+                             else (None, _outputs_tokenizer(o.teacher)))
             vmap = check_vocab(teacher, student, ttok, stok, cross_tokenizer=cfg.cross_tokenizer) if teacher is not None \
                 else None
             if vmap is not None and vmap.cross is not None:
@@ -200,9 +200,10 @@ class LMStage(StageKind):
                 if ttok is None:
                     cache.check(tokenizer=tokenizer_fingerprint(stok), vocab_size=vocab or len(stok), ids=data.train,
                                 temperature=cfg.temperature)
-                else:  # the server's own tokenizer, another than the student's: cross-tokenizer KD (distill_lm)
+                else:  # the teacher's own tokenizer, another than the student's: cross-tokenizer KD (distill_lm
+                    # checks a store's rows against the teacher's own rows of this split)
                     cache.check(tokenizer=tokenizer_fingerprint(ttok), vocab_size=cache.vocab_size or len(ttok),
-                                ids=data.train, temperature=cfg.temperature)
+                                ids=data.train if o.teacher.url is not None else None, temperature=cfg.temperature)
                 if o.teacher.url is not None:
                     _same_served_weights(cache, ctx)
                 inputs.log(f"  teacher: {cache.mode}")
@@ -240,7 +241,7 @@ class LMStage(StageKind):
                                    "steps": res.metrics["steps"],
                                    "train_s": round(float(res.metrics["train_seconds"]), 1),
                                    "params": sum(p.numel() for p in model.parameters()), "trainable": trainable} | pruned
-        if "paired_fraction" in res.metrics and teacher is None:  # a served teacher with another tokenizer
+        if "paired_fraction" in res.metrics and teacher is None:  # a served or stored teacher, another tokenizer
             metrics["cross_tokenizer"] = res.metrics.get("teacher", res.metrics.get("cross_tokenizer"))
             metrics["paired_fraction"] = res.metrics["paired_fraction"]
         if teacher is not None:
@@ -268,20 +269,26 @@ class LMStage(StageKind):
         return StageResult(model, {"hf": str(out)}, res.history, metrics=metrics, artifacts=arts)
 
 
-def _served_tokenizer(spec: LMModelSpec | None):
-    """The tokenizer a served teacher declared with ``teacher.tokenizer`` (a packaged name or an HF folder), else None."""
-    if spec is None or spec.url is None or spec.tokenizer is None:
+def _outputs_tokenizer(spec: LMModelSpec | None):
+    """The tokenizer a served or stored teacher declared with ``teacher.tokenizer`` (a packaged name or an HF folder),
+    else None."""
+    if spec is None or spec.tokenizer is None:
         return None
+    return load_tokenizer(spec.tokenizer, "teacher.tokenizer")
+
+
+def load_tokenizer(name: str, field: str):
+    """A tokenizer only (no weights): a Hugging Face folder, or a packaged model's (converted on first use)."""
     from transformers import AutoTokenizer
 
-    folder = Path(spec.tokenizer).expanduser()
+    folder = Path(name).expanduser()
     if not folder.is_dir():
-        folder = resolve_lm({"pretrained": spec.tokenizer}, progress=False)
+        folder = resolve_lm({"pretrained": name}, progress=False)
     try:
         return AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError) as e:
-        raise AttarError(f"teacher.tokenizer {spec.tokenizer!r}: no tokenizer could be read from {folder} ({e}); give "
-                         "a packaged model name or a folder holding tokenizer.json.") from None
+        raise AttarError(f"{field} {name!r}: no tokenizer could be read from {folder} ({e}); give a packaged model "
+                         "name or a folder holding tokenizer.json.") from None
 
 
 def _same_served_weights(served: ServedLMTeacher, ctx: StageContext) -> None:
