@@ -201,3 +201,6 @@ Reproduce: `nice -n 10 .venv/bin/python bench/lm_cross_tokenizer_evidence.py --t
     replace_section(ROOT / "docs" / "evidence.md", "lm-xtok", body, "Evidence")
 
 
+
+if __name__ == "__main__":
+    main()
