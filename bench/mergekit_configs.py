@@ -469,7 +469,6 @@ def main() -> int:
     extra = [r for r in rows if r[0] not in sources]
     summary = f"mergekit's own configs: {tally(ours)}." + (f" Extra variants: {tally(extra)}." if extra else "")
     print(summary)
-    passed, total = sum(r[4] for r in rows), len(rows)
     if args.write:
         import torch
 
@@ -490,7 +489,8 @@ def main() -> int:
         else:
             text = text.rstrip() + "\n\n" + block + "\n"
         doc.write_text(text)
-    return 0 if passed == total else 1
+    # the exit status: mergekit's own configs all pass (extra variants may record known mergekit defects)
+    return 0 if all(r[4] for r in ours) else 1
 
 
 if __name__ == "__main__":
