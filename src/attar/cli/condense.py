@@ -109,6 +109,9 @@ def evaluate_cli(
     ranking: bool = typer.Option(False, "--ranking", help="also train without augmentation: DD-Ranking's "
                                  "augmentation-robust score (the label-robust score is always shown when it can be)"),
     test_limit: Optional[int] = typer.Option(None, "--test-limit", help="score on a stratified subset of the test split"),
+    relabel: str = typer.Option("stored", "--relabel", help="stored: one soft label per image; per-crop: the artifact's "
+                                "teacher labels every augmented batch (SRe²L's FKD-style relabelling), the equal-label "
+                                "random control too"),
     seed: int = typer.Option(0, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar, lines or summaries"),
@@ -120,7 +123,7 @@ def evaluate_cli(
         start_command(quiet, threads)
         r = evaluate_condensed(artifact, nets=nets, epochs=epochs, augment=augment, seed=seed,
                                compare_random=not no_random, full_data=not no_full, full_epochs=full_epochs,
-                               full_patience=full_patience, ranking=ranking,
+                               full_patience=full_patience, ranking=ranking, relabel=relabel.replace("-", "_"),
                                test_limit=test_limit, log=err.print)
     except AttarError as e:
         _fail(e)

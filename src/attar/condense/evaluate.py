@@ -59,20 +59,22 @@ def _augment_for(name: str | None, mean, std):
 
 def _train_eval(x, y, test_x, test_y, model: ModelSpec, bundle, epochs: int, seed: int, augment: str | None,
                 soft: torch.Tensor | None = None, batch_size: int = 256, lr: float = 0.01,
-                temperature: float = 1.0, return_model: bool = False, callbacks=()):
-    """Train one freshly initialised net on (x, y) with the Trainer; return its test accuracy."""
+                temperature: float = 1.0, return_model: bool = False, callbacks=(), teacher=None):
+    """Train one freshly initialised net on (x, y) with the Trainer; return its test accuracy. ``soft``: learn these
+    stored logits; ``teacher``: learn the teacher's logits on each augmented batch as it is drawn (per-crop
+    relabelling, FKD/SRe²L style: the label follows the crop)."""
     torch.manual_seed(seed_of(seed, "eval-net"))
     net = build_model(model, bundle.input_shape, len(bundle.classes), bundle.mean, bundle.std)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer="sgd", lr=lr, momentum=0.9, weight_decay=5e-4,
                       schedule="step", step_every=max(1, epochs // 2), step_gamma=0.1)
-    if soft is None:
+    if soft is None and teacher is None:
         objective, cache = build_objective({"name": "ce"}), None
     else:
         objective = build_objective({"name": "label_free", "temperature": temperature})
-        cache = _SoftTargets(soft)
+        cache = _SoftTargets(soft) if teacher is None else None
     res = Trainer(net, objective, x, y, cfg, seed=seed, teacher_cache=cache, name=f"eval-{seed}",
                   num_classes=len(bundle.classes), augment=_augment_for(augment, bundle.mean, bundle.std),
-                  callbacks=list(callbacks)).fit()
+                  callbacks=list(callbacks), teachers=None if teacher is None else [teacher.eval()]).fit()
     acc = float(classification_metrics(predict(res.model, test_x), test_y)["accuracy"])
     return (acc, res) if return_model else acc
 
@@ -184,6 +186,7 @@ def evaluate_condensed(
     ranking: bool = False,
     lrs_weight: float = 0.5,
     ars_weight: float = 0.5,
+    relabel: str = "stored",
 ) -> dict[str, Any]:
     """The evaluation protocol: train ``nets`` fresh networks on the condensed set and report test accuracy.
 
@@ -204,6 +207,10 @@ def evaluate_condensed(
     full-data reference net). The label-robust score is reported whenever its four rows exist;
     ``ranking=True`` adds the rows trained without augmentation and the augmentation-robust score
     (``lrs_weight`` = DD-Ranking's w, ``ars_weight`` = its γ).
+
+    ``relabel``: ``stored`` (the soft rows learn one stored label per image) or ``per_crop`` (the soft rows, the
+    condensed set's and its equal-label control's alike, learn the teacher's logits on every augmented batch as it is
+    drawn: SRe²L's FKD-style relabelling; needs the artifact's teacher). Without augmentation both are the same.
     """
     log = log or (lambda s: None)
     artifact = Path(artifact)
@@ -218,6 +225,16 @@ def evaluate_condensed(
     if soft and s.soft is None:
         raise AttarError(f"{artifact} has no soft labels; condense with soft_labels=TEACHER to store them.")
     use_soft = s.soft is not None if soft is None else soft
+    if relabel not in ("stored", "per_crop"):
+        raise AttarError(f"relabel must be stored or per_crop, got {relabel!r}.")
+    live = None  # per-crop relabelling: the artifact's own teacher labels every augmented batch
+    if relabel == "per_crop":
+        if not use_soft:
+            raise AttarError(f"relabel per_crop relabels the soft-label rows, and {artifact} has none (or soft is off); "
+                             "condense with soft_labels=TEACHER.")
+        live, where = _control_teacher(s, None)
+        if live is None:
+            raise AttarError(f"relabel per_crop needs the teacher that labelled {artifact}: {where.split(';')[0]}.")
     test_x, test_y = bundle.test.x, bundle.test.y
     if test_limit is not None and test_limit < len(test_y):
         from attar.condense.base import ClassIndex
@@ -242,8 +259,9 @@ def evaluate_condensed(
     result["condensed"] = _summary(accs)
     if use_soft:
         accs = [_train_eval(s.x, s.y, test_x, test_y, mspec, bundle, epochs, seed_of(seed, "soft", i), augment=augment,
-                            soft=s.soft, temperature=temperature) for i in range(nets)]
-        result["condensed_soft"] = _summary(accs) | {"temperature": temperature, "teacher": s.meta.get("soft_label_teacher")}
+                            soft=s.soft, temperature=temperature, teacher=live) for i in range(nets)]
+        result["condensed_soft"] = _summary(accs) | {"temperature": temperature, "teacher": s.meta.get("soft_label_teacher"),
+                                                     "relabel": relabel}
     if compare_random:
         result["random_subset"] = random_subset_accuracy(bundle, mspec, ipc, nets, epochs, augment, seed, test_x, test_y,
                                                          cache_dir, log)
@@ -258,8 +276,8 @@ def evaluate_condensed(
             result.setdefault("caveats", []).append(where)
         else:
             result["random_subset_soft"] = random_subset_soft_accuracy(
-                bundle, mspec, ipc, nets, epochs, augment, seed, test_x, test_y, teacher, temperature, log) | {
-                "teacher": where, "temperature": temperature}
+                bundle, mspec, ipc, nets, epochs, augment, seed, test_x, test_y, teacher, temperature, log,
+                per_crop=live is not None) | {"teacher": where, "temperature": temperature, "relabel": relabel}
     if ranking and compare_random and (teacher is not None or not use_soft):
         labels = {"soft": s.soft, "temperature": temperature} if use_soft else {}
         accs = [_train_eval(s.x, s.y, test_x, test_y, mspec, bundle, epochs, seed_of(seed, "syn" if not use_soft else "soft", i),
@@ -313,18 +331,21 @@ def random_rows(index: ClassIndex, ipc: int, seed: int, i: int) -> torch.Tensor:
 
 
 def random_subset_soft_accuracy(bundle, mspec: ModelSpec, ipc: int, nets: int, epochs: int, augment: str | None,
-                                seed: int, test_x, test_y, teacher, temperature: float, log=None) -> dict[str, Any]:
+                                seed: int, test_x, test_y, teacher, temperature: float, log=None,
+                                per_crop: bool = False) -> dict[str, Any]:
     """DD-Ranking's control: the random subsets of :func:`random_subset_accuracy` (the same rows), trained like the
-    soft-label row: on ``teacher``'s logits of those rows at ``temperature``, with the same ``augment``."""
+    soft-label row: on ``teacher``'s logits of those rows at ``temperature`` (``per_crop``: of every augmented batch),
+    with the same ``augment``."""
     log = log or (lambda s: None)
     index = ClassIndex(bundle.train.y, len(bundle.classes))
     accs = []
     for i in range(nets):
         rows = random_rows(index, ipc, seed, i)
         x = bundle.train.x[rows]
-        soft = predict(teacher, x).float()
+        soft = None if per_crop else predict(teacher, x).float()
         accs.append(_train_eval(x, bundle.train.y[rows], test_x, test_y, mspec, bundle, epochs, seed_of(seed, "rand-soft", i),
-                                augment=augment, soft=soft, temperature=temperature))
+                                augment=augment, soft=soft, temperature=temperature,
+                                teacher=teacher if per_crop else None))
         log(f"  random-subset (teacher's soft labels) net {i + 1}/{nets}: {accs[-1]:.4f}")
     return _summary(accs)
 
