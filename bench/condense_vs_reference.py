@@ -224,8 +224,18 @@ def prepare_shim_and_data() -> tuple[Path, Path]:
     return shim.parent, data
 
 
+MMAP = 0  # --mmap-threshold: glibc's MALLOC_MMAP_THRESHOLD_ for both sides (0: the default, dynamic, at most 32 MB)
+
+
 def _env(threads: int) -> dict:
-    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), CI="true")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), CI="true")
+    if MMAP:
+        env.update(MALLOC_MMAP_THRESHOLD_=str(MMAP), MALLOC_TRIM_THRESHOLD_=str(2 * MMAP))
+    return env
+
+
+def _label(r: dict) -> str:
+    return r["method"] + (f", glibc mmap threshold {r['mmap'] / 2**30:.0f} GiB" if r.get("mmap") else "")
 
 
 def per_iteration(steps: list[float]) -> float:
@@ -372,7 +382,7 @@ def render(rows: list[dict], meta: dict, sweep: dict | None = None) -> str:
     ]
     for r in rows:
         ref, att = r["reference"], r["attar"]
-        lines.append(f"| {r['method']} | {len(ref['steps'])} / {len(att['steps'])} | "
+        lines.append(f"| {_label(r)} | {len(ref['steps'])} / {len(att['steps'])} | "
                      f"{ref['seconds_per_iteration']:.2f} ({', '.join(f'{v:.1f}' for v in ref['steps'])}) | "
                      f"{att['seconds_per_iteration']:.2f} ({', '.join(f'{v:.1f}' for v in att['steps'])}) | "
                      f"{att['seconds_per_iteration'] / ref['seconds_per_iteration']:.2f} |")
@@ -414,9 +424,13 @@ def main() -> None:
     ap.add_argument("--note", default="", help="a line for the doc, e.g. that the machine was shared")
     ap.add_argument("--sweep", action="store_true", help="time the big passes by rows per call (saved, then rendered)")
     ap.add_argument("--render", action="store_true", help="rewrite the doc section from the saved results only")
+    ap.add_argument("--mmap-threshold", type=int, default=0,
+                    help="bytes: glibc MALLOC_MMAP_THRESHOLD_ for both sides (rows labelled so); 0 = glibc's default")
     ap.add_argument("--attar-child")
     ap.add_argument("--sweep-child", action="store_true")
     a = ap.parse_args()
+    global MMAP
+    MMAP = a.mmap_threshold
     if a.attar_child:
         print(json.dumps(attar_child(json.loads(a.attar_child))))
         return
@@ -460,17 +474,17 @@ def main() -> None:
         att = run_attar(method, s, a.threads)
         print(f"{method}: attar     {att['seconds_per_iteration']:.2f} s/it {[round(v, 2) for v in att['steps']]}  "
               f"ratio {att['seconds_per_iteration'] / ref['seconds_per_iteration']:.2f}", flush=True)
-        rows.append({"method": method, "settings": s, "reference": ref, "attar": att})
+        rows.append({"method": method, "mmap": MMAP, "settings": s, "reference": ref, "attar": att})
     import torch
 
     meta = {"seconds": time.perf_counter() - t0, "commit": commit, "torch": torch.__version__, "threads": a.threads,
             "note": a.note}
     if not a.quick and saved:  # a subset of methods: replace those rows, keep the others
-        done = {r["method"] for r in rows}
+        done = {_label(r) for r in rows}
         order = ["dm", "dm-nodsa", "dc"]
-        rows = sorted([r for r in saved["rows"] if r["method"] not in done] + rows,
-                      key=lambda r: order.index(r["method"]))
-        if done != {r["method"] for r in rows}:
+        rows = sorted([r for r in saved["rows"] if _label(r) not in done] + rows,
+                      key=lambda r: (bool(r.get("mmap")), order.index(r["method"])))
+        if done != {_label(r) for r in rows}:
             meta["seconds"] += saved["meta"]["seconds"]
     sw_file = SAVED.with_name("vs-reference-sweep.json")
     text = render(rows, meta, json.loads(sw_file.read_text()) if sw_file.exists() and not a.quick else None)
