@@ -1,10 +1,14 @@
-"""Row chunking for big CPU forwards: the same values, several times less memory traffic.
+"""Row chunking for big CPU forwards: the same values, without the page faults of huge activations.
 
-On a CPU a ConvNet-128 forward over thousands of 28x28 rows is bound by memory, not arithmetic:
-each layer's activations (``rows x 128 x 32 x 32`` floats, 1.4 GB for DM's 2,660 rows) leave the
-cache between the convolution, the norm, the ReLU and the pooling. Put through 32 rows at a time,
-the same work measured 2.5-3x faster for DM's real-batch embedding and 1.7x faster for a 256-row
-gradient (one thread, Fashion-MNIST, see ``bench/condense_vs_reference.py``).
+On a CPU a ConvNet-128 forward over thousands of 28x28 rows spends much of its time in the
+kernel, not in arithmetic: each activation (``rows x 128 x 32 x 32`` floats, 1.4 GB for DM's
+2,660 rows, 134 MB for one class of 256) is above glibc's mmap threshold (dynamic, at most 32 MB),
+so every one is a fresh mapping whose pages are faulted in and zeroed on first touch, then
+unmapped when freed. Put through 32 rows at a time (16.8 MB per activation) the freed blocks are
+reused: DM's real-batch embedding measured 2.2x faster than in one call, a 256-row gradient 1.8x
+(one thread, Fashion-MNIST; ``bench/condense_vs_reference.py --sweep``). Raising glibc's
+``MALLOC_MMAP_THRESHOLD_`` instead made 256-row calls as fast as 32-row ones (for any code, the
+reference's too); one 2,660-row call stayed 1.6x slower.
 
 Only for networks whose rows do not interact: a BatchNorm layer in training mode normalises by
 the statistics of the whole batch, so a network with one is never chunked (:func:`cpu_rows`
@@ -18,7 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-#: rows per forward on CPU; 16-32 measured best (64: 1.5x slower, 256: 2.5x slower)
+#: rows per forward on CPU: ConvNet-128 activations of 32 rows stay under glibc's 32 MB mmap cap (64 rows do not)
 CPU_ROWS = 32
 
 
@@ -35,7 +39,7 @@ def cpu_rows(net: nn.Module, device: torch.device | str) -> int | None:
 def forward_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rows: int | None) -> torch.Tensor:
     """``fn(x)`` computed ``rows`` rows at a time and concatenated (``rows=None``: one call). Under autograd
     each chunk keeps its own graph (the same saved activations in all), and the backward pass also goes
-    chunk by chunk: DM's 100 synthetic rows, forward and backward, measured 1.5-2x faster in chunks of 32."""
+    chunk by chunk (smaller temporaries), so it helps there too."""
     if rows is None or len(x) <= rows:
         return fn(x)
     return torch.cat([fn(c) for c in x.split(rows)])
