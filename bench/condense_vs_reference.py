@@ -318,6 +318,8 @@ def run_attar(method: str, s: dict, threads: int) -> dict:
 
 def sweep_child(threads: int, reps: int = 3) -> dict:
     """Seconds of DM's and DC's big passes at ConvNet-128 by rows per call (median of ``reps``): where the time goes."""
+    import resource
+
     import torch
     import torch.nn.functional as F
 
@@ -359,21 +361,31 @@ def sweep_child(threads: int, reps: int = 3) -> dict:
     for name, fn, sizes in cases:
         for rows in sizes:
             ts = []
+            r0 = resource.getrusage(resource.RUSAGE_SELF)
             for _ in range(reps):
                 t = time.perf_counter()
                 fn(rows)
                 ts.append(time.perf_counter() - t)
-            out.append({"pass": name, "rows": rows, "seconds": statistics.median(ts)})
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            sys_t, user_t = r1.ru_stime - r0.ru_stime, r1.ru_utime - r0.ru_utime
+            out.append({"pass": name, "rows": rows, "seconds": statistics.median(ts),
+                        "system_share": sys_t / max(1e-9, sys_t + user_t)})
     return {"rows": out, "threads": torch.get_num_threads()}
 
 
-def render(rows: list[dict], meta: dict, sweep: dict | None = None) -> str:
+def render(rows: list[dict], meta: dict, sweep: dict | None = None, sweep_mmap: dict | None = None) -> str:
     lines = [
         "## Condensation vs the authors' code: one outer iteration of DM and DC",
         "",
-        f"Regenerate: `{CMD}` ({meta['seconds'] / 60:.0f} min; `--reference DIR` to use a clone of "
+        f"Regenerate: `{CMD}` ({meta['seconds'] / 60:.0f} min in all"
+        + ("; the rows labelled *glibc mmap threshold* with `--mmap-threshold 4294967296` added"
+           if any(r.get("mmap") for r in rows) else "")
+        + ("; the dc rows here with `--methods dc --iterations 1`"
+           if any(r["method"] == "dc" and len(r["reference"]["steps"]) == 1 for r in rows) else "")
+        + ("; the tables of passes with `--sweep` and `--sweep --mmap-threshold 4294967296`" if sweep else "")
+        + "; `--reference DIR` to use a clone of "
         "https://github.com/VICO-UoE/DatasetCondensation, else the snapshot on this machine is exported to "
-        f"`bench/.venvs/dc-reference/`). Reference commit `{meta['commit'][:12]}`, run unmodified in its own process "
+        f"`bench/.venvs/dc-reference/`). Reference commit `{meta['commit'][:12]}`, run as its own scripts in its own process "
         "with a stand-in `torchvision` that only hands it the Fashion-MNIST rows attar loads (see the script's "
         f"docstring). Same interpreter, torch {meta['torch']}, CPU, {meta['threads']} torch thread(s) on both sides. "
         + (f"**{meta['note']}** " if meta.get("note") else "")
@@ -408,17 +420,22 @@ def render(rows: list[dict], meta: dict, sweep: dict | None = None) -> str:
             "of the big passes of one iteration by rows per call, glibc's default allocator settings. A ConvNet-128 "
             "activation of 256 rows (one reference class) is 134 MB, of 2,660 rows (attar's one DM batch before this "
             "change) 1.4 GB: above glibc's mmap threshold (dynamic, at most 32 MB), so each is a fresh mapping, "
-            "faulted in and zeroed page by page and unmapped when freed; the time goes to the kernel (the sweep's "
-            "process spent about 40% of its CPU time in system time). 32 rows (16.8 MB) stay under it. attar now "
+            "faulted in and zeroed page by page and unmapped when freed, so much of the time is the kernel's (*system "
+            "share*: system CPU time over all CPU time of that pass). 32 rows (16.8 MB) stay under it. attar now "
             "chunks so on CPU for networks without BatchNorm (`attar.condense.chunking`: the same values, tested; a "
             "BatchNorm net in training mode couples its rows through batch statistics and is not chunked; GPUs get "
-            "the whole batch).",
+            "the whole batch)." + (f" Last column: the same with `--mmap-threshold {sweep_mmap['mmap']}` (run at another time: compare "
+                                   "within a column)." if sweep_mmap else ""),
             "",
-            "| pass | rows per call | seconds |",
-            "|---|---|---|",
+            "| pass | rows per call | seconds | system share | " + ("seconds, mmap threshold raised |" if sweep_mmap else ""),
+            "|---|---|---|---|" + ("---|" if sweep_mmap else ""),
         ]
+        other = {(r["pass"], r["rows"]): r["seconds"] for r in (sweep_mmap or {}).get("rows", [])}
         for r in sweep["rows"]:
-            lines.append(f"| {r['pass']} | {r['rows'] or 'all'} | {r['seconds']:.2f} |")
+            o = other.get((r["pass"], r["rows"]))
+            share = f"{100 * r['system_share']:.0f}%" if "system_share" in r else "—"
+            lines.append(f"| {r['pass']} | {r['rows'] or 'all'} | {r['seconds']:.2f} | {share} |"
+                         + (f" {o:.2f} |" if o is not None else (" — |" if sweep_mmap else "")))
     by = {(r["method"], bool(r.get("mmap"))): r for r in rows}
     pairs = [m for m in ("dm", "dm-nodsa", "dc") if (m, False) in by and (m, True) in by]
     if pairs:
@@ -466,24 +483,27 @@ def main() -> None:
         print(json.dumps(sweep_child(a.threads)))
         return
     saved = json.loads(SAVED.read_text()) if SAVED.exists() else {}
-    sweep_file = SAVED.with_name("vs-reference-sweep.json")
+    sweep_file = SAVED.with_name("vs-reference-sweep-mmap.json" if MMAP else "vs-reference-sweep.json")
+    sw_files = [SAVED.with_name("vs-reference-sweep.json"), SAVED.with_name("vs-reference-sweep-mmap.json")]
+    sweeps = [json.loads(f.read_text()) if f.exists() else None for f in sw_files]
     if a.sweep:
         p = subprocess.run([sys.executable, __file__, "--sweep-child", "--threads", str(a.threads)],
                            capture_output=True, text=True, env=_env(a.threads))
         if p.returncode != 0:
             print(p.stderr[-3000:], file=sys.stderr)
             raise SystemExit("sweep failed")
-        sw = json.loads(p.stdout.strip().splitlines()[-1])
+        sw = dict(json.loads(p.stdout.strip().splitlines()[-1]), mmap=MMAP)
         for r in sw["rows"]:
-            print(f"{r['pass']:55s} rows {str(r['rows'] or 'all'):>4s}  {r['seconds']:.2f} s")
+            print(f"{r['pass']:55s} rows {str(r['rows'] or 'all'):>4s}  {r['seconds']:.2f} s  "
+                  f"system {100 * r['system_share']:.0f}%")
         sweep_file.parent.mkdir(parents=True, exist_ok=True)
         sweep_file.write_text(json.dumps(sw, indent=2))
     if a.sweep or a.render:
         if not saved:
             raise SystemExit(f"no saved results in {SAVED}: run the bench first")
-        sw = json.loads(sweep_file.read_text()) if sweep_file.exists() else None
+        sweeps = [json.loads(f.read_text()) if f.exists() else None for f in sw_files]
         meta = dict(saved["meta"], note=a.note or saved["meta"].get("note", ""))
-        replace_section(DOC, "condense-vs-reference", render(saved["rows"], meta, sw), "Benchmarks")
+        replace_section(DOC, "condense-vs-reference", render(saved["rows"], meta, *sweeps), "Benchmarks")
         return
     t0 = time.perf_counter()
     src, commit = prepare_reference(a.reference)
@@ -514,8 +534,7 @@ def main() -> None:
                       key=lambda r: (bool(r.get("mmap")), order.index(r["method"])))
         if done != {_label(r) for r in rows}:
             meta["seconds"] += saved["meta"]["seconds"]
-    sw_file = SAVED.with_name("vs-reference-sweep.json")
-    text = render(rows, meta, json.loads(sw_file.read_text()) if sw_file.exists() and not a.quick else None)
+    text = render(rows, meta, *(sweeps if not a.quick else [None, None]))
     print(text)
     if not a.quick:
         SAVED.parent.mkdir(parents=True, exist_ok=True)

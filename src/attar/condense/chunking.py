@@ -5,10 +5,11 @@ kernel, not in arithmetic: each activation (``rows x 128 x 32 x 32`` floats, 1.4
 2,660 rows, 134 MB for one class of 256) is above glibc's mmap threshold (dynamic, at most 32 MB),
 so every one is a fresh mapping whose pages are faulted in and zeroed on first touch, then
 unmapped when freed. Put through 32 rows at a time (16.8 MB per activation) the freed blocks are
-reused: DM's real-batch embedding measured 2.2x faster than in one call, a 256-row gradient 1.8x
-(one thread, Fashion-MNIST; ``bench/condense_vs_reference.py --sweep``). Raising glibc's
-``MALLOC_MMAP_THRESHOLD_`` instead made 256-row calls as fast as 32-row ones (for any code, the
-reference's too); one 2,660-row call stayed 1.6x slower.
+reused: DM's real-batch embedding measured 2-2.6x faster than in one call, a 256-row gradient
+1.8-1.9x, and system time went from about half of the CPU time to none (one thread, Fashion-MNIST;
+``bench/condense_vs_reference.py --sweep``, table in docs/benchmarks.md). Raising glibc's
+``MALLOC_MMAP_THRESHOLD_`` instead removes the faults for any code, the reference's too: then
+256-row and 32-row calls take the same time.
 
 Only for networks whose rows do not interact: a BatchNorm layer in training mode normalises by
 the statistics of the whole batch, so a network with one is never chunked (:func:`cpu_rows`
