@@ -13,7 +13,8 @@ reused: DM's real-batch embedding measured 2-2.6x faster than in one call, a 256
 
 Only for networks whose rows do not interact: a BatchNorm layer in training mode normalises by
 the statistics of the whole batch, so a network with one is never chunked (:func:`cpu_rows`
-returns ``None``). On GPUs the whole batch goes at once (they want large batches).
+returns ``None``). Dropout, where a model has it, draws other masks chunk by chunk than in one call
+(the same distribution, not the same draw). On GPUs the whole batch goes at once (they want large batches).
 """
 
 from __future__ import annotations
