@@ -10,7 +10,7 @@ Digits: MLP 64 -> 256 -> 256 -> 10; 30 epochs of AdamW lr 3e-3, batch 64, cosine
 one thread). Wall time: every arm of a seed runs back to back in one process on one thread, so they see the same
 machine load; the training time excludes the accuracy evaluations, which happen at fixed step intervals. An arm's
 accuracy at matched wall time is its accuracy at the last evaluation whose training time is <= the AdamW run's whole
-training time for the same seed. Only ratios are claims: the machine is shared.
+training time for the same seed. Only ratios are claims: the machine is shared (edit LOAD to say how).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from attar.train.strategy import Backprop  # noqa: E402
 from attar.train.trainer import Trainer, TrainingDiverged  # noqa: E402
 
 SEEDS = (0, 1, 2)
+LOAD = "the recorded run shared it with three or four other benchmark processes"  # what the doc says about the load
 BASELINE = "AdamW (baseline)"
 FP8 = {"optimizer_state": {"dtype": "fp8_e4m3", "expansion": "dynamic"}}
 
@@ -246,7 +247,7 @@ def describe(setup: Setup, rows: dict, seeds: tuple, bundle, base: dict) -> str:
         "",
         "Matched wall time (the second table): every arm of a seed ran back to back in one process with "
         "`torch.set_num_threads(1)` (after one untimed 20-step warm-up run; the arms' order rotates by seed), "
-        "**beside one other single-threaded job** on a shared 2-core machine, so absolute seconds are not a claim, "
+        f"**beside other jobs** on a shared 2-core machine ({LOAD}), so absolute seconds are not a claim, "
         "the ratios are; the CPU-time ratio (the process's CPU seconds) is the one less moved by the other jobs. "
         "Training seconds exclude the evaluations, which ran "
         f"before the first step, every {setup.every} steps and after the last, on {curve}. *acc at AdamW's time*: "
