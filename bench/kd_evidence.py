@@ -27,7 +27,6 @@ within seed-to-seed noise). std is the sample standard deviation over seeds (ddo
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import math
@@ -341,7 +340,7 @@ def _pct(mean: float, std: float) -> str:
 
 
 def _budget_text(arm: dict) -> str:
-    t, d = arm["train"], arm["data"]
+    t = arm["train"]
     parts = [f"{t['epochs']} epochs", f"batch {t['batch_size']}" + (f" + {t['labeled_batch_size']} labeled" if t.get("labeled_batch_size") else ""),
              f"lr {t['lr']}"]
     return ", ".join(parts)

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 import sys

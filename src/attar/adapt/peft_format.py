@@ -123,10 +123,10 @@ def check_plain_init(cfg: dict[str, Any], label: str | Path) -> None:
         fix = ("LoftQ adapters cannot be converted: merge it with PEFT (`merge_and_unload`) onto the LoftQ-initialised "
                "base it was trained with, save that model, and use the saved folder instead.")
     else:
-        fix = (f"Convert it into a plain LoRA delta with PEFT, from the adapter saved right after initialisation "
-               f"(before training): `peft_model.save_pretrained(OUT, path_initial_model_for_weight_conversion=INIT_DIR)`, "
-               f"then use OUT (its config says init_lora_weights: true); or merge it with PEFT (`merge_and_unload`) "
-               f"onto the residual base it was trained on and use the merged model.")
+        fix = ("Convert it into a plain LoRA delta with PEFT, from the adapter saved right after initialisation "
+               "(before training): `peft_model.save_pretrained(OUT, path_initial_model_for_weight_conversion=INIT_DIR)`, "
+               "then use OUT (its config says init_lora_weights: true); or merge it with PEFT (`merge_and_unload`) "
+               "onto the residual base it was trained on and use the merged model.")
     raise AttarError(
         f"{label} is an unconverted {name} adapter (init_lora_weights: {init!r} in adapter_config.json). {name} moves "
         f"part of each adapted weight into the adapter at initialisation, so the saved A and B belong on that residual "
