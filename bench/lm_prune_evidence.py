@@ -59,14 +59,15 @@ ARMS = {"sft": "recovered by SFT (CE on the text)",
         "kd+ce-onpolicy": "½ CE + ½ KD, forward KL, on-policy λ 0.5 (GKD)",
         # where the teacher's outputs come from (issue 12): each is the ½ CE + ½ KD arm with only the source changed
         "kd+ce-live": "½ CE + ½ KD, live teacher (full vocabulary)",
-        "kd+ce-store": "½ CE + ½ KD, teacher from the compressed store (attar teacher dump: top-32, quantised, zstd)"}
+        "kd+ce-store": "½ CE + ½ KD, teacher from the compressed store (attar teacher dump: top-32, quantised, zstd)",
+        "kd+ce-store128": "½ CE + ½ KD, teacher from a top-128 compressed store"}
 RECOVERY = ("sft", "kd", "kd-live", "kd+ce", "self-data")  # the recovery table; the rest: the divergence table
 #: what each KD arm changes (everything else is the ½ CE + ½ KD arm's)
 KD_ARGS = {"kd": dict(alpha=0.0), "kd-live": dict(alpha=0.0), "kd+ce": dict(alpha=0.5),
            "kd+ce-rkl": dict(alpha=0.5, divergence="reverse_kl"),
            "kd+ce-gjsd": dict(alpha=0.5, divergence="gjsd", divergence_args={"beta": 0.5}),
            "kd+ce-onpolicy": dict(alpha=0.5, on_policy=0.5), "kd+ce-live": dict(alpha=0.5),
-           "kd+ce-store": dict(alpha=0.5)}
+           "kd+ce-store": dict(alpha=0.5), "kd+ce-store128": dict(alpha=0.5)}
 FULL = dict(seeds=[0, 1, 2], steps=100, batch_size=8, lr=2e-4, keep=15, topk=64, train=400, test=200)
 QUICK = dict(seeds=[0, 1], steps=6, batch_size=4, lr=2e-4, keep=15, topk=16, train=48, test=24)
 
@@ -114,11 +115,12 @@ def main() -> None:
         print(f"unpruned ppl {base['unpruned_ppl']:.2f}, pruned ({base['layers']}) ppl {base['pruned_ppl']:.2f}")
         cache, _ = LMTeacherCache.load_or_build(out / "teacher-cache.safetensors", teacher, data.train.ids, c["topk"],
                                                1.0, pad_id=data.pad_id)
-        store = None
-        if args.arms is None or "kd+ce-store" in args.arms:  # dumped once (resumable), then read by every seed
-            dump_lm_teacher(teacher, data.train, out / "teacher-store", pad_id=data.pad_id, teacher_name=MODEL,
-                            data="fortunes train rows (lm_data seed 0)", progress=False)
-            store = StoredLMTeacher(out / "teacher-store")
+        stores = {}
+        for arm, k, folder in (("kd+ce-store", 32, "teacher-store"), ("kd+ce-store128", 128, "teacher-store-k128")):
+            if args.arms is None or arm in args.arms:  # dumped once (resumable), then read by every seed
+                dump_lm_teacher(teacher, data.train, out / folder, pad_id=data.pad_id, teacher_name=MODEL, k=k,
+                                data="fortunes train rows (lm_data seed 0)", progress=False)
+                stores[arm] = StoredLMTeacher(out / folder)
         self_data = None
         for seed in [s for s in c["seeds"] if args.seeds is None or s in args.seeds]:
             for arm in [a for a in ARMS if args.arms is None or a in args.arms]:
@@ -136,7 +138,7 @@ def main() -> None:
                     res = train_lm(student, data.with_train(self_data), **settings)
                 else:
                     kd = {"divergence": "kl", **KD_ARGS[arm]}
-                    source = {"kd-live": None, "kd+ce-live": None, "kd+ce-store": store}.get(arm, cache)
+                    source = {"kd-live": None, "kd+ce-live": None, **stores}.get(arm, cache)
                     res = distill_lm(student, data, teacher, cache=source,
                                      temperature=1.0, **kd, **settings)
                 rec = {"config": key, "arm": arm, "seed": seed, "train_s": time.perf_counter() - t0,
@@ -276,7 +278,7 @@ above; {platform.machine()}, torch {torch.__version__}; train s measured beside 
 
 def write_source_doc(c: dict, done: dict, out: Path) -> None:
     """Stored vs cached vs live teacher outputs (issue 12), each the ½ CE + ½ KD forward-KL arm."""
-    names = ("kd+ce-live", "kd+ce", "kd+ce-store")
+    names = ("kd+ce-live", "kd+ce", "kd+ce-store", "kd+ce-store128")
     arms = {a: [done[(a, s)] for s in c["seeds"] if (a, s) in done] for a in names}
     arms = {a: rs for a, rs in arms.items() if len(rs) >= 2}
     if "kd+ce-live" not in arms or len(arms) < 2:
@@ -284,11 +286,12 @@ def write_source_doc(c: dict, done: dict, out: Path) -> None:
     base = [r["test_ppl"] for r in arms["kd+ce-live"]]
     label = {"kd+ce-live": "live teacher, full vocabulary (49,152 log-probs per token)",
              "kd+ce": f"top-{c['topk']} + tail-bucket cache in memory (float32)"}
-    store = StoredLMTeacher(out / "teacher-store") if (out / "teacher-store").exists() else None
-    if store is not None:
-        st = store.store.settings
-        label["kd+ce-store"] = (f"compressed store (`attar teacher dump`): top-{st.k}, log-probs quantised at "
-                                f"{st.step:g} nats, zstd; {store.store.bytes_per_position:.1f} bytes per token")
+    for arm, folder in (("kd+ce-store", "teacher-store"), ("kd+ce-store128", "teacher-store-k128")):
+        if (out / folder).exists():
+            store = StoredLMTeacher(out / folder)
+            st = store.store.settings
+            label[arm] = (f"compressed store (`attar teacher dump`): top-{st.k}, log-probs quantised at {st.step:g} "
+                          f"nats, zstd; {store.store.bytes_per_position:.1f} bytes per token")
     rows, notes = [], []
     for a, rs in arms.items():
         ppl = [r["test_ppl"] for r in rs]
@@ -311,7 +314,16 @@ live teacher (equal when the means differ by less than the larger seed std).
 
 {"; ".join(notes)}.
 
-Reproduce: `nice -n 10 .venv/bin/python bench/lm_prune_evidence.py --arms kd+ce kd+ce-live kd+ce-store --threads 1`
+Reading: the top-k teachers leave the student further from the unpruned model (higher KL per token, lower top-1
+agreement) and with a higher perplexity than the live teacher, and the gap grows as k shrinks: a top-k + tail bucket
+keeps the tail's total mass but not its shape, and here the tail is where the pruned student still has to move.
+The store's one-byte quantisation itself costs little (for this teacher, SmolLM2-135M on fortunes, it adds 7e-5
+nats/token of KL to the 0.83 that cutting to k = 32 costs; docs/benchmarks.md, teacher-store-fidelity), so the
+choice is k: bytes per
+token against how much of the tail the student is taught. The issue's goal of "equal within seed noise" at
+≤ 100 bytes per token is not met on this row.
+
+Reproduce: `nice -n 10 .venv/bin/python bench/lm_prune_evidence.py --arms kd+ce kd+ce-live kd+ce-store kd+ce-store128 --threads 1`
 ({platform.machine()}, torch {torch.__version__}; train s measured beside other work, not a timing).
 """
     replace_section(ROOT / "docs" / "evidence.md", "lm-teacher-source", body, "Evidence")
