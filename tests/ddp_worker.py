@@ -125,9 +125,11 @@ def main_unavailable(out: Path, resume: bool) -> None:
         res = Trainer(model, CE(), x, y, cfg, seed=5, ckpt_dir=out / "ckpt", task=Flaky()).fit(resume=resume)
     except InputUnavailable as e:
         (out / f"stopped{dist.rank()}").write_text(str(e))
+        dist.barrier()  # both ranks leave together: a rank tearing gloo down while its peer still talks aborts
         return
     save_file({k: v.contiguous() for k, v in res.model.state_dict().items()}, str(out / f"rank{dist.rank()}.safetensors"))
     print(f"unavailable rank {dist.rank()} steps {res.steps}")
+    dist.barrier()
 
 
 def main_recipe(out: Path) -> None:
