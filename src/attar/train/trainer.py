@@ -306,8 +306,7 @@ class Trainer:
             return
         signum = lifecycle.stop_requested() or 0
         if self.world > 1:
-            flag = torch.tensor([float(signum)], device=next(self.model.parameters()).device)
-            if float(dist.all_reduce_mean(flag)) == 0:
+            if not dist.any_rank(bool(signum)):
                 return
             signum = signum or int(signal.SIGTERM)
         elif not signum:
