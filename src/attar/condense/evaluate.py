@@ -232,9 +232,9 @@ def evaluate_condensed(
         if not use_soft:
             raise AttarError(f"relabel per_crop relabels the soft-label rows, and {artifact} has none (or soft is off); "
                              "condense with soft_labels=TEACHER.")
-        live, where = _control_teacher(s, None)
+        live, live_where = _control_teacher(s, None)
         if live is None:
-            raise AttarError(f"relabel per_crop needs the teacher that labelled {artifact}: {where.split(';')[0]}.")
+            raise AttarError(f"relabel per_crop needs the teacher that labelled {artifact}: {live_where.split(';')[0]}.")
     test_x, test_y = bundle.test.x, bundle.test.y
     if test_limit is not None and test_limit < len(test_y):
         from attar.condense.base import ClassIndex
@@ -270,8 +270,8 @@ def evaluate_condensed(
                                                  cache_dir, log, condensed_steps=protocol_steps(n, epochs),
                                                  patience=full_patience)
     teacher = None
-    if use_soft and compare_random:
-        teacher, where = _control_teacher(s, result.get("full_data"))
+    if use_soft and compare_random:  # per-crop: the teacher already loaded (the artifact's own comes first anyway)
+        teacher, where = (live, live_where) if live is not None else _control_teacher(s, result.get("full_data"))
         if teacher is None:
             result.setdefault("caveats", []).append(where)
         else:
