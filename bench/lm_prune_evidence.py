@@ -229,24 +229,36 @@ Reproduce: `nice -n 10 .venv/bin/python bench/lm_prune_evidence.py` (needs `llm-
     write_source_doc(c, done, ROOT / "bench" / ".runs" / "lm_prune" / "full")
 
 
-def write_divergence_doc(c: dict, done: dict) -> None:
-    """Forward vs reverse KL vs GJSD, and off- vs on-policy, each against the ½ CE + ½ KD forward-KL arm."""
-    names = ("kd+ce", "kd+ce-rkl", "kd+ce-gjsd", "kd+ce-onpolicy")
+def _against(c: dict, done: dict, names: tuple[str, ...], label: dict[str, str],
+             no_gain: str = "no gain") -> tuple[list[str], list[str]] | None:
+    """Table rows and verdict notes of the arms ``names`` against the first (the baseline), each arm with >= 2
+    seeds (None when the baseline or every other arm lacks them); ``label`` renames arms, ``no_gain`` says "within
+    the seed spread"."""
     arms = {a: [done[(a, s)] for s in c["seeds"] if (a, s) in done] for a in names}
     arms = {a: rs for a, rs in arms.items() if len(rs) >= 2}
-    if "kd+ce" not in arms or len(arms) < 2:
-        return
-    base = [r["test_ppl"] for r in arms["kd+ce"]]
+    if names[0] not in arms or len(arms) < 2:
+        return None
+    base = [r["test_ppl"] for r in arms[names[0]]]
     rows, notes = [], []
     for a, rs in arms.items():
         ppl = [r["test_ppl"] for r in rs]
         v = "baseline"
-        if a != "kd+ce":
+        if a != names[0]:
             v, d, tol = _verdict(ppl, base)
-            notes.append(f"{ARMS[a]}: **{v}** (Δ = {d:+.2f}, seed std ≤ {tol:.2f})")
-        label = "½ CE + ½ KD, forward KL, off-policy" if a == "kd+ce" else ARMS[a]
-        rows.append(f"| {label} ({len(rs)} seeds) | {_ms(ppl)} | {_ms([r['kl_to_teacher'] for r in rs], 3)} | "
-                    f"{_ms([r['top1_agreement'] for r in rs], 3)} | {v} | {statistics.mean(r['train_s'] for r in rs):.0f} |")
+            v = no_gain if v == "no gain" else v
+            notes.append(f"{label.get(a, ARMS[a])}: **{v}** (Δ = {d:+.2f}, seed std ≤ {tol:.2f})")
+        rows.append(f"| {label.get(a, ARMS[a])} ({len(rs)} seeds) | {_ms(ppl)} | {_ms([r['kl_to_teacher'] for r in rs], 3)} "
+                    f"| {_ms([r['top1_agreement'] for r in rs], 3)} | {v} | {statistics.mean(r['train_s'] for r in rs):.0f} |")
+    return rows, notes
+
+
+def write_divergence_doc(c: dict, done: dict) -> None:
+    """Forward vs reverse KL vs GJSD, and off- vs on-policy, each against the ½ CE + ½ KD forward-KL arm."""
+    table = _against(c, done, ("kd+ce", "kd+ce-rkl", "kd+ce-gjsd", "kd+ce-onpolicy"),
+                     {"kd+ce": "½ CE + ½ KD, forward KL, off-policy"})
+    if table is None:
+        return
+    rows, notes = table
     sft = [done[("sft", s)]["test_ppl"] for s in c["seeds"] if ("sft", s) in done]
     body = f"""## Divergences and on-policy KD on a real pair: pruned SmolLM2-135M recovered from the unpruned model
 
@@ -278,12 +290,6 @@ above; {platform.machine()}, torch {torch.__version__}; train s measured beside 
 
 def write_source_doc(c: dict, done: dict, out: Path) -> None:
     """Stored vs cached vs live teacher outputs (issue 12), each the ½ CE + ½ KD forward-KL arm."""
-    names = ("kd+ce-live", "kd+ce", "kd+ce-store", "kd+ce-store128")
-    arms = {a: [done[(a, s)] for s in c["seeds"] if (a, s) in done] for a in names}
-    arms = {a: rs for a, rs in arms.items() if len(rs) >= 2}
-    if "kd+ce-live" not in arms or len(arms) < 2:
-        return
-    base = [r["test_ppl"] for r in arms["kd+ce-live"]]
     label = {"kd+ce-live": "live teacher, full vocabulary (49,152 log-probs per token)",
              "kd+ce": f"top-{c['topk']} + tail-bucket cache in memory (float32)"}
     for arm, folder in (("kd+ce-store", "teacher-store"), ("kd+ce-store128", "teacher-store-k128")):
@@ -292,16 +298,11 @@ def write_source_doc(c: dict, done: dict, out: Path) -> None:
             st = store.store.settings
             label[arm] = (f"compressed store (`attar teacher dump`): top-{st.k}, log-probs quantised at {st.step:g} "
                           f"nats, zstd; {store.store.bytes_per_position:.1f} bytes per token")
-    rows, notes = [], []
-    for a, rs in arms.items():
-        ppl = [r["test_ppl"] for r in rs]
-        v = "baseline"
-        if a != "kd+ce-live":
-            v, d, tol = _verdict(ppl, base)
-            v = "equal within seed noise" if v == "no gain" else v
-            notes.append(f"{label.get(a, ARMS[a])}: **{v}** (Δ = {d:+.2f}, seed std ≤ {tol:.2f})")
-        rows.append(f"| {label.get(a, ARMS[a])} ({len(rs)} seeds) | {_ms(ppl)} | {_ms([r['kl_to_teacher'] for r in rs], 3)} "
-                    f"| {_ms([r['top1_agreement'] for r in rs], 3)} | {v} | {statistics.mean(r['train_s'] for r in rs):.0f} |")
+    table = _against(c, done, ("kd+ce-live", "kd+ce", "kd+ce-store", "kd+ce-store128"), label,
+                     "equal within seed noise")
+    if table is None:
+        return
+    rows, notes = table
     body = f"""## Stored vs live teacher on a real pair: pruned SmolLM2-135M recovered from the unpruned model
 
 The ½ CE + ½ KD (forward KL, T=1) arm of the prune-and-recover table, {c['steps']} steps × {c['batch_size']} rows,
