@@ -2,6 +2,7 @@
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -114,6 +115,14 @@ def main_unavailable(out: Path, resume: bool) -> None:
                 raise InputUnavailable("the served teacher at http://127.0.0.1:9 did not answer.")
             return super().batch(trainer, rows, epoch, micro)
 
+    if int(os.environ.get("RANK", "0")) == 1:  # rank 1 reaches the stop late, after rank 0 wrote the checkpoint:
+        slow = Trainer._unavailable  # it must still join the save's barrier, not skip it on seeing the folder
+
+        def late(self, *args):
+            time.sleep(1.0)
+            return slow(self, *args)
+
+        Trainer._unavailable = late
     dist.maybe_init()
     out.mkdir(parents=True, exist_ok=True)
     d = load_digits()

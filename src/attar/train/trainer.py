@@ -293,6 +293,7 @@ class Trainer:
             for old in sorted(self.ckpt_dir.glob("step-*"))[:-2]:  # keep the two newest
                 shutil.rmtree(old, ignore_errors=True)
         self._barrier()
+        self._saved_at = step
         return str(folder)
 
     def _stop_if_asked(self, opt, step: int, epoch: int, micro: int, history: list, t_start: float, seen: int) -> None:
@@ -312,7 +313,7 @@ class Trainer:
         elif not signum:
             return
         folder = self.ckpt_dir / f"step-{step:08d}" if self.ckpt_dir else None
-        if folder is not None and latest_checkpoint(self.ckpt_dir) != folder:
+        if folder is not None and self._saved_at != step:
             self._save(opt, step, epoch, micro, history, time.perf_counter() - t_start, seen)
         raise lifecycle.RunInterrupted(signum, checkpoint=folder)
 
@@ -322,7 +323,7 @@ class Trainer:
         if self.ckpt_dir is None:
             return f"stage {self.name!r}: {e} Training stopped at step {step}; no checkpoint folder, nothing saved."
         folder = self.ckpt_dir / f"step-{step:08d}"
-        if latest_checkpoint(self.ckpt_dir) != folder:
+        if self._saved_at != step:
             self._save(opt, step, epoch, micro, history, time.perf_counter() - t_start, seen)
         return (f"stage {self.name!r}: {e} Training stopped at step {step} with a checkpoint ({folder}); resume the "
                 "run (attar run --resume RUN) once it answers again.")
@@ -358,6 +359,7 @@ class Trainer:
             cb.load_state_tensors({k.split("/", 1)[1]: v for k, v in saved.items() if k.split("/", 1)[0] == str(i)})
         self.stop_reason = state.get("stopped")  # a run a callback ended stays ended
         state["path"] = str(ckpt)
+        self._saved_at = state["step"]
         return state
 
     def _diverged(self, lval: float, step: int, epoch: int, poisoned: str | None) -> str:
@@ -430,6 +432,9 @@ class Trainer:
 
         step, epoch0, micro0, history, elapsed, seen = 0, 0, 0, [], 0.0, 0
         state = None
+        # The step whose checkpoint exists, known alike on every rank: a rank that looked at the folder instead
+        # could see rank 0's fresh write and skip the save (and its barrier) the other ranks are in.
+        self._saved_at: int | None = None
         if resume:
             state = self._load(opt)
             if state is not None:
