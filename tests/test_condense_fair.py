@@ -100,6 +100,36 @@ def test_the_control_uses_the_same_teachers_labels_the_same_augmentation_and_the
     assert "augmentation_robust" in r["dd_ranking"] and "label_robust" not in r["dd_ranking"]  # no full-data row
 
 
+def test_the_control_is_trained_once_per_teacher_and_again_for_another(tmp_path, monkeypatch):
+    """Two artifacts labelled by one teacher share the control's nets (cached by the teacher's weights); a teacher with
+    other weights, or another temperature, trains it again."""
+    b, out = _soft_artifact(tmp_path)
+    out2 = condense("digits", "random", 2, tmp_path / "r2", model=TINY, soft_labels=tmp_path / "teacher", seed=1,
+                    progress=False)
+    soft_calls = []
+
+    def spy(x, y, test_x, test_y, model, bundle, epochs, seed, augment=None, soft=None, temperature=1.0, **kw):
+        soft_calls.append(soft is not None)
+        return 0.5
+
+    monkeypatch.setattr(E, "_train_eval", spy)
+
+    def control_nets(artifact, **kw):
+        soft_calls.clear()
+        r = evaluate_condensed(artifact, nets=2, model=TINY, epochs=2, full_data=False, cache_dir=tmp_path / "cache", **kw)
+        return sum(soft_calls) - 2, r  # minus the artifact's own two soft-label nets
+
+    assert control_nets(out)[0] == 2
+    n, r = control_nets(out2)
+    assert n == 0 and "cached" in r["random_subset_soft"]
+    assert control_nets(out2, temperature=2.0)[0] == 2
+    teacher = load_model(tmp_path / "teacher")[0]
+    with torch.no_grad():
+        next(teacher.parameters()).add_(0.01)
+    save_model(tmp_path / "teacher", teacher)  # the same path, other weights
+    assert control_nets(out2)[0] == 2
+
+
 def test_learned_soft_labels_without_a_teacher_say_there_is_no_control(tmp_path, monkeypatch):
     import shutil
 

@@ -277,14 +277,14 @@ def evaluate_condensed(
         else:
             result["random_subset_soft"] = random_subset_soft_accuracy(
                 bundle, mspec, ipc, nets, epochs, augment, seed, test_x, test_y, teacher, temperature, log,
-                per_crop=live is not None) | {"teacher": where, "temperature": temperature, "relabel": relabel}
+                per_crop=live is not None, cache_dir=cache_dir) | {"teacher": where, "temperature": temperature, "relabel": relabel}
     if ranking and compare_random and (teacher is not None or not use_soft):
         labels = {"soft": s.soft, "temperature": temperature} if use_soft else {}
         accs = [_train_eval(s.x, s.y, test_x, test_y, mspec, bundle, epochs, seed_of(seed, "syn" if not use_soft else "soft", i),
                             augment="none", **labels) for i in range(nets)]
         result["condensed_no_aug"] = _summary(accs)
         result["random_no_aug"] = (random_subset_soft_accuracy(bundle, mspec, ipc, nets, epochs, "none", seed, test_x, test_y,
-                                                               teacher, temperature, log) if use_soft else
+                                                               teacher, temperature, log, cache_dir=cache_dir) if use_soft else
                                    random_subset_accuracy(bundle, mspec, ipc, nets, epochs, "none", seed, test_x, test_y,
                                                           cache_dir, log))
     scores = dd_ranking_scores(result, use_soft, lrs_weight, ars_weight)
@@ -332,11 +332,16 @@ def random_rows(index: ClassIndex, ipc: int, seed: int, i: int) -> torch.Tensor:
 
 def random_subset_soft_accuracy(bundle, mspec: ModelSpec, ipc: int, nets: int, epochs: int, augment: str | None,
                                 seed: int, test_x, test_y, teacher, temperature: float, log=None,
-                                per_crop: bool = False) -> dict[str, Any]:
+                                per_crop: bool = False, cache_dir=None) -> dict[str, Any]:
     """DD-Ranking's control: the random subsets of :func:`random_subset_accuracy` (the same rows), trained like the
     soft-label row: on ``teacher``'s logits of those rows at ``temperature`` (``per_crop``: of every augmented batch),
-    with the same ``augment``."""
+    with the same ``augment``. Cached by the teacher's weights: every artifact labelled by one teacher shares it."""
     log = log or (lambda s: None)
+    key = _protocol_key(bundle, mspec, epochs, nets, augment, seed, test_y) | {
+        "ipc": ipc, "temperature": temperature, "per_crop": per_crop, "teacher": _weights_hash(teacher)}
+    path = _cache_path("random-soft", key, cache_dir)
+    if path.exists():
+        return json.loads(path.read_text()) | {"cached": str(path)}
     index = ClassIndex(bundle.train.y, len(bundle.classes))
     accs = []
     for i in range(nets):
@@ -347,7 +352,18 @@ def random_subset_soft_accuracy(bundle, mspec: ModelSpec, ipc: int, nets: int, e
                                 augment=augment, soft=soft, temperature=temperature,
                                 teacher=teacher if per_crop else None))
         log(f"  random-subset (teacher's soft labels) net {i + 1}/{nets}: {accs[-1]:.4f}")
-    return _summary(accs)
+    out = _summary(accs)
+    atomic_write_json(path, out)
+    return out
+
+
+def _weights_hash(model: torch.nn.Module) -> str:
+    """What the teacher computes, as far as a cache needs: its class and every tensor of its state."""
+    h = hashlib.sha256(type(model).__name__.encode())
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:20]
 
 
 def _control_teacher(s, full: dict[str, Any] | None):
