@@ -36,6 +36,7 @@ def test_factor_1_whole_images_picks_the_teachers_most_confident_rows(tmp_path, 
     t = load_model(teacher)[0]
     assert s.x.shape == (20, 1, 8, 8) and s.y.tolist() == [c for c in range(10) for _ in range(2)]
     assert torch.allclose(s.soft, predict(t, s.x).float())  # soft labels: the same teacher on the final images
+    assert s.meta["soft_label_teacher"] == str(teacher)  # so evaluate's equal-label control uses that teacher too
     from attar.condense.base import ClassIndex, gen
 
     rows = ClassIndex(b.train.y, 10).draw(20, gen(0, "rded"))
@@ -58,3 +59,6 @@ def test_rded_errors_name_the_fix(tmp_path, teacher):
         condense("digits", "rded", 1, tmp_path / "a", model=TINY, progress=False, params={})
     with pytest.raises(AttarError, match="lower factor"):
         condense("digits", "rded", 1, tmp_path / "b", model=TINY, progress=False, params={"teacher": str(teacher), "factor": 4})
+    with pytest.raises(AttarError, match="relabels its images with its own teacher"):
+        condense("digits", "rded", 1, tmp_path / "c", model=TINY, progress=False, params={"teacher": str(teacher)},
+                 soft_labels=teacher)

@@ -62,6 +62,7 @@ def stitch(patches: torch.Tensor, factor: int) -> torch.Tensor:
 class RDED(Condenser):
     summary = "select and stitch a teacher's most typical real crops; soft labels from the teacher (no optimisation)"
     learns_images = False
+    relabels = True  # its teacher labels the images; condense() refuses a second soft-label teacher
     Params = RDEDParams
 
     def run(self, ctx: CondenseContext) -> CondenseOutput:
@@ -96,4 +97,5 @@ class RDED(Condenser):
         x = torch.stack(images).clamp(0, 1)
         soft = predict(teacher, x.to(ctx.device), p.batch_size).float().cpu()
         return CondenseOutput(x, ctx.labels(), soft=soft,
-                              extra={"meta": {"rded": {"teacher": p.teacher, "mean_crop_ce": scores_out}}})
+                              extra={"meta": {"rded": {"teacher": p.teacher, "mean_crop_ce": scores_out},
+                                                      "soft_label_teacher": p.teacher}})
