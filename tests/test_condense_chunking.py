@@ -109,6 +109,7 @@ def test_per_class_grads_real_side_chunked_equals_unchunked(digits):
 
 @pytest.mark.parametrize("method,params", [
     ("dm", {"batch_real": 40}),
+    ("datadam", {"batch_real": 40}),
     ("dc", {"batch_real": 40, "outer_loop": 2, "inner_loop": 2}),
 ])
 def test_condensed_images_do_not_depend_on_the_chunk_size(digits, monkeypatch, method, params):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from attar.condense.base import CondenseContext, register
+from attar.condense.chunking import cpu_rows, forward_rows
 from attar.condense.dm import DM, MatchParams
 
 
@@ -33,21 +34,27 @@ class DataDAM(DM):
 
     def loss(self, net, xr: torch.Tensor, xs: torch.Tensor, ctx: CondenseContext) -> torch.Tensor:
         c = ctx.num_classes
-        grabbed: list[torch.Tensor] = []
-        hooks = [net.get_submodule(p).register_forward_hook(lambda m, i, o: grabbed.append(o))
-                 for p in getattr(net, "stage_paths", [])[:-1]]
-        try:
-            with torch.no_grad():
-                er = net.embed(xr)
-            ar = [attention(f, self.p.power) for f in grabbed]
-            grabbed.clear()
-            es = net.embed(xs)
-            as_ = [attention(f, self.p.power) for f in grabbed]
-        finally:
-            for h in hooks:
-                h.remove()
-        loss = xs.new_zeros(())
-        for a_r, a_s in zip(ar, as_):
-            loss = loss + (a_r.view(c, -1, a_r.shape[1]).mean(1) - a_s.view(c, -1, a_s.shape[1]).mean(1)).square().sum()
-        mr, ms = er.view(c, -1, er.shape[1]).mean(1), es.view(c, -1, es.shape[1]).mean(1)
-        return loss + self.p.mmd_weight * (mr - ms).square().sum()
+        sizes: list[int] = []
+
+        def features(x: torch.Tensor) -> torch.Tensor:
+            """Each row's attention maps of every stage but the last, then its embedding, side by side (rows stay
+            independent, so CPU chunks give the values of one call: :mod:`attar.condense.chunking`)."""
+            grabbed: list[torch.Tensor] = []
+            hooks = [net.get_submodule(p).register_forward_hook(lambda m, i, o: grabbed.append(o))
+                     for p in getattr(net, "stage_paths", [])[:-1]]
+            try:
+                e = net.embed(x)
+            finally:
+                for h in hooks:
+                    h.remove()
+            parts = [attention(f, self.p.power) for f in grabbed] + [e]
+            sizes[:] = [q.shape[1] for q in parts]
+            return torch.cat(parts, 1)
+
+        rows = cpu_rows(net, ctx.device)
+        with torch.no_grad():
+            fr = forward_rows(features, xr, rows)
+        fs = forward_rows(features, xs, rows)
+        gap = (fr.view(c, -1, fr.shape[1]).mean(1) - fs.view(c, -1, fs.shape[1]).mean(1)).square()
+        *maps, embedding = gap.split(sizes, 1)
+        return sum((m.sum() for m in maps), xs.new_zeros(())) + self.p.mmd_weight * embedding.sum()
