@@ -13,7 +13,7 @@ from torch import nn
 
 from attar.condense import condense, evaluate_condensed, load_synthetic
 from attar.condense.bn_matching import BNStatHooks, crop_min_scale, random_resized_crop, vote_weights
-from attar.condense.ncfm import SampleNet, minmax_step, ncf_discrepancy
+from attar.condense.ncfm import SampleNet, calibration_loss, minmax_step, ncf_discrepancy
 from attar.errors import AttarError
 from attar.models import build_model, load_model, save_model
 from attar.specs import ModelSpec
@@ -156,6 +156,34 @@ def test_ncfm_minmax_step_sampler_ascends_images_descend():
     with torch.no_grad():
         assert float(disc(z.detach(), s0)) < d0  # the image step alone lowers it
         assert float(disc(z0, sampler)) > d0  # the sampler step alone raises it
+
+
+def test_ncfm_calibration_loss_is_each_classes_mean_cross_entropy_summed():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(5, 3)
+    x, y = torch.randn(6, 5), torch.tensor([0, 0, 1, 1, 2, 2])
+    want = sum(float(F.cross_entropy(net(x[y == c]), y[y == c])) for c in range(3))
+    assert float(calibration_loss(net, x, y, 3)) == pytest.approx(want, rel=1e-6)
+
+
+def test_ncfm_calibration_makes_the_images_easier_for_the_trained_network(home, sre2l_set, tmp_path):
+    """The same run with and without calibration steps: the calibrating network (here a trained teacher) finds the
+    calibrated images easier (lower cross-entropy on their own labels). Without a trained network it is refused."""
+    from attar.models import load_model
+    from attar.train.trainer import predict
+
+    teacher = load_synthetic(sre2l_set).meta["soft_label_teacher"]
+    base = {"feature_nets": 1, "feature_epochs": 1, "num_freqs": 64, "batch_real": 8, "dsa": False, "lr_img": 0.1}
+    sets = {k: load_synthetic(condense("digits", "ncfm", 2, tmp_path / f"c{k}", iterations=5, model=TINY, progress=False,
+                                       params=base | {"calib_iters": k, "calib_model": teacher, "calib_weight": 10.0}))
+            for k in (0, 3)}
+    assert "calibration_loss_last" in sets[3].meta["ncfm"] and "calibration_loss_last" not in sets[0].meta["ncfm"]
+    net = load_model(teacher)[0]
+    loss = {k: float(F.cross_entropy(predict(net, s.x).float(), s.y)) for k, s in sets.items()}
+    assert loss[3] < loss[0] - 0.3, loss
+    with pytest.raises(AttarError, match="calib_iters needs a trained network"):
+        condense("digits", "ncfm", 1, tmp_path / "x", iterations=1, model=TINY, progress=False,
+                 params=base | {"feature_epochs": 0, "calib_iters": 1})
 
 
 def test_every_new_method_writes_an_artifact_evaluate_reads_within_a_budget(home, sre2l_set):

@@ -17,8 +17,12 @@ instead (the reference configs' default). With α = β the discrepancy is ``sqrt
 Feature networks: a pool of ``feature_nets`` condensation networks trained ``feature_epochs`` epochs on the real
 data (cached; one drawn per iteration), or fresh random networks each iteration (``feature_epochs: 0``, as DM).
 Real and synthetic rows of a class share a DSA draw (siamese), all classes in one forward pass.
-Not implemented: the reference's calibration loss (CE of a trained model on the synthetic images) and its
-multi-image "factor" decoding.
+
+Calibration (the reference's ``iter_calib``/``calib_weight``; off by default): after each matching step,
+``calib_iters`` more image steps on ``calib_weight · Σ_c CE(m(A(x_c)), c)``, a trained network ``m`` (``calib_model``,
+else the pool's first network) classifying the augmented synthetic images of each class, so the images stay
+recognisable to a trained classifier while their feature distribution is matched. One Adam step covers all classes
+(the reference steps class by class). Not implemented: the reference's multi-image "factor" decoding.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from torch import nn
 from attar.condense.augment import DSA
 from attar.condense.base import CondenseContext, CondenseOutput, Condenser, Params, embed_fn, gen, register, standardise
 from attar.condense.dm import siamese
+from attar.errors import AttarError
 
 
 def char_fn(feats: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,6 +103,15 @@ class NCFMParams(Params):
     feature_epochs: int = Field(2, ge=0, description="epochs each pool network trains (0: a fresh random net per iteration)")
     dsa: bool = Field(True, description="differentiable siamese augmentation")
     dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
+    calib_iters: int = Field(0, ge=0, description="calibration image steps after each matching step (0: off)")
+    calib_weight: float = Field(1.0, ge=0, description="weight of the calibration cross-entropy")
+    calib_model: str | None = Field(None, description="model artifact trained on the real data that calibrates "
+                                    "(unset: the pool's first network)")
+
+
+def calibration_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``Σ_c mean_{i in c} CE(net(x_i), c)``: each class's mean cross-entropy, summed (class-major, equal rows)."""
+    return F.cross_entropy(net(x), y, reduction="sum") / (len(y) // num_classes)
 
 
 @register("ncfm")
@@ -115,6 +129,27 @@ class NCFM(Condenser):
         return [trained_net(ctx, ctx.model, self.p.feature_epochs, seed=100 + k, need_bn=False, method=self.name)[0]
                 for k in range(self.p.feature_nets)]
 
+    def calibrator(self, ctx: CondenseContext, pool: list[nn.Module]) -> nn.Module | None:
+        """The trained network of the calibration term (None when it is off)."""
+        if self.p.calib_iters == 0:
+            return None
+        if self.p.calib_model is not None:
+            from attar.models import load_model
+
+            net, info = load_model(self.p.calib_model)
+            if int(info["num_classes"]) != ctx.num_classes:
+                raise AttarError(f"ncfm calib_model {self.p.calib_model} predicts {info['num_classes']} classes; the data "
+                                 f"have {ctx.num_classes}.")
+        elif pool:
+            net = pool[0]
+        else:
+            raise AttarError("ncfm calib_iters needs a trained network: set calib_model, or feature_epochs > 0 so the "
+                             "pool's first network calibrates.")
+        net = net.to(ctx.device).eval()
+        for q in net.parameters():
+            q.requires_grad_(False)
+        return net
+
     def run(self, ctx: CondenseContext) -> CondenseOutput:
         p = self.p
         to_z, from_z = standardise(ctx)
@@ -125,8 +160,9 @@ class NCFM(Condenser):
         for net in pool:
             for q in net.parameters():
                 q.requires_grad_(False)
+        calib = self.calibrator(ctx, pool)
         sampler = opt_s = None
-        first = last = None
+        first = last = calib_last = None
         for it in range(ctx.iterations):
             if not ctx.keep_going(it):
                 break
@@ -156,9 +192,21 @@ class NCFM(Condenser):
             if opt_s is not None:
                 opt_s.zero_grad(set_to_none=True)
             minmax_step(loss, z, sampler, opt, opt_s)
+            for _ in range(p.calib_iters if calib is not None else 0):
+                calib.eval()  # it may be the pool network just used for matching (train mode)
+                xc, yc = ctx.flip_aware(from_z(z), ctx.labels().to(ctx.device))
+                if dsa is not None:
+                    draw = dsa.sample(ctx.num_classes, g, xc.shape[1:])
+                    xc = dsa.apply(xc, draw, torch.arange(ctx.num_classes).repeat_interleave(len(xc) // ctx.num_classes))
+                c_loss = p.calib_weight * calibration_loss(calib, xc, yc, ctx.num_classes)
+                opt.zero_grad(set_to_none=True)
+                c_loss.backward()
+                opt.step()
+                calib_last = float(c_loss.detach()) / ctx.num_classes
             value = float(loss.detach()) / ctx.num_classes
             first = value if first is None else first
             last = value
             ctx.step(it, loss=value)
-        meta = {"ncfm": {"loss_first": first, "loss_last": last, "feature_nets": len(pool) or "random each iteration"}}
+        meta = {"ncfm": {"loss_first": first, "loss_last": last, "feature_nets": len(pool) or "random each iteration",
+                         **({"calibration_loss_last": calib_last} if calib is not None else {})}}
         return CondenseOutput(from_z(z).detach().cpu(), ctx.labels(), extra={"meta": meta})
