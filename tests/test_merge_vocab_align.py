@@ -197,3 +197,33 @@ def test_untied_head_and_embeddings_are_aligned_alike_and_families_without_share
         run_merge({"merge_method": "linear", "tokenizer_source": "nowhere", "models": [{"model": "a"}, {"model": "b"}]},
                   tmp_path / "nw", base_dir=tmp_path, progress=False)
     assert not any((tmp_path / n).exists() for n in ("ac", "no", "nw"))
+
+
+def test_vocabulary_tensors_are_embeddings_and_heads_never_layers_inside_a_block():
+    from attar.merge.vocab import is_vocab_tensor
+
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "output.weight", "transformer.wte.weight",
+                 "cls.predictions.decoder.weight", "gpt_neox.embed_out.weight", "shared.weight",
+                 "decoder.embed_tokens.weight"):
+        assert is_vocab_tensor(name), name
+    for name in ("model.layers.0.mlp.output.weight", "transformer.h.3.attn.output.weight",
+                 "encoder.layer.11.output.weight", "model.layers.2.decoder.weight", "lm_head.bias", "final_output.weight"):
+        assert not is_vocab_tensor(name), name
+
+
+def test_a_layer_named_output_inside_a_block_does_not_cut_the_vocabulary(tmp_path):
+    """Before: ``layers.0.extra.output.weight`` ([8, 8]) counted as a vocabulary tensor, and the fewest rows among those
+    (8) cut the 40-token tokenizer to 8 tokens, silently. Now the merge keeps every token."""
+    from transformers import AutoTokenizer
+
+    specials = ["<unk>", "<s>", "</s>"]
+    for k, seed in (("a", 0), ("b", 1)):
+        wordlevel_folder(tmp_path / k, [f"w{i}" for i in range(37)], specials, seed)
+        sd = load_file(str(tmp_path / k / "model.safetensors"))
+        sd["model.layers.0.extra.output.weight"] = torch.randn(8, 8)
+        save_file(sd, str(tmp_path / k / "model.safetensors"), metadata={"format": "pt"})
+    run_merge({"merge_method": "linear", "tokenizer_source": "union", "models": [{"model": "a"}, {"model": "b"}]},
+              tmp_path / "m", base_dir=tmp_path, progress=False)
+    merged = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert merged["model.embed_tokens.weight"].shape == (40, 8) and merged["model.layers.0.extra.output.weight"].shape == (8, 8)
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "m")) == 40

@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import math
 
-import re
 from typing import Callable, Mapping, Sequence
 
 import torch
 
 from attar.errors import AttarError
 from attar.merge.tensor_source import TensorSource
+from attar.merge.vocab import is_vocab_tensor
 
-# Tensors whose first dimension is the vocabulary (input embeddings, output heads).
-_VOCAB_RE = re.compile(
-    r"(embed_tokens|word_embeddings|wte|embed_in|embed_out|tok_embeddings|lm_head|shared|output|decoder)\.weight$"
-)
 
 
 def _vocab_size(src: TensorSource) -> int | None:
@@ -36,7 +32,7 @@ def _vocab_size(src: TensorSource) -> int | None:
 def _is_vocab_tensor(name: str, shape_a: tuple[int, ...], shape_b: tuple[int, ...], a: TensorSource, b: TensorSource) -> bool:
     if len(shape_a) != len(shape_b) or not shape_a or shape_a[1:] != shape_b[1:]:
         return False
-    if _VOCAB_RE.search(name):
+    if is_vocab_tensor(name):
         return True
     va, vb = _vocab_size(a), _vocab_size(b)
     return va is not None and vb is not None and va != vb and shape_a[0] == va and shape_b[0] == vb

@@ -54,13 +54,17 @@ CHATML = (
 NAMED_TEMPLATES = {"chatml": CHATML}
 
 _VOCAB_RE = re.compile(
-    r"(embed_tokens|word_embeddings|wte|embed_in|embed_out|tok_embeddings|lm_head|shared|output|decoder)\.weight$"
+    r"(^|\.)(embed_tokens|word_embeddings|wte|embed_in|embed_out|tok_embeddings|lm_head|shared|output|decoder)\.weight$"
 )
+_IN_BLOCK = re.compile(r"\.\d+\.")  # a numbered block (layers.3., h.0., ...): embeddings and heads live outside
 
 
 def is_vocab_tensor(name: str) -> bool:
-    """Whether a tensor's first axis is the vocabulary (input embeddings, output heads)."""
-    return bool(_VOCAB_RE.search(name))
+    """Whether a tensor's first axis is the vocabulary (input embeddings, output heads).
+
+    Why the block check: generic names such as ``output`` and ``decoder`` also name layers inside transformer blocks
+    (``layers.0.mlp.output.weight``); taking one of those for the vocabulary would cut the tokenizer to its rows."""
+    return bool(_VOCAB_RE.search(name)) and not _IN_BLOCK.search(name)
 
 
 def tokenizer_vocab(root: Path | None) -> dict[str, int] | None:
