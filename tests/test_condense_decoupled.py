@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from attar.condense import condense, evaluate_condensed, load_synthetic
-from attar.condense.bn_matching import BNStatHooks, crop_min_scale, random_resized_crop, vote_weights
+from attar.condense.bn_matching import BNStatHooks, crop_min_scale, vote_weights
+from attar.data.transforms import random_resized_crop
 from attar.condense.ncfm import SampleNet, calibration_loss, minmax_step, ncf_discrepancy
 from attar.errors import AttarError
 from attar.models import build_model, load_model, save_model

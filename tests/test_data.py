@@ -353,12 +353,28 @@ def test_augment_config_determinism_and_errors():
     assert torch.equal(make_augment("crop:4")(x, g), random_crop(x, 4, torch.Generator().manual_seed(2)))
     assert make_augment([]) is not None and torch.equal(make_augment([])(x, g), x)
     assert Augment("crop:3, flip").names == ["crop:3", "flip"]
-    with pytest.raises(AttarError, match=r"Unknown augmentation 'blur'.*crop, flip"):
+    with pytest.raises(AttarError, match=r"Unknown augmentation 'blur'.*crop, flip, rrc"):
         make_augment(["blur"])
     with pytest.raises(AttarError, match=r"cannot read .x. as int"):
         make_augment(["crop:x"])
     with pytest.raises(AttarError, match=r"image batches"):
         make_augment(["flip"])(torch.rand(4, 3), g)
+
+
+def test_rrc_is_the_random_resized_crop_of_each_image_from_the_generator():
+    from attar.data.transforms import random_resized_crop
+
+    x = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    a = make_augment("rrc:0.25")(x, torch.Generator().manual_seed(3))
+    assert torch.equal(a, random_resized_crop(x, (0.25, 1.0), torch.Generator().manual_seed(3), flip=False))
+    assert a.shape == x.shape and not torch.equal(a, x)
+    # a crop of a quarter of the area, blown up: neighbouring output pixels come from the same input pixel region,
+    # so the crops are smoother than the images (as a zoom is) and differ image by image
+    assert float((a[:, :, :, 1:] - a[:, :, :, :-1]).abs().mean()) < float((x[:, :, :, 1:] - x[:, :, :, :-1]).abs().mean())
+    whole = make_augment("rrc:1")(torch.ones(2, 1, 8, 8), torch.Generator())
+    assert torch.allclose(whole, torch.ones(2, 1, 8, 8))  # reflection padding: a constant image stays constant
+    with pytest.raises(AttarError, match=r"smallest area share must be in \(0, 1\]"):
+        make_augment("rrc:0")
 
 
 def test_normalize_broadcasts_per_channel():

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attar.condense.base import CondenseContext, gen, seed_of, standardise
+from attar.data.transforms import random_resized_crop
 from attar.errors import AttarError
 from attar.specs import ModelSpec
 
@@ -91,26 +92,6 @@ def crop_min_scale(it: int, total: int, mode: str = "constant", milestone: float
     if mode == "cosine":
         return low + (1.0 - low) * (1.0 + math.cos(math.pi * it / m)) / 2.0
     raise AttarError(f"crop curriculum must be constant, step, linear or cosine; got {mode!r}.")
-
-
-def random_resized_crop(x: torch.Tensor, scale: tuple[float, float], g: torch.Generator, flip: bool = True,
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
-    """Differentiable RandomResizedCrop (+ horizontal flip) with its own draw per image: area share uniform in
-    ``scale``, aspect ratio log-uniform in ``ratio`` (sides clipped to the image), position uniform, resized back
-    to the input size by bilinear sampling (``affine_grid``)."""
-    n = x.shape[0]
-    area = scale[0] + (scale[1] - scale[0]) * torch.rand(n, generator=g)
-    logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * torch.rand(n, generator=g)
-    r = logr.exp()
-    w = (area * r).sqrt().clamp(max=1.0)
-    h = (area / r).sqrt().clamp(max=1.0)
-    cx = (1 - w) * (2 * torch.rand(n, generator=g) - 1)
-    cy = (1 - h) * (2 * torch.rand(n, generator=g) - 1)
-    sx = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) if flip else torch.ones(n)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * sx, cx, h, cy
-    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
 def roll_jitter(x: torch.Tensor, max_shift: int, g: torch.Generator) -> torch.Tensor:

@@ -9,6 +9,7 @@ drives GPU batches identically.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -111,6 +112,42 @@ def _flip(arg: str | None) -> AugmentFn:
     if not 0.0 <= p <= 1.0:
         raise AttarError(f"augmentation 'flip:{arg}': probability must be in [0, 1]")
     return lambda x, generator: hflip(x, generator, p)
+
+
+def random_resized_crop(x: torch.Tensor, scale: tuple[float, float], g: torch.Generator, flip: bool = True,
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+    """Differentiable RandomResizedCrop (+ horizontal flip) with its own draw per image: area share uniform in
+    ``scale``, aspect ratio log-uniform in ``ratio`` (sides clipped to the image), position uniform, resized back
+    to the input size by bilinear sampling (``affine_grid``)."""
+    n = x.shape[0]
+    area = scale[0] + (scale[1] - scale[0]) * torch.rand(n, generator=g)
+    logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * torch.rand(n, generator=g)
+    r = logr.exp()
+    w = (area * r).sqrt().clamp(max=1.0)
+    h = (area / r).sqrt().clamp(max=1.0)
+    cx = (1 - w) * (2 * torch.rand(n, generator=g) - 1)
+    cy = (1 - h) * (2 * torch.rand(n, generator=g) - 1)
+    sx = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) if flip else torch.ones(n)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * sx, cx, h, cy
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+
+@AUGMENTS.register("rrc")
+def _rrc(arg: str | None) -> AugmentFn:
+    """``rrc`` random-resized-crops each image (area share in [0.08, 1], resized back); ``rrc:S`` from share S. The
+    decoupled condensation methods' students train on such crops (SRe²L, RDED: with per-crop teacher labels)."""
+    low = 0.08 if arg is None else float(_number("rrc", arg, float))
+    if not 0.0 < low <= 1.0:
+        raise AttarError(f"augmentation 'rrc:{arg}': the smallest area share must be in (0, 1]")
+
+    def rrc(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        _need_images(x, "augmentation 'rrc'")
+        return random_resized_crop(x, (low, 1.0), generator, flip=False)
+
+    return rrc
 
 
 class Augment:
