@@ -99,7 +99,7 @@ def evaluate_cli(
     artifact: Path = typer.Argument(..., help="folder written by attar condense"),
     nets: int = typer.Option(5, "--nets", help="freshly initialised networks per row"),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="training epochs (default 1000 for sets of <= 256 rows)"),
-    augment: str = typer.Option("dsa", "--augment", help="dsa | crop,flip | none"),
+    augment: str = typer.Option("dsa", "--augment", help="dsa | crop,flip | rrc:0.08,flip | none"),
     full_epochs: Optional[int] = typer.Option(None, "--full-epochs", help="epoch budget of the full-data reference "
                                               "(default: grows with the data; stops on a validation plateau; cached)"),
     full_patience: Optional[int] = typer.Option(None, "--full-patience", help="epochs without a better validation "
