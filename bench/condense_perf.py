@@ -134,7 +134,7 @@ def render(rows: list[dict], seconds: float) -> str:
         "## Dataset condensation (`attar condense`): cost per method",
         "",
         f"Regenerate: `{CMD}` ({seconds / 60:.0f} min). Fashion-MNIST (54,000 training rows, 28×28), CPU, one torch "
-        f"thread on a shared 2-core machine that other benchmarks were also using (timings are noisy, ±30% between runs), "
+        f"thread on a 2-core machine with nothing else running (run it alone: beside other benchmarks it measured up to 13× slower), "
         f"torch {torch.__version__}. *s/iteration*: median seconds per outer iteration after the first; for selection methods "
         "the whole run (embedding + greedy selection). *peak*: highest resident memory during the run minus the resident "
         "memory just before it (the data set itself, ~200 MB, is not counted).",
