@@ -132,7 +132,7 @@ def teacher_path(home: Path) -> str:
 
 
 def run(quick: bool, ipcs: list[int], only: list[str] | None) -> None:
-    from attar.condense import condense, evaluate_condensed, load_synthetic
+    from attar.condense import condense, evaluate_condensed
 
     b, home, data, model, bundle, rows = _setup(quick)
     teacher = teacher_path(home)
@@ -210,10 +210,8 @@ def crop_protocol_table(home: Path, b: dict) -> list[str]:
            "|---|---|---|---|---|---|"]
     for m, ev in evs.items():
         soft, ctl = ev["condensed_soft"], ev["random_subset_soft"]
-        d = 100 * (soft["mean"] - ctl["mean"])
-        noise = 100 * max(soft["std"], ctl["std"])
-        verdict = "**yes**" if d > noise else ("no (within noise)" if d >= -noise else "**no** (worse)")
-        out.append(f"| `{m}` | {pm(ev['condensed'])} | {pm(soft)} | {pm(ctl)} | {d:+.1f} | {verdict} |")
+        d, v = against_control(soft, ctl)
+        out.append(f"| `{m}` | {pm(ev['condensed'])} | {pm(soft)} | {pm(ctl)} | {d:+.1f} | {v} |")
     return out + [""]
 
 
@@ -227,6 +225,13 @@ def teacher_accuracy(home: Path, bundle, rows) -> float:
 
 def pm(v: dict) -> str:
     return f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f}"
+
+
+def against_control(soft: dict, ctl: dict) -> tuple[float, str]:
+    """Points above the control, and whether that beats it: by more than the larger of the two stds."""
+    d = 100 * (soft["mean"] - ctl["mean"])
+    noise = 100 * max(soft["std"], ctl["std"])
+    return d, "**yes**" if d > noise else ("no (within noise)" if d >= -noise else "**no** (worse)")
 
 
 def render(quick: bool) -> str:
@@ -271,9 +276,7 @@ def render(quick: bool) -> str:
                   "|---|---|---|---|---|---|---|"]
         for m, (ev, meta) in evs.items():
             soft, ctl = ev["condensed_soft"], ev["random_subset_soft"]
-            d = 100 * (soft["mean"] - ctl["mean"])
-            noise = 100 * max(soft["std"], ctl["std"])
-            verdict = "**yes**" if d > noise else ("no (within noise)" if d >= -noise else "**no** (worse)")
+            d, verdict = against_control(soft, ctl)
             verdicts.append((ipc, m, verdict))
             its = f"{meta['seconds']:.0f} ({meta.get('iterations', 0) or '—'})"
             lines.append(f"| `{m}` | {its} | {pm(ev['condensed'])} | {pm(soft)} | {pm(ctl)} | {d:+.1f} | {verdict} |")
