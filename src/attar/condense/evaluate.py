@@ -23,6 +23,7 @@ from attar.condense.base import (
 from attar.data import load_data, make_augment
 from attar.data.artifact import data_hash, load_synthetic
 from attar.distill.objectives import build_objective
+from attar.distill.teacher_cache import model_hash
 from attar.condense.api import _as_model_spec
 from attar.errors import AttarError
 from attar.metrics import classification_metrics
@@ -338,7 +339,7 @@ def random_subset_soft_accuracy(bundle, mspec: ModelSpec, ipc: int, nets: int, e
     with the same ``augment``. Cached by the teacher's weights: every artifact labelled by one teacher shares it."""
     log = log or (lambda s: None)
     key = _protocol_key(bundle, mspec, epochs, nets, augment, seed, test_y) | {
-        "ipc": ipc, "temperature": temperature, "per_crop": per_crop, "teacher": _weights_hash(teacher)}
+        "ipc": ipc, "temperature": temperature, "per_crop": per_crop, "teacher": model_hash(teacher)}
     path = _cache_path("random-soft", key, cache_dir)
     if path.exists():
         return json.loads(path.read_text()) | {"cached": str(path)}
@@ -355,15 +356,6 @@ def random_subset_soft_accuracy(bundle, mspec: ModelSpec, ipc: int, nets: int, e
     out = _summary(accs)
     atomic_write_json(path, out)
     return out
-
-
-def _weights_hash(model: torch.nn.Module) -> str:
-    """What the teacher computes, as far as a cache needs: its class and every tensor of its state."""
-    h = hashlib.sha256(type(model).__name__.encode())
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:20]
 
 
 def _control_teacher(s, full: dict[str, Any] | None):

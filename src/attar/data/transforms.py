@@ -134,7 +134,6 @@ def random_resized_crop(x: torch.Tensor, scale: tuple[float, float], g: torch.Ge
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-
 @AUGMENTS.register("rrc")
 def _rrc(arg: str | None) -> AugmentFn:
     """``rrc`` random-resized-crops each image (area share in [0.08, 1], resized back); ``rrc:S`` from share S. The

@@ -7,7 +7,6 @@ inputs "shape mismatch" alone is useless.
 from __future__ import annotations
 
 import math
-
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -15,7 +14,6 @@ import torch
 from attar.errors import AttarError
 from attar.merge.tensor_source import TensorSource
 from attar.merge.vocab import is_vocab_tensor
-
 
 
 def _vocab_size(src: TensorSource) -> int | None:
