@@ -124,6 +124,11 @@ def prep(quick: bool, parts: list[str]) -> None:
             record.write_text(json.dumps(done | {part: round(took)}, indent=1))
 
 
+def set_name(method: str, ipc: int, seed: int = 0) -> str:
+    """The artifact folder of one condensation (seed 0 carries no suffix)."""
+    return f"{method}-ipc{ipc}" + (f"-seed{seed}" if seed else "")
+
+
 def teacher_path(home: Path) -> str:
     f = home / "teacher.txt"
     if not f.exists():
@@ -142,7 +147,7 @@ def run(quick: bool, ipcs: list[int], only: list[str] | None) -> None:
         for method, seed in jobs:
             if only and method not in only:
                 continue
-            name = f"{method}-ipc{ipc}" + (f"-seed{seed}" if seed else "")
+            name = set_name(method, ipc, seed)
             out = home / name
             if not (out / "manifest.json").exists():
                 print(f"condense {name} ...", flush=True)
@@ -177,7 +182,7 @@ def run_crop_protocol(quick: bool, only: list[str] | None) -> None:
     for name in CROP_PROTOCOL["methods"]:
         if only and name not in only:
             continue
-        out = home / f"{name}-ipc{ipc}"
+        out = home / set_name(name, ipc)
         if name == "rded-f1" and not (out / "manifest.json").exists():
             condense(data, "rded", ipc, out, model=model, params={"teacher": teacher, "factor": 1}, progress=False,
                      overwrite=True)
@@ -195,8 +200,8 @@ def run_crop_protocol(quick: bool, only: list[str] | None) -> None:
 
 def crop_protocol_table(home: Path, b: dict) -> list[str]:
     ipc = CROP_PROTOCOL["ipc"]
-    evs = {m: json.loads((home / f"{m}-ipc{ipc}" / "evaluation-per-crop.json").read_text())
-           for m in CROP_PROTOCOL["methods"] if (home / f"{m}-ipc{ipc}" / "evaluation-per-crop.json").exists()}
+    paths = {m: home / set_name(m, ipc) / "evaluation-per-crop.json" for m in CROP_PROTOCOL["methods"]}
+    evs = {m: json.loads(p.read_text()) for m, p in paths.items() if p.exists()}
     if not evs:
         return []
     ref = next(iter(evs.values()))
@@ -260,12 +265,13 @@ def render(quick: bool) -> str:
         "",
     ]
     verdicts = []
+    loaded: dict[int, dict] = {}
     for ipc in sorted(b["budget_s"]):
-        evs = {}
+        evs = loaded[ipc] = {}
         for m in METHODS:
-            p = home / f"{m}-ipc{ipc}" / "evaluation.json"
+            p = home / set_name(m, ipc) / "evaluation.json"
             if p.exists():
-                evs[m] = (json.loads(p.read_text()), load_synthetic(home / f"{m}-ipc{ipc}").meta)
+                evs[m] = (json.loads(p.read_text()), load_synthetic(p.parent).meta)
         if not evs:
             continue
         ref = next(iter(evs.values()))[0]
@@ -283,8 +289,8 @@ def render(quick: bool) -> str:
         lines.append("")
     seeds = b["rded_seeds"]
     for ipc, ss in seeds.items():
-        got = [json.loads((home / (f"rded-ipc{ipc}" + (f"-seed{s}" if s else "")) / "evaluation.json").read_text())
-               for s in ss if (home / (f"rded-ipc{ipc}" + (f"-seed{s}" if s else "")) / "evaluation.json").exists()]
+        paths = [home / set_name("rded", ipc, s) / "evaluation.json" for s in ss]
+        got = [json.loads(p.read_text()) for p in paths if p.exists()]
         if len(got) < 2:
             continue
         soft = [g["condensed_soft"]["mean"] for g in got]
@@ -295,7 +301,7 @@ def render(quick: bool) -> str:
                   f"hard labels {100 * statistics.mean(hard):.1f} ± {100 * statistics.stdev(hard):.1f}; the equal-label "
                   f"control {pm(ctl)}.", ""]
     lines += crop_protocol_table(home, b)
-    lines += time_to_a_set(home, 10)
+    lines += time_to_a_set(home, 10, loaded.get(10, {}))
     wins = [f"`{m}` at IPC {i}" for i, m, v in verdicts if v == "**yes**"]
     lines += [f"Beat the equal-label control: {', '.join(wins) if wins else 'none'} "
               f"({len(wins)} of {len(verdicts)} rows).", ""]
@@ -306,17 +312,15 @@ def render(quick: bool) -> str:
 ONE_OFF = {"rded": "sre2l", "sre2l": "sre2l", "cda": "sre2l", "cvdd": "cvdd", "mtt": "mtt", "ncfm": "ncfm"}
 
 
-def time_to_a_set(home: Path, ipc: int) -> list[str]:
-    """Decoupled methods against MTT: seconds to a condensed set (the one-off teacher/expert included) and its accuracy."""
-    from attar.condense import load_synthetic
-
+def time_to_a_set(home: Path, ipc: int, evs: dict) -> list[str]:
+    """Decoupled methods against MTT: seconds to a condensed set (the one-off teacher/expert included) and its accuracy.
+    ``evs``: method -> (evaluation, artifact meta) of this IPC, as the table above read them."""
     prep_s = json.loads((home / "prep-seconds.json").read_text()) if (home / "prep-seconds.json").exists() else {}
     rows = []
     for m in ("rded", "sre2l", "cda", "cvdd", "mtt", "dm", "ncfm"):
-        out = home / f"{m}-ipc{ipc}"
-        if not (out / "evaluation.json").exists():
+        if m not in evs:
             continue
-        ev, meta = json.loads((out / "evaluation.json").read_text()), load_synthetic(out).meta
+        ev, meta = evs[m]
         once = prep_s.get(ONE_OFF.get(m, ""), 0)
         rows.append(f"| `{m}` | {once} | {meta['seconds']:.0f} | {once + meta['seconds']:.0f} | {pm(ev['condensed'])} | "
                     f"{pm(ev['condensed_soft'])} |")
