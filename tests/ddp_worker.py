@@ -1,5 +1,6 @@
 """Run by tests/test_ddp.py under `torchrun --nproc_per_node=2`: train on digits with the real Trainer."""
 
+import faulthandler
 import os
 import sys
 import time
@@ -159,6 +160,10 @@ def main_recipe(out: Path) -> None:
 
 
 if __name__ == "__main__":
+    # a worker killed by a signal (an abort in gloo) writes where it was to OUT/fault<rank> (the test shows it)
+    Path(sys.argv[1]).mkdir(parents=True, exist_ok=True)
+    _fault = open(Path(sys.argv[1]) / f"fault{os.environ.get('RANK', '0')}", "w")
+    faulthandler.enable(file=_fault, all_threads=True)
     if len(sys.argv) > 2 and sys.argv[2] == "recipe":
         main_recipe(Path(sys.argv[1]))
     elif len(sys.argv) > 2 and sys.argv[2] in ("ddp", "fsdp", "fsdp-crash", "fsdp-resume"):

@@ -29,6 +29,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _assert_ok(res: subprocess.CompletedProcess, out: Path) -> None:
+    """torchrun succeeded; if not, say why with its stderr and where each worker was when a signal killed it
+    (ddp_worker.py writes faulthandler's stacks to OUT/fault<rank>)."""
+    stacks = "".join(f"\n--- {p.name} ---\n" + p.read_text().split("\nExtension modules:")[0][-6000:]
+                     for p in sorted(out.glob("fault*")) if p.read_text().strip())
+    assert res.returncode == 0, res.stderr[-3000:] + stacks
+
+
 def _weights(out: Path, rank: int) -> dict:
     return load_file(out / f"rank{rank}.safetensors")
 
@@ -37,7 +45,7 @@ def _weights(out: Path, rank: int) -> dict:
 def test_ddp_ranks_identical_and_resume_exact(tmp_path):
     full = tmp_path / "full"
     res = subprocess.run(_torchrun(full, port=_free_port()), env=ENV, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    _assert_ok(res, full)
     r0, r1 = _weights(full, 0), _weights(full, 1)
     for k in r0:
         assert torch.equal(r0[k], r1[k]), f"ranks disagree on {k}"
@@ -63,7 +71,7 @@ def test_ddp_ranks_identical_and_resume_exact(tmp_path):
     assert hit, "the DDP run ended before it could be killed"
     assert not (killed / "rank0.safetensors").exists()
     res = subprocess.run(_torchrun(killed, "resume", port=_free_port()), env=ENV, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    _assert_ok(res, killed)
     for rank in (0, 1):
         got = _weights(killed, rank)
         for k in r0:
@@ -75,7 +83,7 @@ def test_ddp_lm_distillation_ranks_agree(tmp_path):
     """The LM task under torchrun: both ranks end with the same student, and a checkpoint was written once."""
     res = subprocess.run(_torchrun(tmp_path, "lm", port=_free_port()), env=ENV, capture_output=True, text=True,
                          timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    _assert_ok(res, tmp_path)
     r0, r1 = _weights(tmp_path, 0), _weights(tmp_path, 1)
     assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
     assert "lm rank 0 world 2 steps 8" in res.stdout
@@ -93,7 +101,7 @@ def test_fsdp_matches_ddp_hands_back_a_plain_model_and_resumes_exactly(tmp_path)
 
     for name, mode in (("ddp", "ddp"), ("fsdp", "fsdp")):
         res = run(name, mode)
-        assert res.returncode == 0, res.stderr[-3000:]
+        _assert_ok(res, tmp_path / name)
     ddp, fsdp0, fsdp1 = _weights(tmp_path / "ddp", 0), _weights(tmp_path / "fsdp", 0), _weights(tmp_path / "fsdp", 1)
     assert ddp.keys() == fsdp0.keys() == fsdp1.keys()
     for k in ddp:
@@ -108,7 +116,7 @@ def test_fsdp_matches_ddp_hands_back_a_plain_model_and_resumes_exactly(tmp_path)
     assert crashed.returncode != 0
     assert sorted(p.name for p in (tmp_path / "resumed" / "ckpt").glob("step-*")) == ["step-00000004"]
     res = run("resumed", "fsdp-resume")
-    assert res.returncode == 0, res.stderr[-3000:]
+    _assert_ok(res, tmp_path / "resumed")
     got = _weights(tmp_path / "resumed", 0)
     for k in fsdp0:
         assert torch.equal(got[k], fsdp0[k]), f"resumed FSDP run differs on {k}"
@@ -129,7 +137,7 @@ def test_lm_recipe_with_packed_text_under_torchrun_builds_the_token_store_once(t
         "train": {"steps": 4, "batch_size": 8, "lr": 0.005, "eval_every": 2}}]}))
     res = subprocess.run(_torchrun(tmp_path / "home", "recipe", port=_free_port()), env=ENV, capture_output=True,
                          text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    _assert_ok(res, tmp_path / "home")
     assert res.stdout.count("store built by rank") == 1 and "store built by rank 0" in res.stdout
     assert "recipe rank 0 world 2" in res.stdout and "recipe rank 1 world 2" in res.stdout
     runs = [p for p in (tmp_path / "home").iterdir() if (p / "lm" / "model" / "config.json").exists()]
@@ -143,12 +151,12 @@ def test_a_missing_external_input_on_one_rank_stops_every_rank_at_one_checkpoint
     full, broken = tmp_path / "full", tmp_path / "broken"
     res = subprocess.run(_torchrun(full, "unavailable", port=_free_port()), env=ENV, capture_output=True, text=True,
                          timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    _assert_ok(res, full)
     broken.mkdir()
     (broken / "down").write_text("")
     res = subprocess.run(_torchrun(broken, "unavailable", port=_free_port()), env=ENV, capture_output=True, text=True,
                          timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    _assert_ok(res, broken)
     said = [(broken / f"stopped{r}").read_text() for r in (0, 1)]
     assert "http://127.0.0.1:9 did not answer" in said[1] and "another rank's input" in said[0]
     assert all("stopped at step 5 with a checkpoint" in m for m in said)
@@ -157,7 +165,52 @@ def test_a_missing_external_input_on_one_rank_stops_every_rank_at_one_checkpoint
     (broken / "down").unlink()
     res = subprocess.run(_torchrun(broken, "unavailable-resume", port=_free_port()), env=ENV, capture_output=True,
                          text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    _assert_ok(res, broken)
     for r in (0, 1):
         a, b = _weights(full, r), _weights(broken, r)
         assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+
+
+def test_the_exit_frees_garbage_that_holds_the_group_before_destroying_it(tmp_path, monkeypatch):
+    """attar's atexit teardown: a DDP wrapper left in a reference cycle is collected while the group is still
+    alive, so nothing gloo is freed during interpreter finalization (one process, a world of 1)."""
+    import gc
+    import weakref
+
+    import torch.distributed as tdist
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from attar.train import distributed as dist
+
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    gc.disable()  # so only the teardown can collect the cycle
+    try:
+        ddp = DDP(nn.Linear(4, 2))
+        ddp.cycle = [ddp]
+        alive = weakref.ref(ddp)
+        del ddp
+        seen = []
+        destroy = tdist.destroy_process_group
+        monkeypatch.setattr(tdist, "destroy_process_group", lambda: (seen.append(alive() is None), destroy()))
+        dist._shutdown()
+    finally:
+        gc.enable()
+        if tdist.is_initialized():
+            destroy()
+    assert seen == [True], "the DDP garbage was still alive when the group was destroyed"
+    assert not tdist.is_initialized()
+
+
+@pytest.mark.slow
+def test_a_ddp_model_left_as_garbage_does_not_abort_the_exit():
+    """The whole exit under torchrun: a DDP wrapper left as cyclic garbage (as the Trainer's is once ``fit``
+    returns). Without collecting it before the group is destroyed, 2 of 20 such launches aborted after their work
+    was done (exit -6, "terminate called without an active exception"): CI failures of the other tests here."""
+    worker = Path(__file__).with_name("ddp_teardown_worker.py")
+    for i in range(12):
+        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                              f"--master_port={_free_port()}", str(worker), "20"], env=ENV, capture_output=True,
+                             text=True, timeout=120)
+        assert res.returncode == 0, f"launch {i + 1} of 12: " + res.stderr[-2000:]
+        assert res.stdout.count("done") == 2

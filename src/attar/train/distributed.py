@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 
 import torch
@@ -16,15 +17,21 @@ def maybe_init() -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         backend = "nccl" if torch.cuda.is_available() and os.environ.get("ATTAR_BACKEND") != "gloo" else "gloo"
         dist.init_process_group(backend=backend)
-        # Tear the group down before the interpreter does: a gloo group left to die at exit can abort the
-        # process ("terminate called without an active exception") after the work succeeded.
-        atexit.register(_shutdown)
+        atexit.register(_shutdown)  # tear the group down before the interpreter does (see _shutdown)
         return True
     return False
 
 
 def _shutdown() -> None:
+    """Free what still holds the group, then destroy it, while the interpreter is whole.
+
+    A DDP wrapper or FSDP module that is garbage in a reference cycle (the Trainer's, once ``fit`` returns) keeps
+    the gloo group alive past ``destroy_process_group``; the collector would then free both during interpreter
+    finalization, where gloo's teardown aborts the process after the work succeeded ("terminate called without an
+    active exception", exit -6; 15 of 80 two-rank launches measured here). Collecting first makes the exit clean
+    (tests/test_ddp.py::test_a_ddp_model_left_as_garbage_does_not_abort_the_exit)."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
