@@ -15,9 +15,9 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 ENV = {**os.environ, "CI": "true", "OMP_NUM_THREADS": "1"}
 
 
-def _torchrun(out: Path, *extra: str, port: int) -> list[str]:
+def _torchrun(*args: object, port: int, worker: Path = WORKER) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-            str(WORKER), str(out), *extra]
+            str(worker), *map(str, args)]
 
 
 def _free_port() -> int:
@@ -32,8 +32,9 @@ def _free_port() -> int:
 def _assert_ok(res: subprocess.CompletedProcess, out: Path) -> None:
     """torchrun succeeded; if not, say why with its stderr and where each worker was when a signal killed it
     (ddp_worker.py writes faulthandler's stacks to OUT/fault<rank>)."""
-    stacks = "".join(f"\n--- {p.name} ---\n" + p.read_text().split("\nExtension modules:")[0][-6000:]
-                     for p in sorted(out.glob("fault*")) if p.read_text().strip())
+    faults = {p.name: p.read_text() for p in sorted(out.glob("fault*"))}
+    stacks = "".join(f"\n--- {name} ---\n" + text.split("\nExtension modules:")[0][-6000:]
+                     for name, text in faults.items() if text.strip())
     assert res.returncode == 0, res.stderr[-3000:] + stacks
 
 
@@ -184,6 +185,7 @@ def test_the_exit_frees_garbage_that_holds_the_group_before_destroying_it(tmp_pa
     from attar.train import distributed as dist
 
     tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    destroy = tdist.destroy_process_group
     gc.disable()  # so only the teardown can collect the cycle
     try:
         ddp = DDP(nn.Linear(4, 2))
@@ -191,7 +193,6 @@ def test_the_exit_frees_garbage_that_holds_the_group_before_destroying_it(tmp_pa
         alive = weakref.ref(ddp)
         del ddp
         seen = []
-        destroy = tdist.destroy_process_group
         monkeypatch.setattr(tdist, "destroy_process_group", lambda: (seen.append(alive() is None), destroy()))
         dist._shutdown()
     finally:
@@ -209,8 +210,7 @@ def test_a_ddp_model_left_as_garbage_does_not_abort_the_exit():
     was done (exit -6, "terminate called without an active exception"): CI failures of the other tests here."""
     worker = Path(__file__).with_name("ddp_teardown_worker.py")
     for i in range(12):
-        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                              f"--master_port={_free_port()}", str(worker), "20"], env=ENV, capture_output=True,
-                             text=True, timeout=120)
+        res = subprocess.run(_torchrun(20, port=_free_port(), worker=worker), env=ENV, capture_output=True, text=True,
+                             timeout=120)
         assert res.returncode == 0, f"launch {i + 1} of 12: " + res.stderr[-2000:]
         assert res.stdout.count("done") == 2
